@@ -1,0 +1,36 @@
+"""Samplers: get_sampler(name, sde, shape, num_steps=..., **options) is the only dispatch.
+
+    sampler = get_sampler("deis", sde, (B, H, W, C), num_steps=10)
+    x0, nfe = sampler(key, score_fn, x_T=None)
+"""
+from __future__ import annotations
+
+import importlib
+
+from sgm_jax.sampling.base import Sampler
+
+# name -> (module in sgm_jax.sampling, builder function). Builders have the signature
+# builder(sde, shape, num_steps, **options) -> Sampler.
+SAMPLERS = {
+    "pc": ("pc", "build_pc_sampler"),
+    "milstein": ("milstein", "build_milstein_sampler"),
+    "ode": ("ode", "build_ode_sampler"),
+    "ddim": ("ddim", "build_ddim_sampler"),
+    "heun": ("heun", "build_heun_sampler"),
+    "dpm_solver": ("dpm_solver", "build_dpm_solver_sampler"),
+    "deis": ("deis", "build_deis_sampler"),
+    "ipndm": ("deis", "build_ipndm_sampler"),
+}
+
+
+def get_sampler(name: str, sde, shape, num_steps: int = 1000, **options) -> Sampler:
+  """Build the sampler `name` for `sde` producing batches of `shape` in `num_steps` steps."""
+  if name not in SAMPLERS:
+    raise ValueError(f"unknown sampler {name!r}; valid samplers are {sorted(SAMPLERS)}")
+  if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+    raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+  if len(tuple(shape)) < 2 or any(int(d) < 1 for d in shape):
+    raise ValueError(f"shape must be a batch shape (B, ...) of positive sizes, got {shape!r}")
+  module_name, builder = SAMPLERS[name]
+  module = importlib.import_module(f"sgm_jax.sampling.{module_name}")
+  return getattr(module, builder)(sde, tuple(int(d) for d in shape), num_steps, **options)
