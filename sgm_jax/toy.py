@@ -20,6 +20,9 @@ from sgm_jax.sde_lib import SDE, batch_expand
 
 Array = jax.Array
 
+# Above this many (B x K x D) elements, squared distances use the expanded form (a matmul).
+_DIRECT_DISTANCE_ELEMENTS = 1 << 22
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -94,25 +97,26 @@ class GaussianMixture:
 
   # --- the perturbed mixture p_t ------------------------------------------------------------
   def _alpha_var(self, sde: Optional[SDE], t) -> tuple[Array, Array]:
-    """alpha(t) (B,) or () and component variances v_k(t) (B, K) or (K,)."""
+    """alpha(t) as (B, 1) and component variances v_k(t) as (B, K); B is 1 for p_0 or scalar t."""
     if sde is None:
-      return jnp.ones((), self.means.dtype), self.stds ** 2
-    t = jnp.asarray(t, dtype=self.means.dtype)
-    alpha, sigma = sde.alpha(t), sde.sigma(t)
-    var = (alpha[..., None] * self.stds) ** 2 + sigma[..., None] ** 2
-    return alpha, var
+      return jnp.ones((1, 1), self.means.dtype), (self.stds ** 2)[None, :]
+    t = jnp.atleast_1d(jnp.asarray(t, dtype=self.means.dtype))
+    alpha, sigma = sde.alpha(t)[:, None], sde.sigma(t)[:, None]
+    return alpha, (alpha * self.stds[None, :]) ** 2 + sigma ** 2
 
   def _log_joint(self, x: Array, sde: Optional[SDE], t) -> tuple[Array, Array, Array]:
-    """log w_k + log N(x; alpha mu_k, v_k I) as (B, K), with alpha and v_k."""
+    """log w_k + log N(x; alpha mu_k, v_k I) as (B, K), with alpha (B|1, 1) and v (B|1, K)."""
     alpha, var = self._alpha_var(sde, t)
     xf = x.reshape(x.shape[0], -1)
     mu = self._flat_means()
-    a = alpha[..., None] if alpha.ndim else alpha
-    sq = ((xf ** 2).sum(-1, keepdims=True) - 2.0 * a * (xf @ mu.T)
-          + a ** 2 * (mu ** 2).sum(-1))
-    sq = jnp.maximum(sq, 0.0)
+    if xf.shape[0] * mu.size <= _DIRECT_DISTANCE_ELEMENTS:
+      # Exact squared distances (no cancellation) while the (B, K, D) difference is small.
+      sq = ((xf[:, None, :] - alpha[:, :, None] * mu[None]) ** 2).sum(-1)
+    else:
+      sq = jnp.maximum((xf ** 2).sum(-1, keepdims=True) - 2.0 * alpha * (xf @ mu.T)
+                       + alpha ** 2 * (mu ** 2).sum(-1)[None, :], 0.0)
     log_norm = -0.5 * self.dim * jnp.log(2.0 * math.pi * var)
-    return self.log_weights + log_norm - 0.5 * sq / var, alpha, var
+    return self.log_weights[None, :] + log_norm - 0.5 * sq / var, alpha, var
 
   def log_prob(self, x: Array, sde: Optional[SDE] = None, t=None) -> Array:
     """log p_t(x) as (B,); p_0 itself when sde is None."""
@@ -128,9 +132,8 @@ class GaussianMixture:
     """grad_x log p_t(x) = sum_k r_k (alpha mu_k - x) / v_k."""
     log_joint, alpha, var = self._log_joint(x, sde, t)
     r_over_v = jax.nn.softmax(log_joint, axis=-1) / var
-    a = alpha[..., None] if alpha.ndim else alpha
     xf = x.reshape(x.shape[0], -1)
-    s = a * (r_over_v @ self._flat_means()) - xf * r_over_v.sum(-1, keepdims=True)
+    s = alpha * (r_over_v @ self._flat_means()) - xf * r_over_v.sum(-1, keepdims=True)
     return s.reshape(x.shape)
 
   def eps(self, x: Array, sde: SDE, t) -> Array:
@@ -159,17 +162,14 @@ class GaussianMixture:
       t = jnp.broadcast_to(jnp.asarray(t, dtype=self.means.dtype), (n,))
       alpha, var = self._alpha_var(sde, t)
       std = jnp.sqrt(jnp.take_along_axis(var, comp[:, None], axis=1)[:, 0])
-      x = batch_expand(alpha, z) * self.means[comp] + batch_expand(std, z) * z
+      x = batch_expand(alpha[:, 0], z) * self.means[comp] + batch_expand(std, z) * z
     return (x, comp) if return_components else x
 
   def moments(self, sde: Optional[SDE] = None, t=0.0) -> tuple[Array, Array]:
     """Exact per-dimension mean and variance of p_0 (sde None) or p_t (t scalar), event-shaped."""
+    alpha, var = self._alpha_var(sde, None if sde is None else jnp.asarray(t, self.means.dtype))
     w = self.weights
-    if sde is None:
-      alpha, var = jnp.ones((), self.means.dtype), self.stds ** 2
-    else:
-      alpha, var = self._alpha_var(sde, jnp.asarray(t, self.means.dtype))
-    mu = alpha * self._flat_means()
+    mu = alpha[0, 0] * self._flat_means()
     mean = w @ mu
-    variance = w @ var + w @ (mu ** 2) - mean ** 2
+    variance = w @ var[0] + w @ (mu ** 2) - mean ** 2
     return mean.reshape(self.event_shape), variance.reshape(self.event_shape)

@@ -1,0 +1,63 @@
+"""Small file helpers: atomic writes and PNG image grids."""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "wb"):
+  """Open a temporary file beside `path`, and move it over `path` only once fully written.
+
+  A crash mid-write leaves the old file (or none) in place, never a truncated one.
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path) + "-")
+  try:
+    with os.fdopen(fd, mode) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+
+
+def image_grid(images, nrow: int | None = None, padding: int = 2,
+               data_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
+  """Tile (N, H, W, C) images into one uint8 (rows*H', cols*W', C) array, C in {1, 3}."""
+  images = np.asarray(images, dtype=np.float32)
+  if images.ndim != 4 or images.shape[-1] not in (1, 3):
+    raise ValueError(f"images must have shape (N, H, W, C) with C in (1, 3), got {images.shape}")
+  lo, hi = data_range
+  images = np.clip((images - lo) / (hi - lo), 0.0, 1.0)
+  n, h, w, c = images.shape
+  nrow = nrow or int(math.ceil(math.sqrt(n)))
+  ncol_rows = int(math.ceil(n / nrow))
+  grid = np.ones((ncol_rows * (h + padding) + padding, nrow * (w + padding) + padding, c),
+                 np.float32)
+  for i in range(n):
+    r, col = divmod(i, nrow)
+    y, x = padding + r * (h + padding), padding + col * (w + padding)
+    grid[y:y + h, x:x + w] = images[i]
+  return np.round(grid * 255).astype(np.uint8)
+
+
+def save_image_grid(images, path: str, nrow: int | None = None, padding: int = 2,
+                    data_range: tuple[float, float] = (-1.0, 1.0), upscale: int = 1) -> str:
+  """Write a PNG grid of (N, H, W, C) images atomically; returns the path."""
+  from PIL import Image
+  grid = image_grid(images, nrow, padding, data_range)
+  image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+  if upscale > 1:
+    image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
+  with atomic_write(path) as f:
+    image.save(f, format="PNG")
+  return path
