@@ -303,8 +303,12 @@ class VPSDE(SDE):
     return jnp.cumprod(1.0 - self.discrete_betas)
 
   def timestep(self, t: Array) -> Array:
-    """Index of the DDPM step for t (truncated, as score_sde's DDPM steps)."""
-    return (jnp.asarray(t) * (self.N - 1) / self.T).astype(jnp.int32)
+    """Index of the DDPM step for t (truncated, as score_sde's DDPM steps).
+
+    A tolerance of 1e-4 steps keeps t = i / (N - 1), which float32 may hold just below the exact
+    value, on step i instead of i - 1.
+    """
+    return jnp.floor(jnp.asarray(t) * (self.N - 1) / self.T + 1e-4).astype(jnp.int32)
 
   def discretize(self, x, t):
     # DDPM: x_i = sqrt(1 - beta_i) x_{i-1} + sqrt(beta_i) z (Eq. 47 of the paper).

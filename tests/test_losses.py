@@ -1,0 +1,152 @@
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sgm_jax import losses, sde_lib, toy
+
+SDES = [sde_lib.VESDE(sigma_max=5.0), sde_lib.VPSDE(), sde_lib.subVPSDE()]
+IDS = [type(s).__name__ for s in SDES]
+
+
+@pytest.fixture(scope="module")
+def mixture():
+  return toy.GaussianMixture.create(jnp.array([[-1.0, 0.5], [1.0, -0.5], [0.0, 1.5]]),
+                                    jnp.array([0.2, 0.3, 0.25]))
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+@pytest.mark.parametrize("weighting", ["sigma2", "g2", "custom", "g2_importance"])
+def test_exact_score_has_the_lowest_dsm_loss(mixture, sde, weighting):
+  """DSM = E lambda ||s - grad log p_t||^2 + const: any perturbation of the exact score costs."""
+  x = mixture.sample(jax.random.PRNGKey(0), 4096)
+  key = jax.random.PRNGKey(1)  # common random numbers for every candidate
+  exact = mixture.score_fn(sde)
+  kwargs = dict(weighting=weighting, eps=1e-3)
+  if weighting == "custom":
+    # Any positive function of t; scaled by sigma^2 so the Monte-Carlo noise of the z / sigma
+    # term stays small at low noise levels.
+    kwargs["weighting"] = lambda t: sde.sigma(t) ** 2 * (1.0 + t)
+  if weighting == "g2_importance":
+    kwargs.update(weighting="g2", importance_sampling=True)
+  loss = lambda f: float(losses.dsm_loss(f, sde, x, key, **kwargs))
+  base = loss(exact)
+  for perturbed in (lambda x, t: 1.1 * exact(x, t), lambda x, t: exact(x, t) + 0.2,
+                    lambda x, t: 0.9 * exact(x, t) - 0.1 * x):
+    assert loss(perturbed) > base
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_importance_sampling_is_unbiased_with_lower_variance(mixture, sde):
+  """Both estimators of the likelihood-weighted loss have the same mean; IS has less spread."""
+  x = mixture.sample(jax.random.PRNGKey(0), 256)
+  exact = mixture.score_fn(sde)
+  score = lambda x, t: 0.8 * exact(x, t)  # imperfect, so the loss depends on t
+  keys = jax.random.split(jax.random.PRNGKey(2), 400)
+  run = lambda imp: jax.vmap(lambda k: losses.dsm_loss(score, sde, x, k, "g2", eps=1e-3,
+                                                       importance_sampling=imp))(keys)
+  plain, weighted = np.asarray(run(False)), np.asarray(run(True))
+  se = math.sqrt(plain.var() / len(plain) + weighted.var() / len(weighted))
+  assert abs(plain.mean() - weighted.mean()) < 5 * se
+  assert weighted.std() < plain.std()
+
+
+def test_importance_times_are_uniform_in_log_snr():
+  sde = sde_lib.VPSDE()
+  t = losses.sample_times(sde, jax.random.PRNGKey(0), 20000, 1e-3, importance_sampling=True)
+  lam = np.asarray(sde.log_snr(t))
+  lo, hi = float(sde.log_snr(1.0)), float(sde.log_snr(1e-3))
+  hist, _ = np.histogram(lam, bins=10, range=(lo, hi))
+  np.testing.assert_allclose(hist / len(lam), 0.1, atol=0.01)
+  assert float(t.min()) >= 1e-3 - 1e-6 and float(t.max()) <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("projection", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("variance_reduction", [True, False])
+def test_ssm_and_dsm_agree_on_a_gaussian_up_to_the_known_constant(projection, variance_reduction):
+  """For p_0 = N(0, s^2 I), linear scores s(x) = -a x and one noise level (unit weighting):
+  DSM = ESM/2 + D/2 (1/sigma^2 - 1/v) and SSM = ESM/2 - D/(2 v), so DSM - SSM = D / (2 sigma^2)
+  whatever a is (dsm_loss halves the sum over dimensions, as score_sde does)."""
+  d, s0, t_fixed, n = 3, 0.7, 0.4, 200_000
+  sde = sde_lib.VPSDE()
+  x = s0 * jax.random.normal(jax.random.PRNGKey(0), (n, d))
+  t = jnp.full((n,), t_fixed)
+  unit = lambda t: jnp.ones_like(t)
+  expected = 0.5 * d / float(sde.sigma(t_fixed)) ** 2
+  for a in (0.5, 1.0, 2.0):
+    score = lambda y, t: -a * y
+    dsm = float(losses.dsm_loss(score, sde, x, jax.random.PRNGKey(1), weighting=unit, t=t))
+    ssm = float(losses.ssm_loss(score, sde, x, jax.random.PRNGKey(2), projection=projection,
+                                variance_reduction=variance_reduction, weighting=unit, t=t))
+    np.testing.assert_allclose(dsm - ssm, expected, rtol=0.03)
+
+
+def test_ssm_matches_exact_score_optimum(mixture):
+  """Among scaled scores c * s_exact, SSM is minimal near c = 1."""
+  sde = sde_lib.VPSDE()
+  x = mixture.sample(jax.random.PRNGKey(0), 4096)
+  exact = mixture.score_fn(sde)
+  values = [float(losses.ssm_loss(lambda y, t: c * exact(y, t), sde, x, jax.random.PRNGKey(1),
+                                  eps=1e-2)) for c in (0.8, 1.0, 1.2)]
+  assert values[1] < values[0] and values[1] < values[2]
+
+
+class _EpsOracle(nn.Module):
+  """A 'network' with one scalar parameter c that outputs c * exact eps or c * exact score."""
+  mixture: toy.GaussianMixture
+  sde: sde_lib.SDE
+  discrete: bool = False
+
+  @nn.compact
+  def __call__(self, x, labels, train=False):
+    c = self.param("c", nn.initializers.ones, ())
+    if isinstance(self.sde, sde_lib.VESDE):
+      if self.discrete:
+        sig = jnp.flip(self.sde.discrete_sigmas)[labels.astype(jnp.int32)]
+      else:
+        sig = labels
+      t = self.sde.t_from_rho(sig)
+      return c * self.mixture.score(x, self.sde, t)
+    if self.discrete:
+      abar = self.sde.alphas_cumprod[labels.astype(jnp.int32)]
+      t = self.sde.t_from_log_snr(jnp.log(abar) - jnp.log1p(-abar))
+    else:
+      t = labels / 999.0
+    return c * self.mixture.eps(x, self.sde, t)
+
+
+@pytest.mark.parametrize("kind, sde", [("smld", sde_lib.VESDE(sigma_max=5.0, N=100)),
+                                       ("ddpm", sde_lib.VPSDE(N=100)),
+                                       ("dsm", sde_lib.VPSDE()), ("dsm", sde_lib.VESDE(sigma_max=5.0)),
+                                       ("ssm", sde_lib.subVPSDE())])
+def test_network_loss_is_minimal_at_the_exact_network(mixture, kind, sde):
+  model = _EpsOracle(mixture, sde, discrete=kind in ("smld", "ddpm"))
+  loss_fn = losses.get_loss_fn(sde, model, kind=kind, continuous=kind in ("dsm", "ssm"), eps=1e-3)
+  x = mixture.sample(jax.random.PRNGKey(0), 2048)
+  key = jax.random.PRNGKey(3)
+  value = lambda c: float(loss_fn({"c": jnp.asarray(c)}, x, key))
+  assert value(1.0) < value(0.9) and value(1.0) < value(1.1)
+  grad = jax.grad(lambda p: loss_fn(p, x, key))({"c": jnp.asarray(1.0)})["c"]
+  assert abs(float(grad)) < 0.25 * abs(float(jax.grad(lambda p: loss_fn(p, x, key))(
+      {"c": jnp.asarray(0.7)})["c"]))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(kind="nope"), "unknown loss 'nope'; valid losses are"),
+    (dict(kind="smld", sde=sde_lib.VPSDE()), "SMLD loss is defined for VESDE only"),
+    (dict(kind="ddpm", sde=sde_lib.subVPSDE()), "DDPM loss is defined for VPSDE only"),
+    (dict(weighting="sigma"), "unknown weighting 'sigma'"),
+])
+def test_bad_loss_options_raise(kwargs, match):
+  sde = kwargs.pop("sde", sde_lib.VPSDE())
+  with pytest.raises(ValueError, match=match):
+    losses.get_loss_fn(sde, nn.Dense(1), **kwargs)
+
+
+def test_importance_sampling_needs_likelihood_weighting(mixture):
+  with pytest.raises(ValueError, match="importance_sampling is defined for the likelihood weighting"):
+    losses.dsm_loss(mixture.score_fn(sde_lib.VPSDE()), sde_lib.VPSDE(), jnp.ones((2, 2)),
+                    jax.random.PRNGKey(0), weighting="sigma2", importance_sampling=True)
