@@ -1,0 +1,191 @@
+"""The one boundary between networks and their users: network output -> score, eps or x0.
+
+Samplers, losses and likelihoods see `score_fn(x, t[, rng]) -> score` only. How a network is
+conditioned on time and what it outputs is a property of the SDE it was trained with, read here
+through SDE methods (score_sde conventions):
+
+- `sde.time_label(t, continuous)`: the network's conditioning input (VE: sigma(t) or the integer
+  index round((T - t)(N - 1)) of its noise level; VP: 999 t or t (N - 1); sub-VP: 999 t).
+- `sde.network_output`: 'score' (VE and the tutorial SDE: the output is the score; NCSN++ with
+  scale_by_sigma divides by sigma inside the network) or 'eps' (VP / sub-VP: the output predicts
+  the noise z of x_t = alpha x_0 + sigma z, and score = -eps / `sde.network_std(t, continuous)`,
+  which for discrete VP is sqrt(1 - alphas_cumprod[int(t (N - 1))])).
+
+Every function returned here is a `jax.tree_util.Partial` whose arguments (the network variables,
+or an inner score function) are pytree leaves: a jitted sampler that takes it as an argument
+traces the variables instead of baking them in as constants, so new parameters reuse the
+compiled program. The callable inside is a frozen dataclass compared by value, so rebuilding a
+score function for the same SDE and model also reuses it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from typing import Any, Callable, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sgm_jax.sde_lib import SDE, batch_expand
+
+Array = jax.Array
+Partial = jax.tree_util.Partial
+
+NETWORK_OUTPUTS = ("score", "eps")
+
+
+# --- calling a network ----------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _takes_train_flag(module_type: type) -> bool:
+  try:
+    params = inspect.signature(module_type.__call__).parameters
+  except (TypeError, ValueError):
+    return False
+  return "train" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def train_kwargs(model: nn.Module, train: bool) -> dict:
+  """{'train': train} when the model's __call__ takes a `train` flag, else {}."""
+  return {"train": train} if _takes_train_flag(type(model)) else {}
+
+
+def check_variables(variables: Any) -> None:
+  """Raise a ValueError unless `variables` is a Flax variables mapping with 'params'."""
+  if not isinstance(variables, Mapping) or "params" not in variables:
+    found = sorted(map(str, variables))[:8] if isinstance(variables, Mapping) else type(variables)
+    raise ValueError("variables must be a mapping with a 'params' collection, as returned by "
+                     "model.init (wrap a bare parameter tree as {'params': params}); "
+                     f"got {found}")
+
+
+def _batch_times(t: Array, x: Array) -> Array:
+  """t as a floating (B,) array matching the batch of x (a scalar broadcasts)."""
+  t = jnp.asarray(t)
+  if not jnp.issubdtype(t.dtype, jnp.floating):
+    t = t.astype(jnp.result_type(float))
+  if t.ndim == 0:
+    return jnp.broadcast_to(t, (x.shape[0],))
+  if t.shape != (x.shape[0],):
+    raise ValueError(f"t must be a scalar or a ({x.shape[0]},) array for x of shape {x.shape}, "
+                     f"got shape {t.shape}")
+  return t
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModelApply:
+  """model.apply(variables, x, labels) in eval or train mode (dropout key from `rng`)."""
+
+  model: nn.Module
+  train: bool = False
+
+  def __call__(self, variables, x: Array, labels: Array, rng: Optional[Array] = None) -> Array:
+    rngs = {"dropout": rng} if (self.train and rng is not None) else None
+    return self.model.apply(variables, x, labels, rngs=rngs, **train_kwargs(self.model, self.train))
+
+
+def get_model_fn(model: nn.Module, variables: Mapping, train: bool = False) -> Partial:
+  """model_fn(x, labels, rng=None) -> raw network output, with `variables` as traced arguments.
+
+  In train mode `rng` is the dropout key. Collections other than 'params' are read only (the
+  score_sde networks have none).
+  """
+  check_variables(variables)
+  return Partial(_ModelApply(model, bool(train)), variables)
+
+
+# --- network output -> score ----------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _NetworkScore:
+  """Score of a network trained under `sde` (see the module docstring for the conventions)."""
+
+  sde: SDE
+  model: nn.Module
+  continuous: bool
+  train: bool = False
+
+  def __call__(self, variables, x: Array, t: Array, rng: Optional[Array] = None) -> Array:
+    t = _batch_times(t, x)
+    labels = self.sde.time_label(t, self.continuous)
+    out = _ModelApply(self.model, self.train)(variables, x, labels, rng)
+    if self.sde.network_output == "eps":
+      return -out / batch_expand(self.sde.network_std(t, self.continuous), out)
+    return out
+
+
+def _check_network_output(sde: SDE) -> None:
+  if sde.network_output not in NETWORK_OUTPUTS:
+    raise ValueError(f"{type(sde).__name__}.network_output is {sde.network_output!r}; "
+                     f"valid values are {list(NETWORK_OUTPUTS)}")
+
+
+def get_score_fn(sde: SDE, model: nn.Module, variables: Mapping, continuous: bool,
+                 train: bool = False) -> Partial:
+  """score_fn(x, t, rng=None) -> grad_x log p_t(x) of a network trained under `sde`.
+
+  `continuous` says whether the network was trained on continuous time labels (score_sde's
+  `training.continuous`). The result is a Partial carrying `variables` as traced arguments.
+  """
+  check_variables(variables)
+  _check_network_output(sde)
+  return Partial(_NetworkScore(sde, model, bool(continuous), bool(train)), variables)
+
+
+# --- score -> eps / x0 ----------------------------------------------------------------------
+def eps_from_score(sde: SDE, score: Array, t: Array) -> Array:
+  """Noise prediction E[z | x_t] = -sigma(t) score."""
+  return -batch_expand(sde.sigma(t), score) * score
+
+
+def score_from_eps(sde: SDE, eps: Array, t: Array) -> Array:
+  """Inverse of `eps_from_score`: score = -eps / sigma(t)."""
+  return -eps / batch_expand(sde.sigma(t), eps)
+
+
+def denoised_from_score(sde: SDE, x: Array, score: Array, t: Array) -> Array:
+  """Tweedie's formula E[x_0 | x_t] = (x + sigma(t)^2 score) / alpha(t)."""
+  sigma = batch_expand(sde.sigma(t), x)
+  return (x + sigma ** 2 * score) / batch_expand(sde.alpha(t), x)
+
+
+def as_partial(fn: Callable) -> Partial:
+  """`fn` as a Partial (unchanged if it is one), so it can be a pytree argument of jit."""
+  if isinstance(fn, Partial):
+    return fn
+  if not callable(fn):
+    raise ValueError(f"expected a callable score_fn(x, t), got {type(fn).__name__}")
+  return Partial(fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class _EpsFromScore:
+  sde: SDE
+
+  def __call__(self, score_fn: Callable, x: Array, t: Array, *args) -> Array:
+    t = _batch_times(t, x)
+    return eps_from_score(self.sde, score_fn(x, t, *args), t)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DenoiserFromScore:
+  sde: SDE
+
+  def __call__(self, score_fn: Callable, x: Array, t: Array, *args) -> Array:
+    t = _batch_times(t, x)
+    return denoised_from_score(self.sde, x, score_fn(x, t, *args), t)
+
+
+def get_eps_fn(sde: SDE, score_fn: Callable) -> Partial:
+  """eps_fn(x, t, ...) = -sigma(t) score_fn(x, t, ...): the noise prediction of any score.
+
+  sigma is the SDE's kernel std (for a network trained with a discrete VP objective this differs
+  from its training std by O(1/N), so eps_fn is the eps consistent with the score, which is what
+  exponential integrators built on alpha(t), sigma(t) need).
+  """
+  return Partial(_EpsFromScore(sde), as_partial(score_fn))
+
+
+def get_denoiser_fn(sde: SDE, score_fn: Callable) -> Partial:
+  """denoiser_fn(x, t, ...) = (x + sigma^2 score) / alpha: the posterior mean of x_0 (Tweedie)."""
+  return Partial(_DenoiserFromScore(sde), as_partial(score_fn))

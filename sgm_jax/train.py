@@ -1,0 +1,285 @@
+"""Train state (params, EMA, optimizer), the pure train step, and the preemption-safe train loop.
+
+The step is written for one device and one example's loss (vmapped over the batch); parallel.py
+pmaps it. Randomness is folded, not threaded: the key of example i at step s is
+fold_in(fold_in(PRNGKey(seed), s), global index of i), so a resumed run, and a run over a different
+number of devices with the same global batch, draws exactly the same noise.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sgm_jax import parallel
+from sgm_jax.checkpoints import CheckpointStore
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array
+  params: Any
+  params_ema: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+  """Adam with linear warm-up and global-norm clipping (score_sde's defaults)."""
+
+  lr: float = 2e-4
+  warmup: int = 5000
+  grad_clip: float = 1.0
+  beta1: float = 0.9
+  beta2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+
+  def __post_init__(self):
+    if not self.lr > 0:
+      raise ValueError(f"optim.lr must be > 0, got {self.lr!r}")
+    if self.warmup < 0:
+      raise ValueError(f"optim.warmup must be >= 0, got {self.warmup!r}")
+
+  def schedule(self) -> optax.Schedule:
+    if self.warmup == 0:
+      return optax.constant_schedule(self.lr)
+    return optax.linear_schedule(0.0, self.lr, self.warmup)
+
+  def build(self) -> optax.GradientTransformation:
+    parts = []
+    if self.grad_clip is not None and self.grad_clip >= 0:
+      parts.append(optax.clip_by_global_norm(self.grad_clip))
+    parts.append(optax.adamw(self.schedule(), b1=self.beta1, b2=self.beta2, eps=self.eps,
+                             weight_decay=self.weight_decay))
+    return optax.chain(*parts)
+
+
+def init_params(model: nn.Module, key: Array, input_shape: tuple) -> Any:
+  """Initial parameters for inputs of `input_shape` (B, ...) and (B,) time labels."""
+  k_params, k_dropout = jax.random.split(key)
+  x = jnp.zeros(input_shape, jnp.float32)
+  t = jnp.ones((input_shape[0],), jnp.float32)
+  return model.init({"params": k_params, "dropout": k_dropout}, x, t)["params"]
+
+
+def create_train_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    params_ema=jax.tree_util.tree_map(jnp.copy, params), opt_state=tx.init(params))
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, ema_rate: float,
+                    seed: int, schedule: Optional[optax.Schedule] = None) -> Callable:
+  """step(state, batch) -> (state, metrics) for one device, to run under parallel.fused_steps.
+
+  loss_fn(params, x, key) is a batch loss; it is applied to each example with its own key and
+  averaged, then gradients are averaged over devices.
+  """
+  base_key = jax.random.PRNGKey(seed)
+
+  def step(state: TrainState, batch: Array):
+    step_key = jax.random.fold_in(base_key, state.step)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(
+        step_key, parallel.global_example_index(batch.shape[0]))
+
+    def mean_loss(params):
+      per_example = jax.vmap(lambda x, k: loss_fn(params, x[None], k))(batch, keys)
+      return jnp.mean(per_example)
+
+    loss, grads = jax.value_and_grad(mean_loss)(state.params)
+    loss, grads = parallel.pmean((loss, grads))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    params_ema = jax.tree_util.tree_map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p,
+                                        state.params_ema, params)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    if schedule is not None:
+      metrics["lr"] = schedule(state.step)
+    new_state = state.replace(step=state.step + 1, params=params, params_ema=params_ema,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  return step
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN or infinite."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+  """How long to train and how often to log and checkpoint."""
+
+  n_iters: int
+  batch_size: int
+  n_jitted_steps: int = 1
+  log_freq: int = 50
+  snapshot_freq: int = 10000
+  snapshot_freq_for_preemption: int = 1000
+  keep_checkpoints: int = 5
+  max_seconds: Optional[float] = None
+  seed: int = 42
+
+  def __post_init__(self):
+    for name in ("n_iters", "batch_size", "n_jitted_steps", "log_freq", "snapshot_freq",
+                 "snapshot_freq_for_preemption", "keep_checkpoints"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"training.{name} must be a positive integer, got {value!r}")
+    for name in ("snapshot_freq", "snapshot_freq_for_preemption"):
+      if getattr(self, name) % self.n_jitted_steps:
+        raise ValueError(f"training.{name}={getattr(self, name)} must be a multiple of "
+                         f"training.n_jitted_steps={self.n_jitted_steps}")
+    if self.max_seconds is not None and not self.max_seconds > 0:
+      raise ValueError(f"training.max_seconds must be > 0 or None, got {self.max_seconds!r}")
+
+
+class _LossLog:
+  """Append-only CSV of (step, loss, lr) that survives restarts (rows past the resume step are
+  dropped, so a resumed run's log equals an uninterrupted one's)."""
+
+  def __init__(self, path: str, resume_step: int):
+    self.path = path
+    rows = []
+    if os.path.exists(path):
+      with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+    from sgm_jax.io_utils import atomic_write
+    with atomic_write(path, "w") as f:
+      writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr"])
+      writer.writeheader()
+      writer.writerows(rows)
+    self._file = open(path, "a", newline="")
+    self._writer = csv.DictWriter(self._file, fieldnames=["step", "loss", "lr"])
+
+  def append(self, step: int, loss: float, lr: float) -> None:
+    self._writer.writerow({"step": step, "loss": repr(loss), "lr": repr(lr)})
+    self._file.flush()
+
+  def read(self) -> tuple[np.ndarray, np.ndarray]:
+    with open(self.path) as f:
+      rows = list(csv.DictReader(f))
+    return (np.array([int(r["step"]) for r in rows]), np.array([float(r["loss"]) for r in rows]))
+
+  def close(self):
+    self._file.close()
+
+
+def plot_loss_curve(steps: np.ndarray, losses: np.ndarray, path: str) -> str:
+  """Write the training loss curve as a PNG (atomically)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from sgm_jax.io_utils import atomic_write
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+  if len(steps):
+    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
+    if len(steps) >= 10:
+      k = max(len(steps) // 20, 2)
+      smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+      ax.plot(steps[k - 1:], smooth, lw=1.5, label=f"moving average ({k})")
+    ax.set_yscale("log" if np.all(losses > 0) else "linear")
+    ax.legend()
+  ax.set_xlabel("step")
+  ax.set_ylabel("training loss")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  with atomic_write(path) as f:
+    fig.savefig(f, format="png")
+  plt.close(fig)
+  return path
+
+
+def train_loop(workdir: str, state: TrainState, step_fn: Callable,
+               batches: Callable[[int], Iterator[np.ndarray]], spec: LoopSpec,
+               schedule: Optional[optax.Schedule] = None) -> TrainState:
+  """Run (and resume) training in `workdir`; returns the final unreplicated state.
+
+  `batches(start_step)` yields this host's (local_batch, ...) training batches from `start_step`
+  on, the same ones an uninterrupted run would see there. Checkpoints: a preemption snapshot every
+  `snapshot_freq_for_preemption` steps and a kept checkpoint every `snapshot_freq` steps and at the
+  end. A NaN/Inf loss stops training with TrainingDiverged and saves nothing.
+  """
+  from tqdm import tqdm
+  store = CheckpointStore(workdir, keep=spec.keep_checkpoints)
+  try:
+    if store.latest_step() is not None:
+      state = store.restore(state)
+      logging.info("resumed from step %d", int(state.step))
+    start = int(state.step)
+    n_dev = jax.local_device_count()
+    local_batch = spec.batch_size // jax.process_count()
+    if spec.batch_size % (jax.process_count() * n_dev):
+      raise ValueError(f"training.batch_size={spec.batch_size} must be divisible by the number of "
+                       f"devices ({jax.process_count() * n_dev})")
+    loss_log = _LossLog(os.path.join(workdir, "train_log.csv"), start)
+    writer = _summary_writer(workdir)
+    p_step = parallel.fused_steps(step_fn)
+    rstate = parallel.replicate(state)
+    data = batches(start)
+    step, t0, last_good = start, time.time(), store.latest_step()
+    bar = tqdm(total=spec.n_iters, initial=start, desc="train", unit="step", dynamic_ncols=True,
+               mininterval=2.0)
+    while step < spec.n_iters:
+      n = min(spec.n_jitted_steps, spec.n_iters - step)
+      host = np.stack([next(data) for _ in range(n)])            # (n, local_batch, ...)
+      host = host.reshape((n, n_dev, local_batch // n_dev) + host.shape[2:]).swapaxes(0, 1)
+      rstate, metrics = p_step(rstate, host)
+      losses = np.asarray(metrics["loss"][0])
+      if not np.all(np.isfinite(losses)):
+        bad = step + int(np.argmin(np.isfinite(losses)))
+        raise TrainingDiverged(
+            f"training loss became {losses[~np.isfinite(losses)][0]} at step {bad}; stopped "
+            f"without saving. The last good checkpoint ({'none' if last_good is None else f'step {last_good}'}"
+            f") in {workdir} is intact.")
+      lrs = np.asarray(metrics["lr"][0]) if "lr" in metrics else np.zeros(n)
+      for i in range(n):
+        if (step + i + 1) % spec.log_freq == 0 or step + i + 1 == spec.n_iters:
+          loss_log.append(step + i + 1, float(losses[i]), float(lrs[i]))
+          if writer is not None:
+            writer.add_scalar("loss", float(losses[i]), step + i + 1)
+            writer.add_scalar("lr", float(lrs[i]), step + i + 1)
+      step += n
+      bar.update(n)
+      bar.set_postfix(loss=f"{float(losses[-1]):.4g}", refresh=False)
+      out_of_time = spec.max_seconds is not None and time.time() - t0 >= spec.max_seconds
+      if step % spec.snapshot_freq == 0 or step == spec.n_iters or out_of_time:
+        store.save(step, parallel.unreplicate(rstate), kind="periodic")
+        last_good = step
+      elif step % spec.snapshot_freq_for_preemption == 0:
+        store.save(step, parallel.unreplicate(rstate), kind="snapshot")
+        last_good = step
+      if out_of_time:
+        logging.info("stopping after %.0f s (training.max_seconds) at step %d", time.time() - t0,
+                     step)
+        break
+    bar.close()
+    state = parallel.unreplicate(rstate)
+    loss_log.close()
+    if writer is not None:
+      writer.close()
+    plot_loss_curve(*loss_log.read(), os.path.join(workdir, "loss_curve.png"))
+    return state
+  finally:
+    store.close()
+
+
+def _summary_writer(workdir: str):
+  """TensorBoard event files under workdir/tensorboard (tensorboardX), on the first host only."""
+  if jax.process_index() != 0:
+    return None
+  from tensorboardX import SummaryWriter
+  return SummaryWriter(os.path.join(workdir, "tensorboard"))
