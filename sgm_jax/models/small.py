@@ -1,0 +1,204 @@
+"""Small time-conditional score networks for quick experiments on CPU.
+
+- `ScoreNet` ('unet_small' / 'scorenet'): the U-Net of the score-SDE tutorial (Song's Colab for
+  Song et al., ICLR 2021), sized for 28x28 images (MNIST).
+- `Mixer` ('mixer'): an MLP-Mixer (Tolstikhin et al., NeurIPS 2021) on 4x4 patches cut and pasted
+  by strided (transposed) convolutions, sized like equinox's score-based diffusion example; time
+  enters as a per-block bias rather than as an extra input channel.
+- `MLP` ('mlp'): a residual-free MLP for 2-D / low-dimensional toy data x of shape (B, D).
+
+All take `(x, time_cond, train=False)` with (B,) time labels and return an array shaped like x.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sgm_jax import sde_lib
+from sgm_jax.models.ddpm import get_act
+from sgm_jax.models.layers import get_timestep_embedding
+from sgm_jax.models.wideresnet import GaussianFourierProjection
+
+Array = jax.Array
+
+
+class TimeEmbedding(nn.Module):
+  """(B,) time labels -> (B, dim): Fourier (labels of order 1) or sinusoidal DDPM features
+  (labels like t * 999), then a two-layer swish MLP."""
+
+  dim: int = 128
+  kind: str = "fourier"
+  fourier_scale: float = 16.0
+
+  @nn.compact
+  def __call__(self, time_cond: Array) -> Array:
+    if self.kind == "fourier":
+      features = GaussianFourierProjection(self.dim // 2, self.fourier_scale)(time_cond)
+    elif self.kind == "positional":
+      features = get_timestep_embedding(time_cond, self.dim)
+    else:
+      raise ValueError(f"time embedding must be 'fourier' or 'positional', got {self.kind!r}")
+    h = nn.Dense(self.dim)(features)
+    return nn.Dense(self.dim)(nn.swish(h))
+
+
+def _up_conv(h: Array, features: int, target: tuple[int, int]) -> Array:
+  """Stride-2 transposed 3x3 convolution (input-dilated conv) to spatial size `target`."""
+  # Output size = (2 in - 1) + 2 + hi - 2, so the high padding is target - 2 in + 1 (2 or 3).
+  pads = [(2, size - 2 * n + 1) for size, n in zip(target, h.shape[1:3])]
+  return nn.Conv(features, (3, 3), padding=pads, input_dilation=(2, 2), use_bias=False)(h)
+
+
+class ScoreNet(nn.Module):
+  """Time-conditional U-Net of the score-SDE tutorial, divided by the marginal std.
+
+  Four VALID 3x3 convolutions (strides 1, 2, 2, 2) and three transposed ones back with skip
+  connections; after every convolution a Dense projection of the time embedding is added, then
+  GroupNorm (4 groups first, then min(32, C)) and swish. The embedding is Gaussian random Fourier
+  features of t (`embed_dim // 2` frequencies of scale `fourier_scale`, stored as the param `W`
+  but frozen by stop_gradient) through Dense + swish. The output is divided by `sde.sigma(t)`, the
+  std of p_{0t} (the tutorial uses `sde_lib.TutorialSDE()`), so the network models the score
+  directly; `sde=None` leaves the output unscaled. The SDE is a frozen dataclass, so the field is
+  hashable and compares by value. `time_cond` is t itself. Any image of at
+  least 17x17 works (28x28 is the tutorial's MNIST).
+  """
+
+  channels: tuple[int, ...] = (32, 64, 128, 256)
+  embed_dim: int = 256
+  fourier_scale: float = 30.0
+  sde: Optional[sde_lib.SDE] = None
+
+  @nn.compact
+  def __call__(self, x: Array, time_cond: Array, train: bool = False) -> Array:
+    if len(self.channels) != 4:
+      raise ValueError(f"ScoreNet needs 4 channel counts, got {self.channels}")
+    act = nn.swish
+    embed = GaussianFourierProjection(self.embed_dim // 2, self.fourier_scale)(time_cond)
+    embed = act(nn.Dense(self.embed_dim)(embed))
+
+    def condition(h: Array, groups: Optional[int] = None) -> Array:
+      c = h.shape[-1]
+      h = h + nn.Dense(c)(embed)[:, None, None, :]
+      return act(nn.GroupNorm(num_groups=groups or min(32, c))(h))
+
+    c1, c2, c3, c4 = self.channels
+    h1 = condition(nn.Conv(c1, (3, 3), padding="VALID", use_bias=False)(x), groups=4)
+    h2 = condition(nn.Conv(c2, (3, 3), (2, 2), padding="VALID", use_bias=False)(h1))
+    h3 = condition(nn.Conv(c3, (3, 3), (2, 2), padding="VALID", use_bias=False)(h2))
+    h4 = condition(nn.Conv(c4, (3, 3), (2, 2), padding="VALID", use_bias=False)(h3))
+
+    h = condition(_up_conv(h4, c3, h3.shape[1:3]))
+    h = condition(_up_conv(jnp.concatenate([h, h3], axis=-1), c2, h2.shape[1:3]))
+    h = condition(_up_conv(jnp.concatenate([h, h2], axis=-1), c1, h1.shape[1:3]))
+    h = nn.Conv(x.shape[-1], (3, 3), padding=((2, 2), (2, 2)))(jnp.concatenate([h, h1], axis=-1))
+    if self.sde is not None:
+      h = h / self.sde.sigma(time_cond).reshape((-1,) + (1,) * (h.ndim - 1))
+    return h
+
+
+class MixerBlock(nn.Module):
+  """Mixer block on tokens (B, P, C): time bias, then token- and channel-mixing MLPs (pre-LN)."""
+
+  mix_patch_size: int = 512
+  mix_hidden_size: int = 512
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, y: Array, temb: Array, train: bool = False) -> Array:
+    num_patches, hidden = y.shape[1], y.shape[2]
+    y = y + nn.Dense(hidden)(nn.swish(temb))[:, None, :]
+
+    def mlp(z: Array, width: int, out: int) -> Array:
+      z = nn.gelu(nn.Dense(width)(z))
+      z = nn.Dropout(self.dropout)(z, deterministic=not train)
+      return nn.Dense(out)(z)
+
+    z = jnp.swapaxes(nn.LayerNorm()(y), 1, 2)  # (B, C, P): mix along the patches
+    y = y + jnp.swapaxes(mlp(z, self.mix_patch_size, num_patches), 1, 2)
+    return y + mlp(nn.LayerNorm()(y), self.mix_hidden_size, hidden)
+
+
+class Mixer(nn.Module):
+  """MLP-Mixer score network for images (B, H, W, C) with H, W divisible by `patch_size`.
+
+  A stride-`patch_size` convolution embeds patches as `hidden_size`-dim tokens, `num_blocks`
+  Mixer blocks each add a projection of the time embedding (`TimeEmbedding`, like DDPM's
+  per-block bias), and a transposed convolution pastes the tokens back into an image.
+  """
+
+  patch_size: int = 4
+  hidden_size: int = 64
+  mix_patch_size: int = 512
+  mix_hidden_size: int = 512
+  num_blocks: int = 4
+  embed_dim: int = 128
+  time_embedding: str = "fourier"
+  fourier_scale: float = 16.0
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: Array, time_cond: Array, train: bool = False) -> Array:
+    B, H, W, C = x.shape
+    p = self.patch_size
+    if H % p or W % p:
+      raise ValueError(f"image size {H}x{W} is not divisible by patch_size={p}")
+    temb = TimeEmbedding(self.embed_dim, self.time_embedding, self.fourier_scale)(time_cond)
+    y = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID")(x)
+    y = y.reshape(B, (H // p) * (W // p), self.hidden_size)
+    for _ in range(self.num_blocks):
+      y = MixerBlock(self.mix_patch_size, self.mix_hidden_size, self.dropout)(y, temb, train)
+    y = nn.LayerNorm()(y).reshape(B, H // p, W // p, self.hidden_size)
+    return nn.ConvTranspose(C, (p, p), strides=(p, p), padding="VALID")(y)
+
+
+class MLP(nn.Module):
+  """Time-conditional MLP for toy data x (B, D): every hidden layer adds Dense(act(temb))."""
+
+  hidden: tuple[int, ...] = (128, 128, 128)
+  embed_dim: int = 64
+  time_embedding: str = "fourier"
+  fourier_scale: float = 16.0
+  nonlinearity: str = "swish"
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: Array, time_cond: Array, train: bool = False) -> Array:
+    if x.ndim != 2:
+      raise ValueError(f"MLP expects x of shape (B, D), got {x.shape}")
+    act = get_act(self.nonlinearity)
+    temb = act(TimeEmbedding(self.embed_dim, self.time_embedding, self.fourier_scale)(time_cond))
+    h = x
+    for width in self.hidden:
+      h = act(nn.Dense(width)(h) + nn.Dense(width)(temb))
+      h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    return nn.Dense(x.shape[-1])(h)
+
+
+def from_config(config, sde: Optional[sde_lib.SDE] = None) -> nn.Module:
+  """Build 'unet_small' / 'scorenet', 'mixer' or 'mlp' from config.model.* (absent keys take the
+  defaults above). ScoreNet divides by `sde.sigma`, by default the tutorial's SDE."""
+  m = config.model
+  name = m.name
+  if name in ("unet_small", "scorenet"):
+    return ScoreNet(channels=tuple(m.get("channels", (32, 64, 128, 256))),
+                    embed_dim=m.get("embed_dim", 256), fourier_scale=m.get("fourier_scale", 30.0),
+                    sde=sde if sde is not None else sde_lib.TutorialSDE())
+  if name == "mixer":
+    return Mixer(patch_size=m.get("patch_size", 4), hidden_size=m.get("hidden_size", 64),
+                 mix_patch_size=m.get("mix_patch_size", 512),
+                 mix_hidden_size=m.get("mix_hidden_size", 512),
+                 num_blocks=m.get("num_blocks", 4), embed_dim=m.get("embed_dim", 128),
+                 time_embedding=m.get("embedding_type", "fourier"),
+                 fourier_scale=m.get("fourier_scale", 16.0), dropout=m.get("dropout", 0.0))
+  if name == "mlp":
+    return MLP(hidden=tuple(m.get("hidden", (128, 128, 128))), embed_dim=m.get("embed_dim", 64),
+               time_embedding=m.get("embedding_type", "fourier"),
+               fourier_scale=m.get("fourier_scale", 16.0),
+               nonlinearity=m.get("nonlinearity", "swish"), dropout=m.get("dropout", 0.0))
+  raise ValueError(f"unknown small model {name!r}; valid names are {sorted(MODELS)}")
+
+
+MODELS = {name: from_config for name in ("unet_small", "scorenet", "mixer", "mlp")}

@@ -1,0 +1,169 @@
+"""Small networks: shapes, hand-computed parameter counts, the tutorial ScoreNet's 1/std scaling,
+the Mixer on MNIST- and CIFAR-sized images, and the toy-data MLP."""
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from sgm_jax import sde_lib
+from sgm_jax.models import small
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile():
+  """Compile with little optimization (these programs run once), restored afterwards."""
+  flag = "jax_disable_most_optimizations"
+  previous = jax.config.values.get(flag, False)
+  jax.config.update(flag, True)
+  yield
+  jax.config.update(flag, previous)
+
+
+def _shapes(model, x, t):
+  return jax.eval_shape(model.init, {"params": jax.random.PRNGKey(0)}, x, t)
+
+
+def _count(tree):
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
+def _random_params(model, x, t, scale=0.1):
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda s: jnp.asarray(scale * rng.standard_normal(s.shape), jnp.float32),
+                      _shapes(model, x, t))
+
+
+def _dense(n_in, n_out):
+  return n_in * n_out + n_out
+
+
+def _time_embedding(dim, kind="fourier"):
+  """TimeEmbedding: (Fourier W of dim/2) + Dense(dim -> dim) + Dense(dim -> dim)."""
+  return (dim // 2 if kind == "fourier" else 0) + 2 * _dense(dim, dim)
+
+
+def scorenet_count(c, embed, channels_in):
+  c1, c2, c3, c4 = c
+  n = embed // 2 + _dense(embed, embed)  # Fourier W, embedding Dense
+  # (conv in, conv out) of the 7 bias-free convs, each followed by Dense(embed, out) and GroupNorm.
+  for k_in, k_out in [(channels_in, c1), (c1, c2), (c2, c3), (c3, c4),
+                      (c4, c3), (2 * c3, c2), (2 * c2, c1)]:
+    n += 9 * k_in * k_out + _dense(embed, k_out) + 2 * k_out
+  return n + 9 * 2 * c1 * channels_in + channels_in  # output conv with bias
+
+
+def mixer_count(height, width, channels, p=4, hidden=64, mix_p=512, mix_h=512, blocks=4, embed=128):
+  patches = (height // p) * (width // p)
+  block = (_dense(embed, hidden) + 2 * hidden + _dense(patches, mix_p) + _dense(mix_p, patches)
+           + 2 * hidden + _dense(hidden, mix_h) + _dense(mix_h, hidden))
+  return (p * p * channels * hidden + hidden + _time_embedding(embed) + blocks * block
+          + 2 * hidden + p * p * hidden * channels + channels)
+
+
+def mlp_count(dim, hidden, embed):
+  n, n_in = _time_embedding(embed), dim
+  for width in hidden:
+    n += _dense(n_in, width) + _dense(embed, width)
+    n_in = width
+  return n + _dense(n_in, dim)
+
+
+def test_scorenet_parameter_count_and_shapes():
+  model = small.ScoreNet(sde=sde_lib.TutorialSDE())
+  t = jnp.full((2,), 0.5)
+  params = _shapes(model, jnp.zeros((2, 28, 28, 1)), t)
+  assert _count(params) == scorenet_count((32, 64, 128, 256), 256, 1) == 1_115_425
+  assert params["params"]["GaussianFourierProjection_0"]["W"].shape == (128,)
+  for shape in [(2, 28, 28, 1), (2, 32, 32, 3), (1, 17, 21, 2)]:
+    x = jnp.zeros(shape)
+    out = jax.eval_shape(model.apply, _shapes(model, x, t[: shape[0]]), x, t[: shape[0]])
+    assert out.shape == shape
+  assert _count(_shapes(small.ScoreNet(channels=(8, 16, 16, 32), embed_dim=16),
+                        jnp.zeros((2, 32, 32, 3)), t)) == scorenet_count((8, 16, 16, 32), 16, 3)
+
+
+def test_scorenet_output_scales_as_inverse_std():
+  sde = sde_lib.TutorialSDE()
+  scaled = small.ScoreNet(sde=sde)
+  raw = small.ScoreNet(sde=None)
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 28, 28, 1))
+  t = jnp.array([0.02, 0.3, 1.0])
+  params = _random_params(scaled, x, t)
+  out = jax.jit(scaled.apply)(params, x, t)
+  out_raw = jax.jit(raw.apply)(params, x, t)
+  std = sde.sigma(t)
+  assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))
+  assert float(std[-1] / std[0]) > 10.0
+  np.testing.assert_allclose(out, out_raw / std[:, None, None, None], rtol=1e-4, atol=1e-6)
+  # The SDE field is hashable and compares by value.
+  assert scaled.sde == sde_lib.TutorialSDE() and hash(scaled.sde) == hash(sde_lib.TutorialSDE())
+
+
+@pytest.mark.parametrize("shape", [(2, 28, 28, 1), (2, 32, 32, 3)])
+def test_mixer_parameter_count(shape):
+  _, height, width, channels = shape
+  params = _shapes(small.Mixer(), jnp.zeros(shape), jnp.zeros((2,)))
+  assert _count(params) == mixer_count(height, width, channels)
+  blocks = [k for k in params["params"] if k.startswith("MixerBlock_")]
+  assert len(blocks) == 4
+
+
+def test_mixer_runs_on_mnist_and_cifar_sizes():
+  model = small.Mixer()
+  t = jnp.array([0.1, 0.9])
+  for shape in [(2, 28, 28, 1), (2, 32, 32, 3)]:
+    x = jax.random.normal(jax.random.PRNGKey(1), shape)
+    x = jnp.concatenate([x[:1], x[:1]])  # same image, two times
+    out = jax.jit(model.apply)(_random_params(model, x, t), x, t)
+    assert out.shape == shape and bool(jnp.all(jnp.isfinite(out)))
+    assert not np.allclose(out[0], out[1])  # conditioned on time
+
+
+def test_mixer_rejects_sizes_not_divisible_by_patch():
+  with pytest.raises(ValueError):
+    _shapes(small.Mixer(), jnp.zeros((1, 30, 30, 1)), jnp.zeros((1,)))
+
+
+def test_mlp_count_forward_and_dropout():
+  model = small.MLP(hidden=(32, 16), embed_dim=8, dropout=0.5)
+  x = jax.random.normal(jax.random.PRNGKey(0), (64, 2))
+  t = jnp.linspace(0.0, 1.0, 64)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(1), x, t)  # real initializers
+  assert _count(variables) == mlp_count(2, (32, 16), 8)
+  apply = jax.jit(model.apply, static_argnames="train")
+  out = apply(variables, x, t)  # eval needs no 'dropout' rng: dropout is off
+  assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))
+  train1 = apply(variables, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+  train2 = apply(variables, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(3)})
+  assert not np.allclose(train1, out) and not np.allclose(train1, train2)
+  with pytest.raises(ValueError):
+    _shapes(model, jnp.zeros((2, 4, 4, 1)), jnp.zeros((2,)))
+
+
+def test_positional_time_embedding_has_no_fourier_weights():
+  model = small.MLP(hidden=(16,), embed_dim=8, time_embedding="positional")
+  params = _shapes(model, jnp.zeros((2, 3)), jnp.array([0.0, 999.0]))
+  assert "GaussianFourierProjection_0" not in params["params"]["TimeEmbedding_0"]
+  assert _count(params) == mlp_count(3, (16,), 8) - 8 // 2
+
+
+def test_from_config_builds_each_model():
+  def config(name, **model):
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict(dict(name=name, **model))
+    return c
+
+  net = small.from_config(config("unet_small"))
+  assert isinstance(net, small.ScoreNet) and net.sde == sde_lib.TutorialSDE()
+  assert isinstance(small.from_config(config("scorenet")), small.ScoreNet)
+  vp = sde_lib.VPSDE()
+  assert small.from_config(config("scorenet"), sde=vp).sde == vp
+  mixer = small.from_config(config("mixer", hidden_size=32, num_blocks=2))
+  assert isinstance(mixer, small.Mixer) and (mixer.hidden_size, mixer.num_blocks) == (32, 2)
+  mlp = small.from_config(config("mlp", hidden=[64, 64]))
+  assert isinstance(mlp, small.MLP) and mlp.hidden == (64, 64)
+  with pytest.raises(ValueError):
+    small.from_config(config("ncsnpp"))
