@@ -61,3 +61,23 @@ def save_image_grid(images, path: str, nrow: int | None = None, padding: int = 2
   with atomic_write(path) as f:
     image.save(f, format="PNG")
   return path
+
+
+def save_scatter(points, path: str, title: str | None = None) -> str:
+  """Write a scatter plot of (N, 2) points as a PNG (atomically); returns the path."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  points = np.asarray(points)
+  if points.ndim != 2 or points.shape[1] != 2:
+    raise ValueError(f"points must have shape (N, 2), got {points.shape}")
+  fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+  ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.5)
+  ax.set_aspect("equal")
+  if title:
+    ax.set_title(title)
+  fig.tight_layout()
+  with atomic_write(path) as f:
+    fig.savefig(f, format="png")
+  plt.close(fig)
+  return path

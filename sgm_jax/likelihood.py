@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgm_jax.sampling import base
-from sgm_jax.sampling.ode import SOLVERS
+from sgm_jax.sampling.ode import SOLVERS, solver_evaluations
 from sgm_jax.sde_lib import SDE
 
 Array = jax.Array
@@ -72,14 +72,15 @@ def _hutchinson_divergence(f: Callable, x: Array, t: Array, probes: Array) -> tu
 
 def _solve(vector_field, y0, t0: float, t1: float, solver: str, rtol: float, atol: float,
            max_steps: int, args):
-  solver_cls, _, stages = SOLVERS[solver]
+  solver_cls, _ = SOLVERS[solver]
+  per_step, once = solver_evaluations(solver_cls)
   sol = diffrax.diffeqsolve(
       diffrax.ODETerm(vector_field), solver_cls(), t0=t0, t1=t1,
       dt0=_FIRST_STEP_FRACTION * (t1 - t0), y0=y0, args=args,
       stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol), max_steps=max_steps,
       saveat=diffrax.SaveAt(t1=True))
   y1 = jax.tree_util.tree_map(lambda a: a[-1], sol.ys)
-  return y1, jnp.asarray(stages * sol.stats["num_steps"] + 1, jnp.int32)
+  return y1, jnp.asarray(per_step * sol.stats["num_steps"] + once, jnp.int32)
 
 
 def _check_solver(solver: str) -> None:

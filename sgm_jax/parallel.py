@@ -1,8 +1,7 @@
 """The only module that knows about pmap, replication and multiple hosts.
 
 Everything else is written for one device; here a per-device step is pmapped with
-`axis_name='batch'` and several steps are fused into one device call with lax.scan (score_sde's
-n_jitted_steps).
+`axis_name='batch'` and several steps are fused into one device call (score_sde's n_jitted_steps).
 """
 from __future__ import annotations
 
@@ -68,12 +67,19 @@ def global_example_index(local_batch: int) -> jax.Array:
 
 
 def fused_steps(step_fn: Callable, donate_state: bool = True) -> Callable:
-  """pmap(scan(step_fn)) over batches shaped (devices, n_steps, per_device_batch, ...).
+  """pmap of n steps in one device call, batches shaped (devices, n_steps, per_device_batch, ...).
 
   step_fn(state, batch) -> (state, metrics) runs on one device and may use `pmean` and
-  `global_example_index`. The state is donated, so training keeps one copy on each device.
+  `global_example_index`. The n steps are unrolled into straight-line code rather than a
+  lax.scan: XLA's CPU backend runs gradients of convolutions several times slower inside a loop
+  (measured 6x for the Fashion-MNIST U-Net), while on accelerators both are fast. The state is
+  donated, so training keeps one copy on each device.
   """
   def run(state, batches):
-    return jax.lax.scan(step_fn, state, batches)
+    metrics = []
+    for i in range(batches.shape[0]):
+      state, m = step_fn(state, batches[i])
+      metrics.append(m)
+    return state, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *metrics)
 
   return jax.pmap(run, axis_name=AXIS_NAME, donate_argnums=(0,) if donate_state else ())

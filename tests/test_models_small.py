@@ -159,8 +159,11 @@ def test_from_config_builds_each_model():
   net = small.from_config(config("unet_small"))
   assert isinstance(net, small.ScoreNet) and net.sde == sde_lib.TutorialSDE()
   assert isinstance(small.from_config(config("scorenet")), small.ScoreNet)
-  vp = sde_lib.VPSDE()
-  assert small.from_config(config("scorenet"), sde=vp).sde == vp
+  # Under VP the network predicts the noise (score.py divides by the std), so no scaling inside;
+  # under a score-output SDE it divides by that SDE's std.
+  assert small.from_config(config("scorenet"), sde=sde_lib.VPSDE()).sde is None
+  ve = sde_lib.VESDE()
+  assert small.from_config(config("scorenet"), sde=ve).sde == ve
   mixer = small.from_config(config("mixer", hidden_size=32, num_blocks=2))
   assert isinstance(mixer, small.Mixer) and (mixer.hidden_size, mixer.num_blocks) == (32, 2)
   mlp = small.from_config(config("mlp", hidden=[64, 64]))

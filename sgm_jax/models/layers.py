@@ -1,10 +1,21 @@
-"""Layers shared by the score networks (DDPM / NCSN++ families)."""
+"""Layers shared by the score networks (DDPM / NCSN++ families).
+
+Initializers, activations, 1x1/3x3 convolutions and the NIN (per-pixel dense) layer follow the
+conventions of DDPM (Ho et al., 2020) as used by score_sde (Song et al., ICLR 2021), so that
+parameter names and shapes agree with the released checkpoints.
+"""
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+Array = jax.Array
+Activation = Callable[[Array], Array]
 
 
 def default_init(scale: float = 1.0):
@@ -25,3 +36,49 @@ def get_timestep_embedding(timesteps: jax.Array, embedding_dim: int,
   if embedding_dim % 2 == 1:
     emb = jnp.pad(emb, [[0, 0], [0, 1]])
   return emb
+
+
+_ACTIVATIONS: dict[str, Activation] = {
+    "swish": nn.swish,
+    "elu": nn.elu,
+    "relu": nn.relu,
+    "lrelu": functools.partial(nn.leaky_relu, negative_slope=0.2),
+}
+
+
+def get_act(name: str) -> Activation:
+  """Nonlinearity by its score_sde config name: swish | elu | relu | lrelu (slope 0.2)."""
+  try:
+    return _ACTIVATIONS[name.lower()]
+  except KeyError:
+    raise ValueError(
+        f"unknown nonlinearity {name!r}; expected one of {sorted(_ACTIVATIONS)}") from None
+
+
+def conv1x1(x: Array, out_ch: int, stride: int = 1, bias: bool = True,
+            init_scale: float = 1.0) -> Array:
+  """1x1 convolution with DDPM initialization (creates an `nn.Conv` in the calling module)."""
+  return nn.Conv(out_ch, kernel_size=(1, 1), strides=(stride, stride), padding="SAME",
+                 use_bias=bias, kernel_init=default_init(init_scale),
+                 bias_init=jax.nn.initializers.zeros)(x)
+
+
+def conv3x3(x: Array, out_ch: int, stride: int = 1, bias: bool = True,
+            init_scale: float = 1.0) -> Array:
+  """3x3 'SAME' convolution with DDPM initialization (creates an `nn.Conv` in the caller)."""
+  return nn.Conv(out_ch, kernel_size=(3, 3), strides=(stride, stride), padding="SAME",
+                 use_bias=bias, kernel_init=default_init(init_scale),
+                 bias_init=jax.nn.initializers.zeros)(x)
+
+
+class NIN(nn.Module):
+  """Network-in-network: a dense layer over the channel axis at every pixel (params W, b)."""
+  num_units: int
+  init_scale: float = 0.1
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    w = self.param("W", default_init(self.init_scale), (x.shape[-1], self.num_units))
+    b = self.param("b", jax.nn.initializers.zeros, (self.num_units,))
+    y = jnp.tensordot(x, w, axes=1)
+    return y + b.reshape((1,) * (y.ndim - 1) + (-1,))

@@ -53,7 +53,8 @@ def _up_conv(h: Array, features: int, target: tuple[int, int]) -> Array:
 
 
 class ScoreNet(nn.Module):
-  """Time-conditional U-Net of the score-SDE tutorial, divided by the marginal std.
+  """Time-conditional U-Net of the score-SDE tutorial (output divided by the marginal std when
+  the SDE's networks output the score).
 
   Four VALID 3x3 convolutions (strides 1, 2, 2, 2) and three transposed ones back with skip
   connections; after every convolution a Dense projection of the time embedding is added, then
@@ -70,13 +71,20 @@ class ScoreNet(nn.Module):
   embed_dim: int = 256
   fourier_scale: float = 30.0
   sde: Optional[sde_lib.SDE] = None
+  embedding_type: str = "fourier"
 
   @nn.compact
   def __call__(self, x: Array, time_cond: Array, train: bool = False) -> Array:
     if len(self.channels) != 4:
       raise ValueError(f"ScoreNet needs 4 channel counts, got {self.channels}")
     act = nn.swish
-    embed = GaussianFourierProjection(self.embed_dim // 2, self.fourier_scale)(time_cond)
+    if self.embedding_type == "fourier":
+      embed = GaussianFourierProjection(self.embed_dim // 2, self.fourier_scale)(time_cond)
+    elif self.embedding_type == "positional":  # DDPM's sinusoids, for labels like 999 t
+      embed = get_timestep_embedding(time_cond, self.embed_dim)
+    else:
+      raise ValueError(f"embedding_type must be 'fourier' or 'positional', got "
+                       f"{self.embedding_type!r}")
     embed = act(nn.Dense(self.embed_dim)(embed))
 
     def condition(h: Array, groups: Optional[int] = None) -> Array:
@@ -183,9 +191,12 @@ def from_config(config, sde: Optional[sde_lib.SDE] = None) -> nn.Module:
   m = config.model
   name = m.name
   if name in ("unet_small", "scorenet"):
+    # Under an SDE whose networks predict the noise (VP, sub-VP), the output stays unscaled.
+    sde = sde if sde is not None else sde_lib.TutorialSDE()
     return ScoreNet(channels=tuple(m.get("channels", (32, 64, 128, 256))),
                     embed_dim=m.get("embed_dim", 256), fourier_scale=m.get("fourier_scale", 30.0),
-                    sde=sde if sde is not None else sde_lib.TutorialSDE())
+                    sde=sde if sde.network_output == "score" else None,
+                    embedding_type=m.get("embedding_type", "fourier"))
   if name == "mixer":
     return Mixer(patch_size=m.get("patch_size", 4), hidden_size=m.get("hidden_size", 64),
                  mix_patch_size=m.get("mix_patch_size", 512),

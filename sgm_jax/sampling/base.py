@@ -66,3 +66,45 @@ def check_choice(what: str, value: Any, choices: Iterable[str]) -> None:
 def batch_times(t: Array, shape: tuple) -> Array:
   """A scalar time as the (B,) array that score_fn and the SDE expect."""
   return jnp.full((shape[0],), t, dtype=jnp.result_type(float))
+
+
+# --- helpers shared by the pc, milstein, ode, ddim, heun and dpm_solver samplers ----------------
+def on_host(fn: Callable[[Array], Array], t) -> "np.ndarray":
+  """fn(t) evaluated in float64 on the host, for coefficients precomputed from a time grid."""
+  import numpy as np
+  with jax.enable_x64(True):
+    return np.asarray(fn(jnp.asarray(t, dtype=jnp.float64)), dtype=np.float64)
+
+
+def initial_state(sde, key: Array, shape: tuple, x_T: Optional[Array]) -> tuple[Array, Array]:
+  """(x_T, key for the steps): x_T as given, else drawn from the prior with a key split off."""
+  key_prior, key_steps = jax.random.split(key)
+  if x_T is None:
+    x_T = sde.prior_sampling(key_prior, shape)
+  return x_T, key_steps
+
+
+def eval_score(score_fn: Callable, x: Array, t: Array) -> Array:
+  """score_fn at one scalar time t for the whole batch, in x's dtype."""
+  return score_fn(x, jnp.full((x.shape[0],), t, dtype=x.dtype)).astype(x.dtype)
+
+
+def step_normal(key: Array, step: Array, slot: int, like: Array) -> Array:
+  """N(0, I) noise shaped like `like` for update `slot` of step `step` (keys by folding)."""
+  k = jax.random.fold_in(jax.random.fold_in(key, step), slot)
+  return jax.random.normal(k, like.shape, like.dtype)
+
+
+def tweedie_denoise(score_fn: Callable, x: Array, t: Array, alpha: Array, sigma: Array) -> Array:
+  """E[x_0 | x_t] = (x + sigma(t)^2 score(x, t)) / alpha(t) (Tweedie's formula); one evaluation."""
+  return (x + sigma ** 2 * eval_score(score_fn, x, t)) / alpha
+
+
+def sampling_grid(sde, name: str, num_steps: int, eps: Optional[float]) -> "np.ndarray":
+  """Host float64 time grid `name` (schedules.TIME_GRIDS) from T to eps (default: the SDE's)."""
+  from sgm_jax.sampling import schedules
+  eps = sde.default_sampling_eps if eps is None else eps
+  if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+    raise ValueError(f"eps must be a float in (0, T={sde.T}), got {eps!r}")
+  check_choice("time_grid", name, schedules.TIME_GRIDS)
+  return schedules.get_time_grid(name, sde, num_steps, float(eps))

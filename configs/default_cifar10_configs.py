@@ -1,0 +1,65 @@
+"""Defaults shared by the CIFAR-10 experiments (32x32x3), as in score_sde."""
+import ml_collections
+
+
+def get_default_configs() -> ml_collections.ConfigDict:
+  """Training, sampling, evaluation, data, model and optimizer defaults for CIFAR-10."""
+  config = ml_collections.ConfigDict()
+
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 128
+  training.n_iters = 1300001
+  training.snapshot_freq = 50000
+  training.log_freq = 50
+  training.eval_freq = 100
+  training.snapshot_freq_for_preemption = 10000  # extra checkpoints for preemptible machines
+  training.snapshot_sampling = True  # draw samples at every snapshot
+  training.likelihood_weighting = False
+  training.continuous = True
+  training.n_jitted_steps = 5
+  training.reduce_mean = False
+
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.n_steps_each = 1
+  sampling.noise_removal = True
+  sampling.probability_flow = False
+  sampling.snr = 0.16
+
+  config.eval = evaluate = ml_collections.ConfigDict()
+  evaluate.begin_ckpt = 9
+  evaluate.end_ckpt = 26
+  evaluate.batch_size = 1024
+  evaluate.enable_sampling = False
+  evaluate.num_samples = 50000
+  evaluate.enable_loss = True
+  evaluate.enable_bpd = False
+  evaluate.bpd_dataset = 'test'
+
+  config.data = data = ml_collections.ConfigDict()
+  data.dataset = 'CIFAR10'
+  data.image_size = 32
+  data.random_flip = True
+  data.centered = False
+  data.uniform_dequantization = False
+  data.num_channels = 3
+
+  config.model = model = ml_collections.ConfigDict()
+  model.sigma_min = 0.01
+  model.sigma_max = 50
+  model.num_scales = 1000
+  model.beta_min = 0.1
+  model.beta_max = 20.
+  model.dropout = 0.1
+  model.embedding_type = 'fourier'
+
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.weight_decay = 0
+  optim.optimizer = 'Adam'
+  optim.lr = 2e-4
+  optim.beta1 = 0.9
+  optim.eps = 1e-8
+  optim.warmup = 5000
+  optim.grad_clip = 1.
+
+  config.seed = 42
+  return config

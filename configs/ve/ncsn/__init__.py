@@ -1,0 +1,1 @@
+"""Experiment configs (see configs/__init__.py)."""

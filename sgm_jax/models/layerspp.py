@@ -1,0 +1,190 @@
+"""Building blocks of NCSN++ / DDPM++ (Song et al., ICLR 2021, Sec. 4.4 and App. H).
+
+Class names are part of the parameter paths (flax names a submodule `<ClassName>_<n>`), so they
+match the original score_sde modules: GaussianFourierProjection, Combine, AttnBlockpp, Upsample,
+Downsample, ResnetBlockDDPMpp and ResnetBlockBigGANpp.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sgm_jax.models import up_or_down_sampling as uds
+from sgm_jax.models.layers import NIN, Activation, conv1x1, conv3x3, default_init
+
+Array = jax.Array
+_SQRT2 = math.sqrt(2.0)
+
+
+def group_norm(x: Array) -> Array:
+  """GroupNorm with min(C // 4, 32) groups, as everywhere in NCSN++ (creates `GroupNorm_n`)."""
+  return nn.GroupNorm(num_groups=min(x.shape[-1] // 4, 32))(x)
+
+
+def add_skip(x: Array, h: Array, skip_rescale: bool) -> Array:
+  """x + h, divided by sqrt(2) with skip rescaling (the paper's 'rescale skip connections')."""
+  return (x + h) / _SQRT2 if skip_rescale else x + h
+
+
+class GaussianFourierProjection(nn.Module):
+  """Random Fourier features [sin(2 pi W x), cos(2 pi W x)] of a (B,) input (Tancik et al., 2020).
+
+  W ~ N(0, scale^2) is a stored parameter but is never trained (stop_gradient).
+  """
+  embedding_size: int = 256
+  scale: float = 1.0
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    w = self.param("W", jax.nn.initializers.normal(stddev=self.scale), (self.embedding_size,))
+    w = jax.lax.stop_gradient(w)
+    x_proj = x[:, None] * w[None, :] * 2 * math.pi
+    return jnp.concatenate([jnp.sin(x_proj), jnp.cos(x_proj)], axis=-1)
+
+
+class Combine(nn.Module):
+  """Merge a progressive-growing skip x into h: 1x1 conv of x, then sum or concatenation."""
+  method: str = "cat"
+
+  @nn.compact
+  def __call__(self, x: Array, y: Array) -> Array:
+    h = conv1x1(x, y.shape[-1])
+    if self.method == "cat":
+      return jnp.concatenate([h, y], axis=-1)
+    if self.method == "sum":
+      return h + y
+    raise ValueError(f"unknown combine method {self.method!r}; expected 'cat' or 'sum'")
+
+
+class AttnBlockpp(nn.Module):
+  """Self-attention over all pixels (DDPM's AttnBlock) with optional skip rescaling."""
+  skip_rescale: bool = False
+  init_scale: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    b, height, width, c = x.shape
+    h = group_norm(x)
+    q = NIN(c)(h)
+    k = NIN(c)(h)
+    v = NIN(c)(h)
+    w = jnp.einsum("bhwc,bHWc->bhwHW", q, k) * (c ** -0.5)
+    w = jax.nn.softmax(w.reshape(b, height, width, height * width), axis=-1)
+    w = w.reshape(b, height, width, height, width)
+    h = jnp.einsum("bhwHW,bHWc->bhwc", w, v)
+    h = NIN(c, init_scale=self.init_scale)(h)
+    return add_skip(x, h, self.skip_rescale)
+
+
+class Upsample(nn.Module):
+  """2x upsampling: nearest (+ 3x3 conv) or FIR (fused with a 3x3 conv when with_conv)."""
+  out_ch: Optional[int] = None
+  with_conv: bool = False
+  fir: bool = False
+  fir_kernel: Sequence[int] = (1, 3, 3, 1)
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    out_ch = self.out_ch or x.shape[-1]
+    if not self.fir:
+      h = uds.naive_upsample_2d(x, factor=2)
+      if self.with_conv:
+        h = conv3x3(h, out_ch)
+    elif not self.with_conv:
+      h = uds.upsample_2d(x, self.fir_kernel, factor=2)
+    else:
+      h = uds.Conv2d(out_ch, kernel=3, up=True, resample_kernel=self.fir_kernel,
+                     use_bias=True, kernel_init=default_init())(x)
+    return h
+
+
+class Downsample(nn.Module):
+  """2x downsampling: average pool / strided 3x3 conv, or FIR (fused with a 3x3 conv)."""
+  out_ch: Optional[int] = None
+  with_conv: bool = False
+  fir: bool = False
+  fir_kernel: Sequence[int] = (1, 3, 3, 1)
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    out_ch = self.out_ch or x.shape[-1]
+    if not self.fir:
+      if self.with_conv:
+        return conv3x3(x, out_ch, stride=2)
+      return uds.naive_downsample_2d(x, factor=2)
+    if not self.with_conv:
+      return uds.downsample_2d(x, self.fir_kernel, factor=2)
+    return uds.Conv2d(out_ch, kernel=3, down=True, resample_kernel=self.fir_kernel,
+                      use_bias=True, kernel_init=default_init())(x)
+
+
+def _add_time_bias(h: Array, temb: Optional[Array], act: Activation) -> Array:
+  """Add a per-channel bias Dense(act(temb)) (creates `Dense_n`); no-op without embedding."""
+  if temb is None:
+    return h
+  bias = nn.Dense(h.shape[-1], kernel_init=default_init())(act(temb))
+  return h + bias[:, None, None, :]
+
+
+class ResnetBlockDDPMpp(nn.Module):
+  """DDPM residual block (GroupNorm, act, conv, + time bias, GroupNorm, act, dropout, conv)."""
+  act: Activation
+  out_ch: Optional[int] = None
+  conv_shortcut: bool = False
+  dropout: float = 0.1
+  skip_rescale: bool = False
+  init_scale: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: Array, temb: Optional[Array] = None, train: bool = False) -> Array:
+    c = x.shape[-1]
+    out_ch = self.out_ch or c
+    h = conv3x3(self.act(group_norm(x)), out_ch)
+    h = _add_time_bias(h, temb, self.act)
+    h = self.act(group_norm(h))
+    h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    h = conv3x3(h, out_ch, init_scale=self.init_scale)
+    if c != out_ch:
+      x = conv3x3(x, out_ch) if self.conv_shortcut else NIN(out_ch)(x)
+    return add_skip(x, h, self.skip_rescale)
+
+
+class ResnetBlockBigGANpp(nn.Module):
+  """BigGAN residual block: resampling (FIR or naive) inside the block and a 1x1 shortcut."""
+  act: Activation
+  up: bool = False
+  down: bool = False
+  out_ch: Optional[int] = None
+  dropout: float = 0.1
+  fir: bool = False
+  fir_kernel: Sequence[int] = (1, 3, 3, 1)
+  skip_rescale: bool = True
+  init_scale: float = 0.0
+
+  def _resample(self, x: Array) -> Array:
+    if self.up:
+      return (uds.upsample_2d(x, self.fir_kernel, factor=2) if self.fir
+              else uds.naive_upsample_2d(x, factor=2))
+    if self.down:
+      return (uds.downsample_2d(x, self.fir_kernel, factor=2) if self.fir
+              else uds.naive_downsample_2d(x, factor=2))
+    return x
+
+  @nn.compact
+  def __call__(self, x: Array, temb: Optional[Array] = None, train: bool = False) -> Array:
+    c = x.shape[-1]
+    out_ch = self.out_ch or c
+    h = self._resample(self.act(group_norm(x)))
+    x = self._resample(x)
+    h = conv3x3(h, out_ch)
+    h = _add_time_bias(h, temb, self.act)
+    h = self.act(group_norm(h))
+    h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    h = conv3x3(h, out_ch, init_scale=self.init_scale)
+    if c != out_ch or self.up or self.down:
+      x = conv1x1(x, out_ch)
+    return add_skip(x, h, self.skip_rescale)

@@ -1,0 +1,196 @@
+"""The config edge: ConfigDicts become typed objects here, and each main.py mode is one function.
+
+Library modules take explicit arguments; only this module (and datasets/models' from_config) read
+a ConfigDict.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from sgm_jax import datasets, io_utils, losses, models, sampling, score, sde_lib, train
+from sgm_jax.checkpoints import CheckpointError, CheckpointStore
+from sgm_jax.workdir import WorkdirLock, check_or_record_config
+
+
+def _get(section: Any, key: str, default: Any) -> Any:
+  return section.get(key, default) if hasattr(section, "get") else getattr(section, key, default)
+
+
+def sde_from_config(config: Any) -> sde_lib.SDE:
+  """config.training.sde ('vesde', 'vpsde', 'subvpsde', 'tutorial') with config.model's constants."""
+  name = str(config.training.sde).lower()
+  m = config.model
+  n = int(_get(m, "num_scales", 1000))
+  if name == "vesde":
+    return sde_lib.VESDE(sigma_min=float(m.sigma_min), sigma_max=float(m.sigma_max), N=n)
+  if name in ("vpsde", "subvpsde"):
+    cls = sde_lib.VPSDE if name == "vpsde" else sde_lib.subVPSDE
+    return cls(beta_min=float(m.beta_min), beta_max=float(m.beta_max), N=n)
+  if name == "tutorial":
+    return sde_lib.TutorialSDE(sigma_base=float(_get(m, "sigma_base", 25.0)), N=n)
+  raise ValueError(f"unknown SDE {config.training.sde!r} (config.training.sde); valid values are "
+                   f"{sorted(sde_lib.SDES)}")
+
+
+def loss_kind(config: Any, sde: sde_lib.SDE) -> str:
+  """config.training.loss if set; else score_sde's choice: DSM in continuous time, the SMLD or
+  DDPM loss for discrete VE or VP training."""
+  kind = _get(config.training, "loss", None)
+  if kind:
+    return str(kind)
+  if bool(config.training.continuous):
+    return "dsm"
+  if type(sde) is sde_lib.VESDE:
+    return "smld"
+  if type(sde) is sde_lib.VPSDE:
+    return "ddpm"
+  raise ValueError(f"discrete training (training.continuous=False) is defined for VESDE and VPSDE "
+                   f"only, got {type(sde).__name__}")
+
+
+def loss_fn_from_config(config: Any, sde: sde_lib.SDE, model) -> Any:
+  t = config.training
+  return losses.get_loss_fn(
+      sde, model, kind=loss_kind(config, sde), continuous=bool(t.continuous), train=True,
+      reduce_mean=bool(_get(t, "reduce_mean", False)),
+      weighting="g2" if bool(_get(t, "likelihood_weighting", False)) else "sigma2",
+      eps=float(_get(t, "eps", 1e-5)),
+      importance_sampling=bool(_get(t, "importance_sampling", False)))
+
+
+def optimizer_from_config(config: Any) -> train.OptimizerSpec:
+  o = config.optim
+  name = str(_get(o, "optimizer", "Adam"))
+  if name.lower() != "adam":
+    raise ValueError(f"unknown optimizer {name!r} (config.optim.optimizer); valid values are "
+                     "['Adam']")
+  return train.OptimizerSpec(lr=float(o.lr), warmup=int(_get(o, "warmup", 5000)),
+                             grad_clip=float(_get(o, "grad_clip", 1.0)),
+                             beta1=float(_get(o, "beta1", 0.9)), eps=float(_get(o, "eps", 1e-8)),
+                             weight_decay=float(_get(o, "weight_decay", 0.0)))
+
+
+def loop_spec_from_config(config: Any) -> train.LoopSpec:
+  t = config.training
+  max_seconds = _get(t, "max_seconds", None)
+  return train.LoopSpec(
+      n_iters=int(t.n_iters), batch_size=int(t.batch_size),
+      n_jitted_steps=int(_get(t, "n_jitted_steps", 1)), log_freq=int(_get(t, "log_freq", 50)),
+      snapshot_freq=int(_get(t, "snapshot_freq", 10000)),
+      snapshot_freq_for_preemption=int(_get(t, "snapshot_freq_for_preemption", 1000)),
+      keep_checkpoints=int(_get(t, "keep_checkpoints", 5)),
+      max_seconds=None if max_seconds is None else float(max_seconds), seed=int(config.seed))
+
+
+def build(config: Any):
+  """(sde, model, dataset) of a config, with the config's image shape checked against the data."""
+  sde = sde_from_config(config)
+  model = models.create_model(config, sde)
+  dataset = datasets.get_dataset(datasets.from_config(config))
+  return sde, model, dataset
+
+
+def initial_state(config: Any, model, example_shape: tuple, tx) -> train.TrainState:
+  key = jax.random.PRNGKey(int(config.seed))
+  params = train.init_params(model, key, (1,) + tuple(example_shape))
+  return train.create_train_state(params, tx)
+
+
+def run_train(config: Any, workdir: str) -> train.TrainState:
+  """Train (or resume training) in `workdir`: `main.py --mode train`."""
+  os.makedirs(workdir, exist_ok=True)
+  with WorkdirLock(workdir):
+    check_or_record_config(workdir, config)
+    sde, model, dataset = build(config)
+    spec = loop_spec_from_config(config)
+    opt = optimizer_from_config(config)
+    tx = opt.build()
+    example_shape = dataset.train_batch(0)["image"].shape[1:]
+    state = initial_state(config, model, example_shape, tx)
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
+    logging.info("model %s with %d parameters; %s; data %s %s", config.model.name, n_params,
+                 type(sde).__name__, config.data.dataset, example_shape)
+    step_fn = train.make_train_step(loss_fn_from_config(config, sde, model), tx,
+                                    float(config.model.ema_rate), int(config.seed),
+                                    opt.schedule())
+    return train.train_loop(workdir, state, step_fn, dataset.batches_fn(), spec, opt.schedule())
+
+
+def restore_ema_params(config: Any, workdir: str, model, example_shape: tuple,
+                       step: Any = None) -> tuple[Any, int]:
+  """EMA parameters of the latest (or the given) checkpoint in `workdir`, and its step."""
+  opt = optimizer_from_config(config)
+  target = initial_state(config, model, example_shape, opt.build())
+  store = CheckpointStore(workdir, keep=int(_get(config.training, "keep_checkpoints", 5)))
+  try:
+    if store.latest_step() is None:
+      raise CheckpointError(f"no checkpoint in {workdir}; train first with --mode train")
+    state = store.restore(target, None if step is None else int(step))
+  finally:
+    store.close()
+  return state.params_ema, int(state.step)
+
+
+def score_fn_for(config: Any, sde: sde_lib.SDE, model, params: Any):
+  """The score of a trained network (EMA params), ready for samplers and likelihoods."""
+  return score.get_score_fn(sde, model, {"params": params}, continuous=bool(config.training.continuous))
+
+
+def save_samples(samples: np.ndarray, config: Any, path_stem: str) -> dict:
+  """Write samples as a PNG (image grid, or a scatter plot for 2-D points) and an .npz."""
+  centered = bool(config.data.centered)
+  paths = {}
+  with io_utils.atomic_write(path_stem + ".npz") as f:
+    np.savez(f, samples=samples)
+  paths["npz"] = path_stem + ".npz"
+  if samples.ndim == 4:
+    upscale = max(1, 128 // samples.shape[1])
+    paths["png"] = io_utils.save_image_grid(samples, path_stem + ".png",
+                                            data_range=(-1.0, 1.0) if centered else (0.0, 1.0),
+                                            upscale=upscale)
+  else:
+    paths["png"] = io_utils.save_scatter(samples, path_stem + ".png")
+  return paths
+
+
+def run_sample(config: Any, workdir: str, sampler_name: str | None = None,
+               num_steps: int | None = None, num_samples: int | None = None,
+               checkpoint_step: Any = None, **sampler_options) -> dict:
+  """Sample from the EMA parameters of a checkpoint: `main.py --mode sample`.
+
+  Writes workdir/samples/<sampler>_<steps>steps_ckpt<step>.{png,npz}; returns their paths and
+  the mean nfe per batch.
+  """
+  from tqdm import tqdm
+  sde, model, dataset = build(config)
+  example_shape = dataset.train_batch(0)["image"].shape[1:]
+  params, ckpt_step = restore_ema_params(config, workdir, model, example_shape, checkpoint_step)
+  s = config.sampling
+  sampler_name = sampler_name or str(_get(s, "method", "pc"))
+  num_steps = int(num_steps if num_steps is not None else _get(s, "num_steps", sde.N))
+  num_samples = int(num_samples if num_samples is not None else _get(s, "num_samples", 64))
+  if num_samples < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+  if sampler_name == "pc" and not sampler_options:
+    sampler_options = dict(predictor=str(s.predictor), corrector=str(s.corrector),
+                           snr=float(s.snr), n_steps_each=int(s.n_steps_each),
+                           denoise=bool(_get(s, "noise_removal", True)))
+  batch = min(int(_get(s, "batch_size", 64)), num_samples)
+  sampler = sampling.get_sampler(sampler_name, sde, (batch,) + tuple(example_shape),
+                                 num_steps=num_steps, **sampler_options)
+  score_fn = score_fn_for(config, sde, model, params)
+  key = jax.random.PRNGKey(int(config.seed) + 1)
+  outs, nfes = [], []
+  for i in tqdm(range(-(-num_samples // batch)), desc=f"sample {sampler_name}", unit="batch"):
+    x, nfe = sampler(jax.random.fold_in(key, i), score_fn)
+    outs.append(np.asarray(x))
+    nfes.append(int(nfe))
+  samples = np.concatenate(outs)[:num_samples]
+  stem = os.path.join(workdir, "samples", f"{sampler_name}_{num_steps}steps_ckpt{ckpt_step}")
+  paths = save_samples(samples, config, stem)
+  return dict(paths, nfe=float(np.mean(nfes)), checkpoint_step=ckpt_step, num_samples=num_samples)

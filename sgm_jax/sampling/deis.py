@@ -1,0 +1,185 @@
+"""DEIS: Diffusion Exponential Integrator Samplers (Zhang & Chen, ICLR 2023), and iPNDM.
+
+All variants integrate the probability-flow ODE written with the noise prediction
+eps_theta(x, t) = -sigma(t) score(x, t), from t = T to t = eps:
+  - 'tab'   tAB-DEIS: exponential integrator in t, eps extrapolated by a Lagrange polynomial in t
+            through the last r + 1 evaluations; order 0 is DDIM.
+  - 'rhoab' rhoAB-DEIS: Adams-Bashforth with Lagrange polynomials in rho = sigma / alpha for
+            dy/drho = eps_theta, y = x / alpha.
+  - 'rhork' rhoRK-DEIS: an explicit Runge-Kutta tableau (heun, kutta3, rk4) for dy/drho = eps_theta.
+  - iPNDM (sampler 'ipndm'): like rhoAB, with the fixed equal-step Adams-Bashforth weights.
+Multistep variants warm up with lower orders (fewer past evaluations) and use one score evaluation
+per step; rhoRK uses one per stage. Coefficients are computed once on the host in float64
+(`deis_coefficients`); the device loop is one lax.scan.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sgm_jax.sampling import base, schedules
+from sgm_jax.sampling import deis_coefficients as dc
+from sgm_jax.sde_lib import SDE, batch_expand
+
+Array = jax.Array
+
+DEIS_METHODS = ("tab", "rhoab", "rhork")
+DEFAULT_ORDER = 3  # DEIS recommends third-order tAB (tAB3) for few steps
+DEFAULT_TABLEAU = "kutta3"  # the DEIS reference code's default rhoRK method
+DEFAULT_TIME_GRID = "quadratic"  # DEIS's default: quadratic in t
+GRIDS_WITH_ORDER = ("polynomial_t", "polynomial_rho")
+
+
+def _time_grid(sde: SDE, num_steps: int, time_grid: str, grid_order: Optional[float],
+               eps: float) -> np.ndarray:
+  base.check_choice("time_grid", time_grid, schedules.TIME_GRIDS)
+  grid_options = {}
+  if grid_order is not None:
+    if time_grid not in GRIDS_WITH_ORDER:
+      raise ValueError(f"grid_order is an option of the time grids {list(GRIDS_WITH_ORDER)}, "
+                       f"not of {time_grid!r}")
+    if not dc.is_positive_number(grid_order):
+      raise ValueError(f"grid_order must be a positive number, got {grid_order!r}")
+    grid_options["order"] = float(grid_order)
+  if not dc.is_positive_number(eps) or not eps < sde.T:
+    raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
+  ts = schedules.get_time_grid(time_grid, sde, num_steps, float(eps), **grid_options)
+  dc.check_grid(sde, ts)
+  return ts
+
+
+def _eps_fn(score_fn, sigma: Array, x: Array, t: Array) -> Array:
+  """eps_theta(x, t) = -sigma(t) score(x, t)."""
+  return -batch_expand(sigma, x) * score_fn(x, t)
+
+
+def _multistep_sampler(name: str, sde: SDE, shape: tuple, ts: np.ndarray, psi: np.ndarray,
+                       C: np.ndarray, info: dict) -> base.Sampler:
+  """x_{k+1} = psi_k x_k + sum_j C_kj eps_{k-j}: one scan, one score evaluation per step."""
+  sigma = dc.sde_coefficients(sde, ts)["sigma"][:-1]
+  history = C.shape[1] - 1  # past evaluations kept besides the current one
+
+  def run(key, score_fn, x_T):
+    x = sde.prior_sampling(key, shape) if x_T is None else x_T
+    dtype = x.dtype
+    steps = (jnp.asarray(ts[:-1], jnp.result_type(float)), jnp.asarray(sigma, dtype),
+             jnp.asarray(psi, dtype), jnp.asarray(C, dtype))
+
+    def step(carry, coef):
+      x, past, nfe = carry
+      t, sigma_t, psi_k, C_k = coef
+      eps = _eps_fn(score_fn, sigma_t, x, base.batch_times(t, shape)).astype(dtype)
+      evals = jnp.concatenate([eps[None], past], axis=0)  # eps_k, eps_{k-1}, ..., eps_{k-r}
+      x = psi_k * x + jnp.tensordot(C_k, evals, axes=1)  # tAB/rhoAB-DEIS, iPNDM update
+      return (x, evals[:history], nfe + 1), None
+
+    past = jnp.zeros((history,) + shape, dtype)
+    (x, _, nfe), _ = jax.lax.scan(step, (x, past, jnp.zeros((), jnp.int32)), steps)
+    return x, nfe
+
+  return base.Sampler(name, shape, run, info)
+
+
+def _rk_sampler(name: str, sde: SDE, shape: tuple, ts: np.ndarray, tableau: str,
+                info: dict) -> base.Sampler:
+  """rhoRK-DEIS: y = x / alpha, dy/drho = eps_theta(alpha y, t(rho)) by explicit Runge-Kutta.
+
+  The tableau is data: stages run in an inner scan, so the score is traced once.
+  """
+  _, a, b = dc.RK_TABLEAUS[tableau]
+  num_stages = len(b)
+  A = np.zeros((num_stages, num_stages))
+  for s, row in enumerate(a):
+    A[s, :len(row)] = row
+  stages = dc.rk_stages(sde, ts, tableau)
+
+  def run(key, score_fn, x_T):
+    x = sde.prior_sampling(key, shape) if x_T is None else x_T
+    dtype = x.dtype
+    steps = tuple(jnp.asarray(stages[k], jnp.result_type(float) if k == "t" else dtype)
+                  for k in ("h", "t", "alpha", "sigma"))
+    A_, b_ = jnp.asarray(A, dtype), jnp.asarray(b, dtype)
+
+    def step(carry, coef):
+      y, nfe = carry
+      h, t, alpha, sigma = coef
+
+      def stage(inner, per_stage):
+        K, nfe = inner
+        s, a_s, t_s, alpha_s, sigma_s = per_stage
+        y_s = y + h * jnp.tensordot(a_s, K, axes=1)  # y_k + h sum_l a_sl K_l
+        K_s = _eps_fn(score_fn, sigma_s, alpha_s * y_s, base.batch_times(t_s, shape))
+        return (K.at[s].set(K_s.astype(dtype)), nfe + 1), None
+
+      K = jnp.zeros((num_stages,) + shape, dtype)
+      (K, nfe), _ = jax.lax.scan(stage, (K, nfe),
+                                 (jnp.arange(num_stages), A_, t, alpha, sigma))
+      return (y + h * jnp.tensordot(b_, K, axes=1), nfe), None
+
+    y = x / jnp.asarray(stages["alpha_start"], dtype)
+    (y, nfe), _ = jax.lax.scan(step, (y, jnp.zeros((), jnp.int32)), steps)
+    return jnp.asarray(stages["alpha_end"], dtype) * y, nfe
+
+  return base.Sampler(name, shape, run, info)
+
+
+def build_deis_sampler(sde: SDE, shape: tuple, num_steps: int, **options: Any) -> base.Sampler:
+  """DEIS (Zhang & Chen, ICLR 2023) for the probability-flow ODE of `sde`.
+
+  Options: method 'tab' (default) | 'rhoab' | 'rhork'; order 0..3 for tab/rhoab (default 3: the
+  Lagrange polynomial degree r, global order r + 1); tableau 'heun' | 'kutta3' (default) | 'rk4'
+  for rhork; time_grid one of schedules.TIME_GRIDS (default 'quadratic'); grid_order for the
+  'polynomial_t' and 'polynomial_rho' grids; eps (default sde.default_sampling_eps).
+  """
+  base.check_options("deis", options,
+                     ("method", "order", "tableau", "time_grid", "grid_order", "eps"))
+  method = options.get("method", "tab")
+  base.check_choice("DEIS method", method, DEIS_METHODS)
+  if method == "rhork":
+    if "order" in options:
+      raise ValueError("option 'order' is for the DEIS methods 'tab' and 'rhoab'; method 'rhork' "
+                       f"takes 'tableau', one of {sorted(dc.RK_TABLEAUS)}")
+    tableau = options.get("tableau", DEFAULT_TABLEAU)
+    base.check_choice("rhoRK tableau", tableau, dc.RK_TABLEAUS)
+  else:
+    if "tableau" in options:
+      raise ValueError(f"option 'tableau' is for the DEIS method 'rhork', not {method!r}; "
+                       "'tab' and 'rhoab' take 'order' (0..3)")
+    order = options.get("order", DEFAULT_ORDER)
+    if not dc.order_is_valid(order, 0, 3):
+      raise ValueError(f"order of DEIS {method!r} must be one of [0, 1, 2, 3], got {order!r}")
+  time_grid = options.get("time_grid", DEFAULT_TIME_GRID)
+  eps = options.get("eps", sde.default_sampling_eps)
+  ts = _time_grid(sde, num_steps, time_grid, options.get("grid_order"), eps)
+  info = {"method": method, "time_grid": time_grid, "eps": float(eps), "num_steps": num_steps}
+  if method == "rhork":
+    info.update(tableau=tableau, nfe=num_steps * len(dc.RK_TABLEAUS[tableau][2]))
+    return _rk_sampler("deis", sde, shape, ts, tableau, info)
+  coefficients = dc.exponential_ab_coefficients if method == "tab" else dc.rho_ab_coefficients
+  psi, C = coefficients(sde, ts, int(order))
+  info.update(order=int(order), nfe=num_steps)
+  return _multistep_sampler("deis", sde, shape, ts, psi, C, info)
+
+
+def build_ipndm_sampler(sde: SDE, shape: tuple, num_steps: int, **options: Any) -> base.Sampler:
+  """iPNDM (improved PNDM, Zhang & Chen, ICLR 2023): linear multistep in rho with the fixed
+  equal-step Adams-Bashforth weights of order min(k + 1, order) at step k (lower-order warm-up).
+
+  Options: order 1..4 (default 4: the number of evaluations combined, the classical AB order);
+  time_grid (default 'quadratic'), grid_order, eps as for 'deis'. The fixed weights are those of
+  equal steps in rho: on a grid that is not uniform in rho the asymptotic order is 2 at most.
+  """
+  base.check_options("ipndm", options, ("order", "time_grid", "grid_order", "eps"))
+  order = options.get("order", 4)
+  if not dc.order_is_valid(order, 1, 4):
+    raise ValueError(f"order of iPNDM must be one of [1, 2, 3, 4], got {order!r}")
+  time_grid = options.get("time_grid", DEFAULT_TIME_GRID)
+  eps = options.get("eps", sde.default_sampling_eps)
+  ts = _time_grid(sde, num_steps, time_grid, options.get("grid_order"), eps)
+  psi, C = dc.ipndm_coefficients(sde, ts, int(order))
+  info = {"order": int(order), "time_grid": time_grid, "eps": float(eps), "num_steps": num_steps,
+          "nfe": num_steps}
+  return _multistep_sampler("ipndm", sde, shape, ts, psi, C, info)

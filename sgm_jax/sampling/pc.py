@@ -1,0 +1,192 @@
+"""Predictor-corrector samplers for the reverse SDE (Song et al., ICLR 2021, Sec. 4.2, App. G).
+
+Each of the num_steps steps on a time grid t_0 = T > t_1 > ... > t_n = eps runs the predictor from
+t_i to t_{i+1}, then n_steps_each corrector steps at t_{i+1}: the order of the paper's Algorithms 2
+and 3 (score_sde's code runs the corrector first, at t_i). Predictors move along the reverse SDE
+(Eq. 6) or, with probability_flow, the probability-flow ODE (Eq. 13); correctors are Langevin MCMC
+at a fixed time, which leaves p_t invariant.
+
+Discretizations between grid points t > s use the SDE's exact Gaussian kernel
+x_t = a x_s + G z with a = alpha(t) / alpha(s) and G^2 = sigma(t)^2 - a^2 sigma(s)^2, so on a
+uniform grid of N steps `reverse_diffusion` and `ancestral` are SMLD's (VE) and DDPM's (VP) updates.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from sgm_jax.sampling import base
+from sgm_jax.sde_lib import SDE, batch_expand
+
+Array = jax.Array
+
+PREDICTORS = ("euler_maruyama", "reverse_diffusion", "ancestral", "none")
+CORRECTORS = ("langevin", "ald", "none")
+
+
+# --- predictors: one step from t to s = t - h (h > 0) ------------------------------------------
+def euler_maruyama_step(sde: SDE, score_fn: Callable, x: Array, t: Array, h: Array, z: Array,
+                        probability_flow: bool = False) -> Array:
+  """Euler-Maruyama on the reverse SDE (Eq. 6): x - [f - g^2 s] h + g sqrt(h) z.
+
+  With probability_flow, the ODE of Eq. 13: x - [f - g^2 s / 2] h.
+  """
+  tb = jnp.full((x.shape[0],), t, x.dtype)
+  cast = lambda y, tt: score_fn(y, tt).astype(y.dtype)
+  x_mean = x - sde.reverse_drift(cast, x, tb, probability_flow).astype(x.dtype) * h
+  if probability_flow:
+    return x_mean
+  _, g = sde.sde(x, tb)
+  return x_mean + batch_expand(g.astype(x.dtype), x) * jnp.sqrt(h) * z
+
+
+def reverse_diffusion_step(score_fn: Callable, x: Array, t: Array, a: Array, G2: Array, z: Array,
+                           probability_flow: bool = False) -> Array:
+  """Reverse diffusion (Song et al. App. E): x - f + G^2 s + G z, with f = (a - 1) x."""
+  w = 0.5 if probability_flow else 1.0
+  x_mean = (2.0 - a) * x + w * G2 * base.eval_score(score_fn, x, t)
+  return x_mean if probability_flow else x_mean + jnp.sqrt(G2) * z
+
+
+def smld_ancestral_step(score_fn: Callable, x: Array, t: Array, G2: Array, P: Array,
+                        z: Array) -> Array:
+  """SMLD ancestral step (alpha = 1, Song et al. App. F), sigma = sigma(t), sigma' = sigma(s):
+  x + (sigma^2 - sigma'^2) s + sqrt(sigma'^2 (sigma^2 - sigma'^2) / sigma^2) z."""
+  return x + G2 * base.eval_score(score_fn, x, t) + jnp.sqrt(P) * z
+
+
+def ddpm_ancestral_step(score_fn: Callable, x: Array, t: Array, a: Array, beta: Array,
+                        z: Array) -> Array:
+  """DDPM ancestral step (alpha^2 + sigma^2 = 1, Ho et al. 2020 Alg. 2 in score form):
+  (x + beta s) / sqrt(1 - beta) + sqrt(beta) z, with 1 - beta = a^2."""
+  return (x + beta * base.eval_score(score_fn, x, t)) / a + jnp.sqrt(beta) * z
+
+
+# --- correctors: one MCMC step at fixed t -------------------------------------------------------
+def _per_sample_norm(v: Array) -> Array:
+  return jnp.sqrt(jnp.sum(v.reshape(v.shape[0], -1) ** 2, axis=-1))
+
+
+def langevin_step(score_fn: Callable, x: Array, t: Array, z: Array, snr: float) -> Array:
+  """Langevin corrector (Song et al. Alg. 4-5): x + e s + sqrt(2 e) z, e = 2 (snr |z| / |s|)^2.
+
+  |z| and |s| are batch means of per-sample norms on this device (score_sde pmeaned them).
+  score_sde also scales e by DDPM's 1 - beta_i for VP and sub-VP, a factor of about
+  1 - beta(t) / N that depends on the SDE's N rather than on the sampling grid; it is left out.
+  """
+  grad = base.eval_score(score_fn, x, t)
+  ratio = jnp.mean(_per_sample_norm(z)) / jnp.mean(_per_sample_norm(grad))
+  step = 2.0 * (snr * ratio) ** 2
+  return x + step * grad + jnp.sqrt(2.0 * step) * z
+
+
+def ald_step(score_fn: Callable, x: Array, t: Array, z: Array, snr: float, sigma: Array) -> Array:
+  """Annealed Langevin dynamics (Song & Ermon 2019, as score_sde's ALD corrector):
+  x + e s + sqrt(2 e) z with e = 2 (snr sigma(t))^2."""
+  step = 2.0 * (snr * sigma) ** 2
+  return x + step * base.eval_score(score_fn, x, t) + jnp.sqrt(2.0 * step) * z
+
+
+def _ancestral_form(sde: SDE, alpha: np.ndarray, sigma: np.ndarray) -> str:
+  """'smld' where alpha = 1 (VE, tutorial), 'ddpm' where alpha^2 + sigma^2 = 1 (VP)."""
+  if np.allclose(alpha, 1.0, rtol=0.0, atol=1e-12):
+    return "smld"
+  if np.allclose(alpha ** 2 + sigma ** 2, 1.0, rtol=0.0, atol=1e-9):
+    return "ddpm"
+  raise ValueError(f"predictor 'ancestral' is undefined for {type(sde).__name__}: ancestral "
+                   "sampling exists for alpha(t) = 1 (VE/SMLD) or alpha^2 + sigma^2 = 1 (VP/DDPM); "
+                   "use 'reverse_diffusion' or 'euler_maruyama'")
+
+
+def _step_coefficients(alpha: np.ndarray, sigma: np.ndarray, lam: np.ndarray) -> dict:
+  """Per-step kernel coefficients between t = t_i and s = t_{i+1}, in float64."""
+  one_minus = -np.expm1(lam[:-1] - lam[1:])  # 1 - e^{lambda_t - lambda_s} = 1 - a^2 s_s^2 / s_t^2
+  log_a = np.log(alpha[:-1]) - np.log(alpha[1:])
+  return dict(
+      a=np.exp(log_a),
+      G2=sigma[:-1] ** 2 * one_minus,   # forward step variance sigma_t^2 - a^2 sigma_s^2
+      P=sigma[1:] ** 2 * one_minus,     # posterior variance of x_s given x_t and x_0
+      beta=-np.expm1(2.0 * log_a),      # 1 - a^2, DDPM's beta for the step
+  )
+
+
+def build_pc_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> base.Sampler:
+  """Predictor-corrector sampler (Song et al. 2021, Algorithms 2-3).
+
+  Options: predictor in PREDICTORS ('reverse_diffusion'), corrector in CORRECTORS ('langevin'),
+  snr (0.16), n_steps_each (1), probability_flow (False), denoise (False: final Tweedie step),
+  eps (sde.default_sampling_eps), time_grid ('uniform'). nfe = n [predictor] +
+  n * n_steps_each [corrector] + [denoise].
+  """
+  allowed = ("predictor", "corrector", "snr", "n_steps_each", "probability_flow", "denoise", "eps",
+             "time_grid")
+  base.check_options("pc", options, allowed)
+  predictor = options.get("predictor", "reverse_diffusion")
+  corrector = options.get("corrector", "langevin")
+  snr = options.get("snr", 0.16)
+  n_each = options.get("n_steps_each", 1)
+  probability_flow = bool(options.get("probability_flow", False))
+  denoise = bool(options.get("denoise", False))
+  base.check_choice("predictor", predictor, PREDICTORS)
+  base.check_choice("corrector", corrector, CORRECTORS)
+  if predictor == "none" and corrector == "none":
+    raise ValueError("predictor and corrector cannot both be 'none'")
+  if isinstance(snr, bool) or not isinstance(snr, (int, float)) or not snr > 0:
+    raise ValueError(f"snr must be a positive float, got {snr!r}")
+  if isinstance(n_each, bool) or not isinstance(n_each, (int, np.integer)) or n_each < 1:
+    raise ValueError(f"n_steps_each must be a positive integer, got {n_each!r}")
+  if predictor == "ancestral" and probability_flow:
+    raise ValueError("probability_flow is not defined for the 'ancestral' predictor; "
+                     "use 'euler_maruyama' or 'reverse_diffusion'")
+  ts = base.sampling_grid(sde, options.get("time_grid", "uniform"), num_steps, options.get("eps"))
+  alpha, sigma = base.on_host(sde.alpha, ts), base.on_host(sde.sigma, ts)
+  coeffs = _step_coefficients(alpha, sigma, base.on_host(sde.log_snr, ts))
+  form = None
+  if predictor == "ancestral":  # decided on the grid plus a dense probe of [eps, T]
+    probe = np.union1d(ts, np.linspace(ts[-1], ts[0], 65))
+    form = _ancestral_form(sde, base.on_host(sde.alpha, probe), base.on_host(sde.sigma, probe))
+  n_corr = int(n_each) if corrector != "none" else 0
+  nfe = num_steps * ((predictor != "none") + n_corr) + int(denoise)
+
+  def predict(score_fn, x, c, z):
+    if predictor == "euler_maruyama":
+      return euler_maruyama_step(sde, score_fn, x, c["t"], c["h"], z, probability_flow)
+    if predictor == "reverse_diffusion":
+      return reverse_diffusion_step(score_fn, x, c["t"], c["a"], c["G2"], z, probability_flow)
+    if form == "smld":
+      return smld_ancestral_step(score_fn, x, c["t"], c["G2"], c["P"], z)
+    return ddpm_ancestral_step(score_fn, x, c["t"], c["a"], c["beta"], z)
+
+  def correct(score_fn, x, c, z):
+    if corrector == "langevin":
+      return langevin_step(score_fn, x, c["s"], z, snr)
+    return ald_step(score_fn, x, c["s"], z, snr, c["sigma_s"])
+
+  def run(key, score_fn, x_T):
+    x, key = base.initial_state(sde, key, shape, x_T)
+    xs = dict(coeffs, t=ts[:-1], s=ts[1:], h=ts[:-1] - ts[1:], sigma_s=sigma[1:])
+    xs = {k: jnp.asarray(v, x.dtype) for k, v in xs.items()}
+    xs["i"] = jnp.arange(num_steps, dtype=jnp.int32)
+
+    def step(x, c):
+      if predictor != "none":
+        x = predict(score_fn, x, c, base.step_normal(key, c["i"], 0, x))
+      if n_corr:
+        def corrector_step(x, j):
+          return correct(score_fn, x, c, base.step_normal(key, c["i"], j + 1, x)), None
+        x, _ = lax.scan(corrector_step, x, jnp.arange(n_corr, dtype=jnp.int32))
+      return x, None
+
+    x, _ = lax.scan(step, x, xs)
+    if denoise:
+      x = base.tweedie_denoise(score_fn, x, jnp.asarray(ts[-1], x.dtype),
+                               jnp.asarray(alpha[-1], x.dtype), jnp.asarray(sigma[-1], x.dtype))
+    return x, jnp.asarray(nfe, jnp.int32)
+
+  info = dict(predictor=predictor, corrector=corrector, snr=snr, n_steps_each=n_each,
+              probability_flow=probability_flow, denoise=denoise, nfe=nfe, ts=ts)
+  return base.Sampler("pc", shape, run, info)

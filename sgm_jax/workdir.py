@@ -1,0 +1,94 @@
+"""A training workdir: one process at a time, and one config for its whole life."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from typing import Any
+
+from sgm_jax.io_utils import atomic_write
+
+LOCK_FILE = ".lock"
+CONFIG_FILE = "config.json"
+# Config sections that define what is trained; a workdir's checkpoints only fit the same values.
+# Training length, logging and evaluation settings may change between runs.
+IDENTITY_SECTIONS = ("model", "data")
+IDENTITY_TRAINING_KEYS = ("sde", "continuous", "loss")
+
+
+class WorkdirError(RuntimeError):
+  """The workdir is busy, or belongs to a different config."""
+
+
+class WorkdirLock:
+  """An exclusive, non-blocking lock on `workdir/.lock`, held while training runs.
+
+  The OS releases it when the process dies (even by SIGKILL), so a stale lock never blocks a
+  restart.
+  """
+
+  def __init__(self, workdir: str):
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self._file = None
+
+  def __enter__(self):
+    f = open(self.path, "a+")
+    try:
+      fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "unknown"
+      f.close()
+      raise WorkdirError(f"workdir {os.path.dirname(self.path)} is in use by another process "
+                         f"(pid {holder}); wait for it to finish or use another --workdir")
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    self._file = f
+    return self
+
+  def __exit__(self, *exc):
+    if self._file is not None:
+      fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+      self._file.close()
+      self._file = None
+
+
+def _identity(config: Any) -> dict:
+  d = json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else dict(config)
+  ident = {k: d.get(k) for k in IDENTITY_SECTIONS}
+  training = d.get("training") or {}
+  ident["training"] = {k: training.get(k) for k in IDENTITY_TRAINING_KEYS}
+  return ident
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    out = []
+    for k in sorted(set(a) | set(b)):
+      out += _differences(a.get(k), b.get(k), f"{prefix}{k}.")
+    return out
+  return [] if a == b else [f"{prefix[:-1]}: {b!r} in the workdir, {a!r} now"]
+
+
+def check_or_record_config(workdir: str, config: Any) -> None:
+  """Record the config on first use; afterwards refuse a config that would train something else."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  current = _identity(config)
+  if os.path.exists(path):
+    with open(path) as f:
+      try:
+        saved = json.load(f)
+      except json.JSONDecodeError as e:
+        raise WorkdirError(f"{path} is not valid JSON ({e}); it was damaged outside sgm-jax") from e
+    diffs = _differences(current, saved.get("identity", {}))
+    if diffs:
+      shown = "; ".join(diffs[:8]) + ("; ..." if len(diffs) > 8 else "")
+      raise WorkdirError(f"workdir {workdir} belongs to a different config ({shown}). Use a new "
+                         "--workdir, or the config it was created with.")
+    return
+  full = json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else {}
+  with atomic_write(path, "w") as f:
+    json.dump({"identity": current, "config": full}, f, indent=1, sort_keys=True)

@@ -1,0 +1,382 @@
+"""NCSN++ / DDPM++ network: parameter trees against the original score_sde ones, tiny forward
+passes, and FIR up/down-sampling against its definition.
+
+The parameter trees of every original `ncsnpp` config are traced with `jax.eval_shape` (no
+parameters are allocated) and compared with ../shared/reference/param_trees/modern_flax/: same
+paths, same shapes, same count, and the same first-call order of modules (which auto-numbered
+`Conv_3` is which layer), so released checkpoints map one-to-one onto our tree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from sgm_jax.models import layerspp, ncsnpp  # noqa: E402
+from sgm_jax.models import up_or_down_sampling as uds  # noqa: E402
+
+REF = os.path.join(ROOT, "..", "shared", "reference", "param_trees")
+if not os.path.isdir(REF):
+  REF = "/work/shared/reference/param_trees"
+MODERN = os.path.join(REF, "modern_flax")
+
+# num_params of every original `ncsnpp` config (from the reference summary), checked even where
+# the reference files are not available.
+NUM_PARAMS = {
+    "configs/ve/cifar10_ncsnpp.py": 62693251,
+    "configs/ve/cifar10_ncsnpp_continuous.py": 62758915,
+    "configs/ve/cifar10_ncsnpp_deep_continuous.py": 107587075,
+    "configs/ve/celeba_ncsnpp.py": 62693251,
+    "configs/ve/bedroom_ncsnpp_continuous.py": 65574549,
+    "configs/ve/church_ncsnpp_continuous.py": 65574549,
+    "configs/ve/celebahq_256_ncsnpp_continuous.py": 65574549,
+    "configs/ve/ffhq_256_ncsnpp_continuous.py": 65574549,
+    "configs/ve/celebahq_ncsnpp_continuous.py": 105785896,
+    "configs/ve/ffhq_ncsnpp_continuous.py": 105785896,
+    "configs/vp/cifar10_ddpmpp.py": 61804419,
+    "configs/vp/cifar10_ddpmpp_continuous.py": 61804419,
+    "configs/vp/cifar10_ddpmpp_deep_continuous.py": 106632579,
+    "configs/vp/cifar10_ncsnpp.py": 62693251,
+    "configs/vp/cifar10_ncsnpp_continuous.py": 62693251,
+    "configs/vp/cifar10_ncsnpp_deep_continuous.py": 107521411,
+    "configs/subvp/cifar10_ddpmpp_continuous.py": 61804419,
+    "configs/subvp/cifar10_ddpmpp_deep_continuous.py": 106632579,
+    "configs/subvp/cifar10_ncsnpp_continuous.py": 62693251,
+    "configs/subvp/cifar10_ncsnpp_deep_continuous.py": 107521411,
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile():
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", False)
+
+
+def load_config(relpath: str):
+  """get_config() of a file under configs/, loaded by path like ml_collections' config_flags."""
+  path = os.path.join(ROOT, relpath)
+  spec = importlib.util.spec_from_file_location("cfg_" + relpath.replace("/", "_")[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+# Fields that do not change the parameter tree: networks equal up to these share one trace.
+_PARAM_FREE = ("scale_by_sigma", "sigma_min", "sigma_max", "num_scales", "centered", "dropout",
+               "fourier_scale", "nonlinearity")
+
+
+def _arch_key(model: ncsnpp.NCSNpp) -> tuple:
+  return tuple((f.name, getattr(model, f.name)) for f in dataclasses.fields(model)
+               if f.name not in _PARAM_FREE + ("parent", "name"))
+
+
+@functools.lru_cache(maxsize=None)
+def _trace(key: tuple, shape: tuple) -> tuple[dict, list]:
+  """Param paths -> shapes and the first-call order of modules, from an abstract init."""
+  model = ncsnpp.NCSNpp(**dict(key))
+  order = []
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == "__call__":
+      path = "/".join(context.module.path) or "<root>"
+      if path not in order:
+        order.append(path)
+    return next_fun(*args, **kwargs)
+
+  def init(x, t):
+    with nn.intercept_methods(record):
+      key = jax.random.PRNGKey(0)
+      return model.init({"params": key, "dropout": key}, x, t)
+
+  variables = jax.eval_shape(init, jax.ShapeDtypeStruct((1,) + shape, jnp.float32),
+                             jax.ShapeDtypeStruct((1,), jnp.float32))
+  assert set(variables) == {"params"}, "NCSN++ has no collection other than params"
+  tree = {"params/" + "/".join(p.key for p in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])}
+  return tree, order
+
+
+def _build(relpath: str) -> tuple[ncsnpp.NCSNpp, tuple]:
+  config = load_config(relpath)
+  model = ncsnpp.from_config(config)
+  shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
+  return model, shape
+
+
+@pytest.mark.parametrize("relpath", sorted(NUM_PARAMS))
+def test_param_count_of_every_ncsnpp_config(relpath):
+  model, shape = _build(relpath)
+  tree, _ = _trace(_arch_key(model), shape)
+  assert sum(int(np.prod(s)) for s in tree.values()) == NUM_PARAMS[relpath]
+
+
+def _reference_files() -> list[str]:
+  if not os.path.isdir(MODERN):
+    return []
+  names = []
+  for name in sorted(os.listdir(MODERN)):
+    with open(os.path.join(MODERN, name)) as f:
+      if json.load(f).get("model_name") == "ncsnpp":
+        names.append(name)
+  return names
+
+
+def test_reference_lists_exactly_the_ncsnpp_configs_above():
+  if not os.path.isdir(MODERN):
+    pytest.skip(f"reference trees not available at {MODERN}")
+  configs = set()
+  for name in _reference_files():
+    with open(os.path.join(MODERN, name)) as f:
+      configs.add(json.load(f)["config"])
+  assert configs == set(NUM_PARAMS)
+
+
+@pytest.mark.parametrize("name", _reference_files() or ["<reference missing>"])
+def test_param_tree_matches_reference(name):
+  if not os.path.isdir(MODERN):
+    pytest.skip(f"reference trees not available at {MODERN}")
+  with open(os.path.join(MODERN, name)) as f:
+    ref = json.load(f)
+  model, shape = _build(ref["config"])
+  assert list(shape) == ref["image_shape"]
+  tree, order = _trace(_arch_key(model), shape)
+  expected = {path: tuple(s) for path, s in ref["collections"]["params"]}
+  assert sorted(set(expected) - set(tree)) == [], "paths missing from our tree"
+  assert sorted(set(tree) - set(expected)) == [], "paths not in the reference tree"
+  assert {p: s for p, s in tree.items() if expected[p] != s} == {}, "shape mismatches"
+  assert sum(int(np.prod(s)) for s in tree.values()) == ref["num_params"]
+  assert order == ref["module_call_order"], "modules are created in a different order"
+
+
+# --- tiny real forward passes ---------------------------------------------------------------------
+
+TINY = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.5,
+            init_scale=1.0, sigma_min=0.01, sigma_max=10.0, num_scales=10)
+VARIANTS = {
+    # NCSN++ on CIFAR-10: FIR, BigGAN blocks, residual input pyramid, Fourier features.
+    "ncsnpp_fir_residual_fourier": dict(fir=True, progressive="none", progressive_input="residual",
+                                        embedding_type="fourier", scale_by_sigma=True),
+    # NCSN++ at high resolution: input_skip / output_skip pyramids combined by sum.
+    "ncsnpp_fir_skip_fourier": dict(fir=True, progressive="output_skip",
+                                    progressive_input="input_skip", embedding_type="fourier",
+                                    scale_by_sigma=False),
+    # DDPM++: no FIR, no pyramids, positional embedding, centered data.
+    "ddpmpp_positional": dict(fir=False, progressive="none", progressive_input="none",
+                              embedding_type="positional", scale_by_sigma=False, centered=True),
+    # DDPM blocks with plain resampling layers, residual output pyramid, input_skip with 'cat',
+    # SMLD sigma lookup for the positional embedding, on a 16x16 input.
+    "ddpm_blocks_nofir_cat_positional": dict(resblock_type="ddpm", fir=False,
+                                             progressive="residual", progressive_input="input_skip",
+                                             progressive_combine="cat", embedding_type="positional",
+                                             scale_by_sigma=True, nonlinearity="lrelu"),
+    # DDPM blocks with FIR resampling convolutions, residual pyramids both ways, unconditional.
+    "ddpm_blocks_fir_residual_fourier": dict(resblock_type="ddpm", fir=True, progressive="residual",
+                                             progressive_input="residual", embedding_type="fourier",
+                                             conditional=False, scale_by_sigma=False,
+                                             nonlinearity="elu", skip_rescale=False),
+}
+SIZES = {"ddpm_blocks_nofir_cat_positional": 16}
+
+
+def random_params(model, x, t, seed=0):
+  """Random O(1)-scale parameters of the right tree, without compiling the initializers."""
+  shapes = jax.eval_shape(model.init, {"params": jax.random.PRNGKey(0)}, x, t)
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = path[-1].key
+    noise = rng.normal(size=leaf.shape).astype(np.float32)
+    if name == "scale":  # GroupNorm
+      return jnp.asarray(1.0 + 0.1 * noise)
+    if len(leaf.shape) >= 2:  # conv / dense / NIN kernels
+      return jnp.asarray(noise / np.sqrt(np.prod(leaf.shape[:-1])))
+    return jnp.asarray(noise if name == "W" else 0.1 * noise)  # Fourier W, biases
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_tiny_forward(variant):
+  model = ncsnpp.NCSNpp(**{**TINY, **VARIANTS[variant]})
+  size = SIZES.get(variant, 8)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, size, size, 3))
+  if model.embedding_type == "fourier":
+    t = jnp.array([0.05, 3.0])
+  else:
+    t = jnp.array([2.0, 7.0])
+  if variant == "ncsnpp_fir_residual_fourier":  # one variant runs the real initializers
+    params = jax.jit(model.init)({"params": jax.random.PRNGKey(0)}, x, t)
+  else:
+    params = random_params(model, x, t)
+  unscaled = model.clone(scale_by_sigma=False)
+  uncentered = model.clone(centered=False)
+
+  @jax.jit
+  def run(params, x, t):
+    y = model.apply(params, x, t)  # train=False needs no dropout rng
+    y1 = model.apply(params, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(3)})
+    y2 = model.apply(params, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(4)})
+    y_unscaled = unscaled.apply(params, x, t) if model.scale_by_sigma else y
+    # Data in [0, 1] (centered=False) is mapped to [-1, 1] by the network itself.
+    y_uncentered = uncentered.apply(params, (x + 1) / 2, t) if model.centered else y
+    return y, y1, y2, y_unscaled, y_uncentered
+
+  y, y1, y2, y_unscaled, y_uncentered = run(params, x, t)
+  assert y.shape == x.shape
+  for out in (y, y1, y2):
+    assert bool(jnp.all(jnp.isfinite(out)))
+  scale = float(jnp.max(jnp.abs(y)))
+  assert float(jnp.max(jnp.abs(y1 - y))) > 1e-2 * scale, "dropout must act with train=True"
+  assert float(jnp.max(jnp.abs(y1 - y2))) > 1e-2 * scale, "dropout masks must follow the rng"
+  np.testing.assert_allclose(np.asarray(y_uncentered), np.asarray(y), rtol=1e-4, atol=1e-5)
+  if model.scale_by_sigma:
+    if model.embedding_type == "fourier":
+      sigma = np.asarray(t)
+    else:  # SMLD noise levels, geometric from sigma_max to sigma_min, indexed by the label
+      sigma = np.geomspace(model.sigma_max, model.sigma_min, model.num_scales)[np.asarray(t, int)]
+    np.testing.assert_allclose(np.asarray(y) * sigma[:, None, None, None], np.asarray(y_unscaled),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_fourier_projection_w_is_a_fixed_parameter():
+  proj = layerspp.GaussianFourierProjection(embedding_size=512, scale=16.0)
+  x = jnp.array([0.1, -2.0, 3.0])
+  params = proj.init(jax.random.PRNGKey(0), x)
+  w = params["params"]["W"]
+  assert w.shape == (512,)
+  assert 12.0 < float(jnp.std(w)) < 20.0
+  emb = proj.apply(params, x)
+  assert emb.shape == (3, 1024)
+  np.testing.assert_allclose(np.asarray(emb[:, :512] ** 2 + emb[:, 512:] ** 2), 1.0, rtol=1e-5)
+  grad = jax.grad(lambda p: jnp.sum(proj.apply(p, x)))(params)
+  assert float(jnp.max(jnp.abs(grad["params"]["W"]))) == 0.0
+
+
+def test_from_config_reads_model_and_data_fields():
+  model = ncsnpp.from_config(load_config("configs/vp/cifar10_ddpmpp_continuous.py"))
+  assert isinstance(model, ncsnpp.NCSNpp)
+  assert (model.fir, model.progressive_input, model.embedding_type) == (False, "none", "positional")
+  assert (model.centered, model.scale_by_sigma, model.image_size, model.num_channels) == (
+      True, False, 32, 3)
+  assert model.ch_mult == (1, 2, 2, 2) and model.fir_kernel == (1, 3, 3, 1)
+  model = ncsnpp.from_config(load_config("configs/ve/cifar10_ncsnpp_continuous.py"))
+  assert (model.fir, model.embedding_type, model.fourier_scale, model.centered) == (
+      True, "fourier", 16.0, False)
+  with pytest.raises(ValueError, match="ncsnpp"):
+    ncsnpp.from_config(load_config("configs/vp/ddpm/cifar10.py"))
+
+
+def test_wrong_input_shape_or_option_fails_clearly():
+  model = ncsnpp.from_config(load_config("configs/ve/cifar10_ncsnpp_continuous.py"))
+  key = jax.random.PRNGKey(0)
+  with pytest.raises(ValueError, match="configured for 32x32"):
+    jax.eval_shape(model.init, key, jnp.zeros((1, 16, 16, 3)), jnp.ones((1,)))
+  with pytest.raises(ValueError, match="time_cond"):
+    jax.eval_shape(model.init, key, jnp.zeros((2, 32, 32, 3)), jnp.ones((1,)))
+  bad = model.clone(progressive="skip")
+  with pytest.raises(ValueError, match="progressive"):
+    jax.eval_shape(bad.init, key, jnp.zeros((1, 32, 32, 3)), jnp.ones((1,)))
+
+
+# --- FIR up/down-sampling against its definition --------------------------------------------------
+
+def naive_upfirdn2d(x, k, up, down, pad0, pad1):
+  """Zero-insertion upsampling, padding (negative crops), true 2-D convolution, decimation."""
+  n, h, w, c = x.shape
+  u = np.zeros((n, h * up, w * up, c))
+  u[:, ::up, ::up] = x
+  u = np.pad(u, [(0, 0), (max(pad0, 0), max(pad1, 0)), (max(pad0, 0), max(pad1, 0)), (0, 0)])
+  u = u[:, max(-pad0, 0):u.shape[1] - max(-pad1, 0), max(-pad0, 0):u.shape[2] - max(-pad1, 0)]
+  kh, kw = k.shape
+  out = np.zeros((n, u.shape[1] - kh + 1, u.shape[2] - kw + 1, c))
+  for i in range(out.shape[1]):
+    for j in range(out.shape[2]):
+      for a in range(kh):
+        for b in range(kw):
+          out[:, i, j] += u[:, i + a, j + b] * k[kh - 1 - a, kw - 1 - b]
+  return out[:, ::down, ::down]
+
+
+@pytest.mark.parametrize("up,down,pad0,pad1", [(1, 1, 0, 0), (2, 1, 2, 1), (1, 2, 1, 1),
+                                               (2, 2, -1, 2), (3, 1, 1, -1)])
+def test_upfirdn2d_matches_naive_definition(up, down, pad0, pad1):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 6, 6, 3)).astype(np.float32)
+  k = rng.normal(size=(4, 4)).astype(np.float32)  # not symmetric: catches a flipped kernel
+  ours = uds.upfirdn2d(jnp.asarray(x), k, up=up, down=down, pad=(pad0, pad1))
+  np.testing.assert_allclose(np.asarray(ours), naive_upfirdn2d(x, k, up, down, pad0, pad1),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_fir_resampling_of_a_constant_image_is_constant_inside():
+  c = jnp.full((1, 8, 8, 2), 3.0)
+  up = np.asarray(uds.upsample_2d(c, (1, 3, 3, 1)))
+  down = np.asarray(uds.downsample_2d(c, (1, 3, 3, 1)))
+  assert up.shape == (1, 16, 16, 2) and down.shape == (1, 4, 4, 2)
+  np.testing.assert_allclose(up[:, 1:-1, 1:-1], 3.0, rtol=1e-6)  # the border sees zero padding
+  np.testing.assert_allclose(down[:, 1:-1, 1:-1], 3.0, rtol=1e-6)
+
+
+def test_box_filter_is_nearest_upsampling_and_average_pooling():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 6, 3))
+  up = uds.upsample_2d(x, (1, 1))
+  np.testing.assert_allclose(np.asarray(up), np.asarray(uds.naive_upsample_2d(x)), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(uds.downsample_2d(x, (1, 1))),
+                             np.asarray(uds.naive_downsample_2d(x)), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(uds.downsample_2d(up, (1, 1))), np.asarray(x), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(uds.naive_upsample_2d(x))[:, ::2, 1::2], np.asarray(x))
+
+
+def test_fir_downsampling_is_the_adjoint_of_upsampling():
+  """<up(x), y> = factor^2 <x, down(y)>: the two filters are the same FIR kernel."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32)
+  lhs = float(jnp.vdot(uds.upsample_2d(x, (1, 3, 3, 1)), y))
+  rhs = 4 * float(jnp.vdot(x, uds.downsample_2d(y, (1, 3, 3, 1))))
+  assert abs(lhs - rhs) < 1e-4 * max(1.0, abs(lhs))
+
+
+def _conv_same(x, w):
+  return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def test_fused_conv_resampling_equals_resample_then_conv_inside():
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 4, 5)), jnp.float32)
+  up = uds.upsample_conv_2d(x, w, (1, 3, 3, 1))
+  ref = _conv_same(uds.upsample_2d(x, (1, 3, 3, 1)), w)
+  assert up.shape == ref.shape == (2, 16, 16, 5)
+  np.testing.assert_allclose(np.asarray(up)[:, 2:-2, 2:-2], np.asarray(ref)[:, 2:-2, 2:-2],
+                             rtol=1e-4, atol=1e-4)
+  down = uds.conv_downsample_2d(x, w, (1, 3, 3, 1))
+  ref = uds.downsample_2d(_conv_same(x, w), (1, 3, 3, 1))
+  assert down.shape == ref.shape == (2, 4, 4, 5)
+  np.testing.assert_allclose(np.asarray(down)[:, 1:-1, 1:-1], np.asarray(ref)[:, 1:-1, 1:-1],
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_conv2d_module_keeps_stylegan_parameter_names():
+  x = jnp.ones((1, 8, 8, 4))
+  for kwargs, size in ((dict(up=True), 16), (dict(down=True), 4), ({}, 8)):
+    conv = uds.Conv2d(6, kernel=3, **kwargs)
+    params = conv.init(jax.random.PRNGKey(0), x)["params"]
+    assert {k: v.shape for k, v in params.items()} == {"weight": (3, 3, 4, 6), "bias": (6,)}
+    assert conv.apply({"params": params}, x).shape == (1, size, size, 6)

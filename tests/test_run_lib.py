@@ -1,0 +1,152 @@
+"""End to end through the config edge: every small config trains a real step on local data and
+samples; main.py gives one clear error and a non-zero exit for bad input."""
+import importlib
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sgm_jax import datasets, models, run_lib
+from sgm_jax.workdir import WorkdirError, WorkdirLock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _config(name, **overrides):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  config.training.n_iters = 2
+  config.training.batch_size = 4
+  config.training.log_freq = 1
+  config.training.snapshot_freq = 2
+  config.training.snapshot_freq_for_preemption = 1
+  config.sampling.batch_size = 4
+  config.sampling.num_samples = 4
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    setattr(getattr(config, section), field, value)
+  return config
+
+
+def _available(name):
+  try:
+    datasets.get_dataset(datasets.from_config(_config(name))).train_batch(0)
+    return True
+  except (datasets.DatasetNotFoundError, datasets.MissingDependencyError, ImportError):
+    return False
+
+
+@pytest.mark.parametrize("name", ["toy_2d", "digits", "fashion_mnist", "mnist5k"])
+def test_small_config_trains_and_samples(name, tmp_path):
+  if not _available(name):
+    pytest.skip(f"the local data of configs/{name}.py is not installed (see README)")
+  config = _config(name)
+  workdir = str(tmp_path)
+  state = run_lib.run_train(config, workdir)
+  assert int(state.step) == 2
+  for leaf in jax.tree_util.tree_leaves(state.params_ema):
+    assert np.all(np.isfinite(leaf))
+  assert os.path.exists(os.path.join(workdir, "loss_curve.png"))
+  result = run_lib.run_sample(config, workdir, "deis", num_steps=2, num_samples=3)
+  assert result["checkpoint_step"] == 2 and result["nfe"] == 2
+  with np.load(result["npz"]) as f:
+    samples = f["samples"]
+  assert samples.shape[0] == 3 and np.all(np.isfinite(samples))
+  assert os.path.getsize(result["png"]) > 0
+
+
+def test_training_resumes_instead_of_restarting(tmp_path):
+  config = _config("toy_2d")
+  run_lib.run_train(config, str(tmp_path))
+  config.training.n_iters = 3
+  state = run_lib.run_train(config, str(tmp_path))
+  assert int(state.step) == 3
+
+
+def test_workdir_of_another_config_is_refused_and_kept(tmp_path):
+  run_lib.run_train(_config("toy_2d"), str(tmp_path))
+  before = sorted(os.listdir(tmp_path / "checkpoints"))
+  other = _config("toy_2d")
+  other.model.hidden = (64, 64)
+  with pytest.raises(WorkdirError, match=r"belongs to a different config \(model.hidden"):
+    run_lib.run_train(other, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+
+
+def test_second_process_on_the_same_workdir_is_refused(tmp_path):
+  with WorkdirLock(str(tmp_path)):
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "from sgm_jax.workdir import WorkdirLock\n"
+            "with WorkdirLock(%r): pass\n") % (ROOT, str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+  assert res.returncode != 0 and "is in use by another process" in res.stderr
+  with WorkdirLock(str(tmp_path)):  # released again
+    pass
+
+
+@pytest.mark.parametrize("config_file", ["configs/ve/cifar10_ncsnpp_continuous.py",
+                                         "configs/vp/ddpm/cifar10.py", "configs/ve/ncsnv2/cifar10.py",
+                                         "configs/fashion_mnist.py"])
+def test_create_model_contract(config_file):
+  """models.create_model(config); model.init({'params', 'dropout'}, x, t) with float (B,) t."""
+  module = config_file[:-3].replace("/", ".")
+  config = importlib.import_module(module).get_config()
+  model = models.create_model(config)
+  size, channels = config.data.image_size, config.data.num_channels
+  x = jax.ShapeDtypeStruct((2, size, size, channels), jnp.float32)
+  t = jax.ShapeDtypeStruct((2,), jnp.float32)
+  key = jax.random.PRNGKey(0)
+  variables = jax.eval_shape(lambda x, t: model.init({"params": key, "dropout": key}, x, t), x, t)
+  n = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(variables["params"]))
+  assert n > 10_000
+
+
+def _main(*args, cwd=ROOT):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args],
+                        capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_cli_train_and_sample(tmp_path):
+  wd = str(tmp_path / "wd")
+  common = ["--config", "configs/toy_2d.py", "--workdir", wd]
+  res = _main("--mode", "train", *common, "--config.training.n_iters=2",
+              "--config.training.snapshot_freq=2", "--config.training.snapshot_freq_for_preemption=1")
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "trained to step 2" in res.stdout
+  res = _main("--mode", "sample", *common, "--sampler", "ddim", "--num_steps", "3",
+              "--num_samples", "8", "--sampler_option", "eta=0.5")
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "8 samples" in res.stdout and os.path.exists(os.path.join(wd, "samples",
+                                                                   "ddim_3steps_ckpt2.png"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.training.sde=vpsd"], "unknown SDE 'vpsd'"),
+    (["--config.model.name=unet"], "unknown model 'unet'"),
+    (["--config.data.dataset=cifar11"], "cifar11"),
+    (["--config.training.n_iters=0"], "training.n_iters must be a positive integer, got 0"),
+    (["--config.training.nonsense=1"], "nonsense"),
+])
+def test_cli_bad_training_input(tmp_path, args, message):
+  res = _main("--mode", "train", "--config", "configs/toy_2d.py", "--workdir", str(tmp_path), *args)
+  assert res.returncode != 0
+  assert message in res.stderr, res.stderr[-2000:]
+
+
+def test_cli_bad_sampling_input(tmp_path):
+  wd = str(tmp_path)
+  res = _main("--mode", "train", "--config", "configs/toy_2d.py", "--workdir", wd,
+              "--config.training.n_iters=1")
+  assert res.returncode == 0, res.stderr[-2000:]
+  for args, message in [(["--sampler", "deiss"], "unknown sampler 'deiss'"),
+                        (["--sampler", "pc", "--sampler_option", "predictor=foo"],
+                         "unknown predictor 'foo'"),
+                        (["--sampler", "deis", "--num_steps", "0"], "num_steps must be a positive"),
+                        (["--sampler", "pc", "--sampler_option", "corrector=bar"],
+                         "unknown corrector 'bar'")]:
+    res = _main("--mode", "sample", "--config", "configs/toy_2d.py", "--workdir", wd, *args)
+    assert res.returncode != 0 and message in res.stderr, (args, res.stderr[-2000:])

@@ -1,0 +1,319 @@
+"""DEIS (tAB, rhoAB, rhoRK) and iPNDM: coefficients, options, nfe, and convergence order measured
+on the digits Gaussian-mixture oracle against the exact probability-flow map (float64)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.integrate
+
+import oracle_flow
+from sgm_jax import sde_lib
+from sgm_jax.sampling import deis_coefficients as dc
+from sgm_jax.sampling import get_sampler, schedules
+
+B = 8
+SHAPE = (B, 8, 8, 1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles():
+  """Every test here compiles small scans; XLA's optimizations only cost time at these sizes."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def _to_float64(gm):
+  return jax.tree_util.tree_map(
+      lambda a: jnp.asarray(a, jnp.float64) if a.dtype.kind == "f" else a, gm)
+
+
+# --- host-side coefficients ----------------------------------------------------------------------
+
+ALL_SDES = [sde_lib.VPSDE(), sde_lib.subVPSDE(), sde_lib.VESDE(), sde_lib.TutorialSDE()]
+
+
+@pytest.mark.parametrize("sde", ALL_SDES, ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("num_steps", [1, 7, 200])
+def test_tab_coefficients_sum_to_the_exponential_integrator_step(sde, num_steps):
+  # Lagrange bases sum to one, so for every order sum_j C_kj is the integral for constant eps,
+  # which is exact in y = x / alpha: alpha_{k+1} (rho_{k+1} - rho_k). The quadrature uses g from
+  # sde.sde, the closed form only alpha and sigma: this also checks the SDE's consistency.
+  ts = schedules.get_time_grid("quadratic", sde, num_steps, sde.default_sampling_eps)
+  coef = dc.sde_coefficients(sde, ts)
+  ddim = coef["alpha"][1:] * (coef["rho"][1:] - coef["rho"][:-1])
+  for order in range(4):
+    psi, C = dc.exponential_ab_coefficients(sde, ts, order)
+    np.testing.assert_allclose(psi, coef["alpha"][1:] / coef["alpha"][:-1], rtol=1e-14)
+    np.testing.assert_allclose(C.sum(axis=1), ddim, rtol=1e-11)
+    if order == 0:
+      np.testing.assert_allclose(C[:, 0], ddim, rtol=1e-11)
+    # Warm-up: step k uses only min(order, k) + 1 evaluations.
+    for k in range(min(order, num_steps)):
+      assert np.all(C[k, k + 1:] == 0.0)
+
+
+def _lagrange(tau, nodes, j):
+  others = np.delete(nodes, j)
+  return np.prod([(tau - m) / (nodes[j] - m) for m in others], axis=0)
+
+
+def test_tab_coefficients_against_scipy_quad_with_closed_form_vp_integrand():
+  # Independent of sde_lib and of the Gauss-Legendre rule: VP's beta, B(t), alpha, sigma by hand.
+  b0, b1 = 0.1, 20.0
+  integrated = lambda t: b0 * t + 0.5 * (b1 - b0) * t ** 2
+  sde = sde_lib.VPSDE(beta_min=b0, beta_max=b1)
+  ts = schedules.get_time_grid("quadratic", sde, 6, 1e-3)
+  _, C = dc.exponential_ab_coefficients(sde, ts, 3)
+  for k in range(6):
+    nodes = ts[k - np.arange(min(3, k) + 1)]
+    for j in range(nodes.size):
+      def integrand(tau):
+        # psi = alpha(t_{k+1}) / alpha(tau)
+        psi = np.exp(-0.5 * (integrated(ts[k + 1]) - integrated(tau)))
+        sigma = np.sqrt(-np.expm1(-integrated(tau)))
+        return psi * (b0 + tau * (b1 - b0)) / (2.0 * sigma) * _lagrange(tau, nodes, j)
+      value, _ = scipy.integrate.quad(integrand, ts[k + 1], ts[k], epsabs=0.0, epsrel=1e-13,
+                                      limit=200)
+      np.testing.assert_allclose(C[k, j], -value, rtol=1e-9, atol=1e-14)
+
+
+def test_tab_coefficients_against_scipy_quad_ve():
+  smin, smax = 0.01, 50.0
+  sde = sde_lib.VESDE(sigma_min=smin, sigma_max=smax)
+  ts = schedules.get_time_grid("uniform", sde, 5, 1e-5)
+  _, C = dc.exponential_ab_coefficients(sde, ts, 2)
+  log_r = np.log(smax / smin)
+  for k in range(5):
+    nodes = ts[k - np.arange(min(2, k) + 1)]
+    for j in range(nodes.size):
+      # psi = 1, g^2 / (2 sigma) = sigma(tau) log(smax / smin).
+      value, _ = scipy.integrate.quad(
+          lambda tau: smin * np.exp(tau * log_r) * log_r * _lagrange(tau, nodes, j),
+          ts[k + 1], ts[k], epsabs=0.0, epsrel=1e-13)
+      np.testing.assert_allclose(C[k, j], -value, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("order", [0, 1, 2, 3])
+def test_rhoab_coefficients_integrate_polynomials_in_rho_exactly(order):
+  sde = sde_lib.VPSDE()
+  ts = schedules.get_time_grid("quadratic", sde, 9, 1e-3)
+  coef = dc.sde_coefficients(sde, ts)
+  rho, alpha = coef["rho"], coef["alpha"]
+  _, C = dc.rho_ab_coefficients(sde, ts, order)
+  for k in range(9):
+    history = rho[k - np.arange(min(order, k) + 1)]
+    for m in range(history.size):  # rho^m, m <= degree available at step k
+      exact = (rho[k + 1] ** (m + 1) - rho[k] ** (m + 1)) / (m + 1)
+      approx = C[k, :history.size] @ history ** m / alpha[k + 1]
+      np.testing.assert_allclose(approx, exact, rtol=1e-9)
+
+
+def test_ipndm_equals_rhoab3_on_a_grid_uniform_in_rho():
+  # The fixed AB weights are those of equal steps, so with equal steps in rho iPNDM is rhoAB3,
+  # warm-up included.
+  sde = sde_lib.VESDE(sigma_min=0.2, sigma_max=2.0)
+  ts = schedules.get_time_grid("polynomial_rho", sde, 12, 1e-5, order=1.0)
+  psi_i, C_i = dc.ipndm_coefficients(sde, ts, 4)
+  psi_r, C_r = dc.rho_ab_coefficients(sde, ts, 3)
+  np.testing.assert_allclose(psi_i, psi_r, rtol=1e-14)
+  np.testing.assert_allclose(C_i, C_r, rtol=1e-8, atol=1e-15)
+
+
+def test_rk_stage_times_map_back_to_the_stage_rho():
+  sde = sde_lib.subVPSDE()
+  ts = schedules.get_time_grid("quadratic", sde, 5, 1e-3)
+  stages = dc.rk_stages(sde, ts, "rk4")
+  rho = dc.sde_coefficients(sde, ts)["rho"]
+  c = np.asarray(dc.RK_TABLEAUS["rk4"][0])
+  want = rho[:-1, None] + c[None, :] * stages["h"][:, None]
+  np.testing.assert_allclose(dc.sde_coefficients(sde, stages["t"])["rho"], want, rtol=1e-10)
+  np.testing.assert_array_equal(stages["t"][:, 0], ts[:-1])
+  np.testing.assert_array_equal(stages["t"][:, -1], ts[1:])
+
+
+# --- options and degenerate grids ----------------------------------------------------------------
+
+def test_duplicate_or_degenerate_time_points_raise():
+  sde = sde_lib.VPSDE()
+  ts = np.array([1.0, 0.5, 0.5, 0.1])
+  for fn in (lambda: dc.exponential_ab_coefficients(sde, ts, 2),
+             lambda: dc.rho_ab_coefficients(sde, ts, 2),
+             lambda: dc.ipndm_coefficients(sde, ts, 4),
+             lambda: dc.rk_stages(sde, ts, "heun")):
+    with pytest.raises(ValueError, match="strictly decreasing"):
+      fn()
+  with pytest.raises(ValueError, match="strictly decreasing"):
+    dc.check_grid(sde, np.array([1.0, 0.2, 0.5]))
+  with pytest.raises(ValueError):
+    dc.check_grid(sde, np.array([1.0, np.nan, 0.1]))
+  # eps >= T, and a grid too fine for float64 (duplicate points).
+  for eps in (1.0, 2.0, 0.0, -1.0, float("nan")):
+    with pytest.raises(ValueError, match="eps"):
+      get_sampler("deis", sde, SHAPE, num_steps=10, eps=eps)
+  with pytest.raises(ValueError, match="strictly decreasing"):
+    get_sampler("deis", sde, SHAPE, num_steps=50, eps=1.0 - 1e-15)
+  with pytest.raises(ValueError, match="strictly decreasing"):
+    get_sampler("ipndm", sde, SHAPE, num_steps=50, eps=1.0 - 1e-15, time_grid="uniform")
+
+
+@pytest.mark.parametrize("name, options, match", [
+    ("deis", dict(solver="tab"), "valid options are"),
+    ("deis", dict(method="euler"), "valid values are"),
+    ("deis", dict(order=4), r"\[0, 1, 2, 3\]"),
+    ("deis", dict(order=-1), r"\[0, 1, 2, 3\]"),
+    ("deis", dict(order=2.0), r"\[0, 1, 2, 3\]"),
+    ("deis", dict(order=True), r"\[0, 1, 2, 3\]"),
+    ("deis", dict(method="rhoab", order=5), r"\[0, 1, 2, 3\]"),
+    ("deis", dict(method="rhork", tableau="rk5"), "valid values are"),
+    ("deis", dict(method="rhork", order=2), "tableau"),
+    ("deis", dict(method="tab", tableau="rk4"), "rhork"),
+    ("deis", dict(time_grid="cosine"), "valid values are"),
+    ("deis", dict(time_grid="quadratic", grid_order=3), "grid_order"),
+    ("deis", dict(time_grid="polynomial_t", grid_order=0), "grid_order"),
+    ("ipndm", dict(order=0), r"\[1, 2, 3, 4\]"),
+    ("ipndm", dict(order=5), r"\[1, 2, 3, 4\]"),
+    ("ipndm", dict(method="tab"), "valid options are"),
+])
+def test_bad_options_raise_listing_valid_values(name, options, match):
+  with pytest.raises(ValueError, match=match):
+    get_sampler(name, sde_lib.VPSDE(), SHAPE, num_steps=10, **options)
+
+
+@pytest.mark.parametrize("grid", sorted(schedules.TIME_GRIDS))
+def test_every_time_grid_builds(grid):
+  sde = sde_lib.VESDE()
+  sampler = get_sampler("deis", sde, SHAPE, num_steps=12, time_grid=grid)
+  assert sampler.info["time_grid"] == grid and sampler.info["nfe"] == 12
+  options = dict(grid_order=3) if grid in ("polynomial_t", "polynomial_rho") else {}
+  get_sampler("deis", sde, SHAPE, num_steps=12, method="rhork", time_grid=grid, **options)
+
+
+# --- running samplers ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_oracle():
+  return oracle_flow.digits_oracle(num_images=16)
+
+
+def test_nfe_counted_at_run_time(small_oracle):
+  sde = sde_lib.VPSDE()
+  calls = []
+
+  def score_fn(x, t):
+    jax.debug.callback(lambda: calls.append(1))
+    return small_oracle.score(x, sde, t)
+
+  x_T = sde.prior_sampling(jax.random.PRNGKey(1), SHAPE)
+  for name, options, num_steps, want in [("deis", dict(method="tab"), 5, 5),
+                                         ("deis", dict(method="rhork", tableau="rk4"), 3, 12),
+                                         ("ipndm", {}, 4, 4)]:
+    calls.clear()
+    sampler = get_sampler(name, sde, SHAPE, num_steps=num_steps, **options)
+    x, nfe = sampler(jax.random.PRNGKey(0), score_fn, x_T)
+    jax.block_until_ready(x)
+    jax.effects_barrier()
+    assert nfe.dtype == jnp.int32 and int(nfe) == want == len(calls) == sampler.info["nfe"]
+
+
+FLOAT32_CASES = [(sde, "deis", {}, n) for sde in ("vp", "subvp", "ve") for n in (1, 2, 1000)] + [
+    ("ve", "deis", dict(method="rhork"), 1), ("ve", "deis", dict(method="rhork"), 1000),
+    ("subvp", "deis", dict(method="rhoab"), 1000), ("vp", "ipndm", {}, 1000),
+]
+FLOAT32_SDES = {"vp": sde_lib.VPSDE(), "subvp": sde_lib.subVPSDE(), "ve": sde_lib.VESDE()}
+
+
+@pytest.mark.parametrize("case, name, options, num_steps", FLOAT32_CASES)
+def test_float32_finite_and_deterministic(small_oracle, case, name, options, num_steps):
+  sde = FLOAT32_SDES[case]
+  sampler = get_sampler(name, sde, SHAPE, num_steps=num_steps, **options)
+  score_fn = small_oracle.score_fn(sde)
+  x_T = sde.prior_sampling(jax.random.PRNGKey(3), SHAPE)
+  x, nfe = sampler(jax.random.PRNGKey(0), score_fn, x_T)
+  assert x.dtype == jnp.float32 and x.shape == SHAPE
+  assert np.all(np.isfinite(np.asarray(x)))
+  assert int(nfe) == sampler.info["nfe"]
+  # A pure function of x_T: the key does not matter, and a second call repeats it bit for bit.
+  x_again, _ = sampler(jax.random.PRNGKey(7), score_fn, x_T)
+  np.testing.assert_array_equal(np.asarray(x), np.asarray(x_again))
+  if num_steps == 2 and case == "vp":
+    # x_T = None draws from the prior with the key (another program: equal up to rounding).
+    a, _ = sampler(jax.random.PRNGKey(3), score_fn)
+    b, _ = sampler(jax.random.PRNGKey(4), score_fn)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(x), rtol=1e-3, atol=1e-3)
+    assert not np.allclose(np.asarray(a), np.asarray(b))
+  if num_steps == 1000:
+    # Many steps land close to the exact flow; denoised samples lie near the data range.
+    assert float(np.abs(np.asarray(x)).max()) < 3.0
+
+
+# --- convergence order on the oracle (float64) ---------------------------------------------------
+
+CONVERGENCE_SDES = {  # name -> (SDE, eps)
+    "vp": (sde_lib.VPSDE(), 1e-2),
+    "subvp": (sde_lib.subVPSDE(), 1e-2),
+    "ve": (sde_lib.VESDE(), 1e-5),
+}
+
+# (sampler, SDE, options, step counts, theory order, evaluations per step). Step counts are where
+# the error is asymptotic on this oracle (measured orders in the comments). Multistep methods warm
+# up with lower orders at t = T, where eps is almost constant because alpha(T) or 1 / sigma(T) is
+# small. iPNDM's fixed equal-step weights are used on grids that are not uniform in rho: the
+# consistency of the 3rd/4th-order terms is lost and its order is 2 (rhoAB3 is what it is on a
+# grid uniform in rho, see test_ipndm_equals_rhoab3_on_a_grid_uniform_in_rho).
+CONVERGENCE = {
+    "tab0-vp": ("deis", "vp", dict(method="tab", order=0), (80, 160, 320), 1, 1),  # 1.00
+    "tab1-vp": ("deis", "vp", dict(method="tab", order=1), (80, 160, 320), 2, 1),  # 1.96
+    "tab2-vp": ("deis", "vp", dict(method="tab", order=2), (80, 160, 320), 3, 1),  # 2.93
+    "tab3-vp": ("deis", "vp", dict(method="tab", order=3), (80, 160, 320), 4, 1),  # 3.85
+    "tab2-subvp": ("deis", "subvp", dict(order=2), (40, 80, 160), 3, 1),  # 2.97
+    "tab2-ve": ("deis", "ve", dict(order=2, time_grid="uniform"), (80, 160, 320), 3, 1),  # 2.98
+    "rhoab1-vp": ("deis", "vp", dict(method="rhoab", order=1), (80, 160, 320), 2, 1),  # 1.95
+    "rhoab2-vp": ("deis", "vp", dict(method="rhoab", order=2), (80, 160, 320), 3, 1),  # 2.90
+    "heun-vp": ("deis", "vp", dict(method="rhork", tableau="heun"), (10, 20, 40), 2, 2),  # 2.04
+    "kutta3-vp": ("deis", "vp", dict(method="rhork", tableau="kutta3"), (20, 40, 80), 3, 3),  # 3.03
+    "rk4-vp": ("deis", "vp", dict(method="rhork", tableau="rk4"), (10, 20, 40), 4, 4),  # 4.01
+    "ipndm-vp": ("ipndm", "vp", {}, (40, 80, 160), 2, 1),  # 2.10
+}
+
+
+@pytest.fixture(scope="module")
+def flow_reference():
+  """(oracle, x_T, exact x at eps) per SDE, each computed once."""
+  with jax.enable_x64(True):
+    gm = _to_float64(oracle_flow.digits_oracle())
+  cache = {}
+
+  def get(case):
+    if case not in cache:
+      sde, eps = CONVERGENCE_SDES[case]
+      with jax.enable_x64(True):
+        x_T = sde.prior_sampling(jax.random.PRNGKey(0), SHAPE).astype(jnp.float64)
+        cache[case] = (x_T, oracle_flow.exact_flow_map(gm, sde, x_T, sde.T, eps, tol=1e-11))
+    return gm, cache[case]
+
+  return get
+
+
+def measured_order(num_steps, errors) -> float:
+  """Least-squares slope of -log(error) against log(num_steps)."""
+  return -np.polyfit(np.log(num_steps), np.log(errors), 1)[0]
+
+
+@pytest.mark.parametrize("case_id", sorted(CONVERGENCE))
+def test_convergence_order(flow_reference, case_id):
+  name, case, options, steps, theory, per_step = CONVERGENCE[case_id]
+  sde, eps = CONVERGENCE_SDES[case]
+  gm, (x_T, exact) = flow_reference(case)
+  errors = []
+  with jax.enable_x64(True):
+    for n in steps:
+      sampler = get_sampler(name, sde, SHAPE, num_steps=n, eps=eps, **options)
+      x, nfe = sampler(jax.random.PRNGKey(0), gm.score_fn(sde), x_T)
+      assert x.dtype == jnp.float64 and int(nfe) == per_step * n
+      errors.append(float(np.sqrt(np.mean((np.asarray(x) - exact) ** 2))))
+  order = measured_order(steps, errors)
+  print(f"{case_id}: errors {errors}, measured order {order:.2f} (theory {theory})")
+  assert np.all(np.diff(errors) < 0), errors
+  assert abs(order - theory) < 0.3, (order, errors)
