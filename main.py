@@ -54,18 +54,22 @@ def main(argv):
           f"checkpoint {result['checkpoint_step']}: {result['png']} and {result['npz']}")
 
 
-def run():
-  """Entry point: clear one-line errors for user mistakes, non-zero exit."""
+def _parse_flags(argv):
+  """absl's flag parsing, with one clear line for a --config.x=y override of a missing field."""
   try:
-    FLAGS(sys.argv)  # parse once here so a bad --config.x=y override gets a clear message
+    return FLAGS(argv)
   except AttributeError as e:
     print(f"error: unknown config field in a --config override: {e}", file=sys.stderr)
     sys.exit(2)
   except flags.Error as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+
+
+def run():
+  """Entry point: clear one-line errors for user mistakes, non-zero exit."""
   try:
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
   except SystemExit:
     raise
   except (ValueError, FileNotFoundError, RuntimeError, ImportError, KeyError) as e:
