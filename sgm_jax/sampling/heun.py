@@ -38,10 +38,12 @@ def build_heun_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> bas
     def heun_step(y, i):
       d = slope(y, i)
       y_euler = y + drho[i] * d
-      return y + drho[i] * 0.5 * (d + slope(y_euler, i + 1)), None
+      # The last step stays Euler; every network call is inside the one scan (a call outside it
+      # would be compiled separately, at a different speed on CPU).
+      correct = lambda: y + drho[i] * 0.5 * (d + slope(y_euler, jnp.minimum(i + 1, num_steps)))
+      return lax.cond(i < num_steps - 1, correct, lambda: y_euler), None
 
-    y, _ = lax.scan(heun_step, x / a_[0], jnp.arange(num_steps - 1))
-    y = y + drho[-1] * slope(y, num_steps - 1)  # last step: Euler
+    y, _ = lax.scan(heun_step, x / a_[0], jnp.arange(num_steps))
     return a_[-1] * y, jnp.asarray(nfe, jnp.int32)
 
   return base.Sampler("heun", shape, run, dict(nfe=nfe, ts=ts))
