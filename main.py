@@ -1,7 +1,10 @@
-"""sgm-jax command line: python main.py --mode train|sample --config configs/<name>.py --workdir DIR
+"""sgm-jax command line: python main.py --mode MODE --config configs/<name>.py --workdir DIR
 
+Modes: train (resumes when the workdir has checkpoints), sample (PNG grid + .npz from the EMA
+parameters), eval (test bits/dim and FD-EffNet or FID, appended to workdir/eval/results.jsonl;
+resumable), all (train, then sample with DEIS at 10 NFE and with PC, then eval: the main job).
 Config fields can be overridden on the command line, e.g. --config.training.batch_size=32.
-Sampler options for --mode sample: --sampler deis --num_steps 10 --sampler_option order=2 ...
+Sampler options: --sampler deis --num_steps 10 --sampler_option order=2 ...
 """
 import json
 import logging
@@ -10,16 +13,16 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-MODES = ("train", "sample")
+MODES = ("train", "sample", "eval", "all")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Work directory (checkpoints, logs, samples).")
 flags.DEFINE_enum("mode", None, list(MODES), "What to run.")
-flags.DEFINE_string("sampler", None, "--mode sample: sampler name (default: config.sampling.method).")
-flags.DEFINE_integer("num_steps", None, "--mode sample: number of sampler steps.")
-flags.DEFINE_integer("num_samples", None, "--mode sample: number of samples.")
-flags.DEFINE_integer("checkpoint_step", None, "--mode sample: checkpoint step (default latest).")
+flags.DEFINE_string("sampler", None, "sample/eval: sampler name (default: from the config).")
+flags.DEFINE_integer("num_steps", None, "sample/eval: number of sampler steps.")
+flags.DEFINE_integer("num_samples", None, "sample/eval: number of samples.")
+flags.DEFINE_integer("checkpoint_step", None, "sample/eval: checkpoint step (default latest).")
 flags.DEFINE_multi_string("sampler_option", [], "--mode sample: KEY=VALUE sampler option "
                           "(values parsed as JSON when possible, e.g. order=2, snr=0.16).")
 flags.mark_flags_as_required(["config", "workdir", "mode"])
@@ -43,15 +46,30 @@ def main(argv):
   logging.getLogger().setLevel(logging.INFO)
   from sgm_jax import run_lib
   config, workdir = FLAGS.config, FLAGS.workdir
-  if FLAGS.mode == "train":
+  mode = FLAGS.mode
+  if mode in ("train", "all"):
     state = run_lib.run_train(config, workdir)
-    print(f"trained to step {int(state.step)}; checkpoints in {workdir}/checkpoints, loss curve "
-          f"{workdir}/loss_curve.png, TensorBoard logs {workdir}/tensorboard")
-  elif FLAGS.mode == "sample":
-    result = run_lib.run_sample(config, workdir, FLAGS.sampler, FLAGS.num_steps, FLAGS.num_samples,
-                                FLAGS.checkpoint_step, **_parse_options(FLAGS.sampler_option))
-    print(f"{result['num_samples']} samples ({result['nfe']:.0f} score evaluations per batch) from "
-          f"checkpoint {result['checkpoint_step']}: {result['png']} and {result['npz']}")
+    print(f"trained to step {int(state.step)}: checkpoints in {workdir}/checkpoints, loss curve "
+          f"{workdir}/loss_curve.png, TensorBoard logs in {workdir}/tensorboard")
+  if mode == "sample":
+    _print_samples(run_lib.run_sample(config, workdir, FLAGS.sampler, FLAGS.num_steps,
+                                      FLAGS.num_samples, FLAGS.checkpoint_step,
+                                      **_parse_options(FLAGS.sampler_option)))
+  if mode == "all":
+    _print_samples(run_lib.run_sample(config, workdir, "deis", 10))
+    _print_samples(run_lib.run_sample(config, workdir, "pc", int(config.sampling.get(
+        "pc_num_steps", 500))))
+  if mode in ("eval", "all"):
+    result = run_lib.run_eval(config, workdir, FLAGS.checkpoint_step, FLAGS.sampler,
+                              FLAGS.num_steps, FLAGS.num_samples)
+    shown = {k: v for k, v in result.items() if k != "results_file"}
+    print(f"evaluation of checkpoint {result['checkpoint_step']}: {json.dumps(shown)}\n"
+          f"appended to {result['results_file']}")
+
+
+def _print_samples(result):
+  print(f"{result['num_samples']} samples ({result['nfe']:.0f} score evaluations per batch) from "
+        f"checkpoint {result['checkpoint_step']}: {result['png']} and {result['npz']}")
 
 
 def _parse_flags(argv):

@@ -35,16 +35,20 @@ def get_default_configs() -> ml_collections.ConfigDict:
   sampling.probability_flow = False
   sampling.batch_size = 64
   sampling.num_samples = 64
+  sampling.pc_num_steps = 500  # the PC run of main.py --mode all
 
   config.eval = evaluate = ml_collections.ConfigDict()
   evaluate.batch_size = 256
   evaluate.enable_bpd = True
   evaluate.bpd_dataset = 'test'
-  evaluate.bpd_num_examples = 512
+  evaluate.bpd_num_examples = 256
   evaluate.enable_sampling = True
   evaluate.num_samples = 1024
   evaluate.sampler = 'deis'
   evaluate.num_steps = 10
+  evaluate.feature_extractor = 'effnet'  # offline; 'inception' (FID) needs eval.inception_weights
+  evaluate.inception_weights = ''
+  evaluate.reference_examples = 2048
 
   config.data = data = ml_collections.ConfigDict()
   data.dataset = 'FashionMNIST'

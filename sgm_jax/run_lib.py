@@ -194,3 +194,132 @@ def run_sample(config: Any, workdir: str, sampler_name: str | None = None,
   stem = os.path.join(workdir, "samples", f"{sampler_name}_{num_steps}steps_ckpt{ckpt_step}")
   paths = save_samples(samples, config, stem)
   return dict(paths, nfe=float(np.mean(nfes)), checkpoint_step=ckpt_step, num_samples=num_samples)
+
+
+class _Progress:
+  """Per-batch results of one evaluation, saved after every batch so a rerun skips them."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.done: dict[int, dict[str, np.ndarray]] = {}
+    if os.path.exists(path):
+      try:
+        with np.load(path) as f:
+          for name in f.files:
+            i, key = name.split("/", 1)
+            self.done.setdefault(int(i), {})[key] = f[name]
+      except (ValueError, OSError, KeyError) as e:
+        raise CheckpointError(f"evaluation progress file {path} is unreadable ({e}); delete it "
+                              "to recompute") from e
+
+  def add(self, i: int, **arrays) -> None:
+    self.done[i] = {k: np.atleast_1d(np.asarray(v)) for k, v in arrays.items()}
+    flat = {f"{j}/{k}": v for j, d in self.done.items() for k, v in d.items()}
+    with io_utils.atomic_write(self.path) as f:
+      np.savez(f, **flat)
+
+  def gather(self, key: str) -> np.ndarray:
+    return np.concatenate([np.atleast_1d(self.done[i][key]) for i in sorted(self.done)])
+
+
+def _to_unit(x: np.ndarray, centered: bool) -> np.ndarray:
+  return np.clip((x + 1.0) / 2.0 if centered else x, 0.0, 1.0)
+
+
+def run_eval(config: Any, workdir: str, checkpoint_step: Any = None,
+             sampler_name: str | None = None, num_steps: int | None = None,
+             num_samples: int | None = None) -> dict:
+  """`main.py --mode eval`: test-set bits/dim and FD (FD-EffNet offline, or FID with Inception
+  weights) of samples from the EMA parameters. Each finished batch is saved under
+  workdir/eval/ckpt_<step>/, so an interrupted evaluation resumes where it stopped; the summary is
+  appended to workdir/eval/results.jsonl."""
+  import json
+  import time as time_lib
+  from tqdm import tqdm
+  from sgm_jax import likelihood
+  from sgm_jax.evaluation import features, metrics
+
+  ev = config.eval
+  sde, model, dataset = build(config)
+  example_shape = dataset.train_batch(0)["image"].shape[1:]
+  params, step = restore_ema_params(config, workdir, model, example_shape, checkpoint_step)
+  score_fn = score_fn_for(config, sde, model, params)
+  centered = bool(config.data.centered)
+  out_dir = os.path.join(workdir, "eval", f"ckpt_{step}")
+  os.makedirs(out_dir, exist_ok=True)
+  result: dict[str, Any] = dict(checkpoint_step=step, time=time_lib.strftime("%Y-%m-%d %H:%M:%S"))
+  key = jax.random.PRNGKey(int(config.seed) + 2)
+
+  if bool(_get(ev, "enable_bpd", False)) and len(example_shape) == 3:
+    split = str(_get(ev, "bpd_dataset", "test"))
+    limit = int(_get(ev, "bpd_num_examples", 10 ** 9))
+    ll_fn = likelihood.get_likelihood_fn(
+        sde, divergence=str(_get(ev, "divergence", "rademacher")),
+        num_probes=int(_get(ev, "num_probes", 1)), rtol=float(_get(ev, "rtol", 1e-5)),
+        atol=float(_get(ev, "atol", 1e-5)), eps=float(_get(ev, "likelihood_eps", 1e-5)))
+    progress = _Progress(os.path.join(out_dir, f"bpd_{split}.npz"))
+    seen = 0
+    bar = tqdm(desc=f"bits/dim ({split})", unit="batch")
+    for i, batch in enumerate(dataset.eval_iterator(split, uniform_dequantization=False)):
+      if seen >= limit:
+        break
+      mask = batch["mask"][: limit - seen]
+      seen += int(mask.sum())
+      if i in progress.done:
+        continue
+      x01 = _to_unit(batch["image"][: len(mask)], centered)
+      bpd, nfe = likelihood.bits_per_dim(jax.random.fold_in(key, i), ll_fn, score_fn, x01,
+                                         centered, uniform_dequantization=True)
+      progress.add(i, bpd=np.asarray(bpd)[mask], nfe=np.asarray(nfe))
+      bar.update(1)
+      bar.set_postfix(bpd=f"{float(progress.gather('bpd').mean()):.3f}")
+    bar.close()
+    values = progress.gather("bpd")
+    result.update(bpd=float(values.mean()), bpd_stderr=float(values.std() / np.sqrt(len(values))),
+                  bpd_examples=int(len(values)), bpd_split=split)
+
+  if bool(_get(ev, "enable_sampling", False)) and len(example_shape) == 3:
+    name = str(_get(ev, "feature_extractor", "effnet"))
+    extractor = features.get_feature_extractor(name, _get(ev, "inception_weights", None) or None)
+    sampler_name = sampler_name or str(_get(ev, "sampler", "deis"))
+    num_steps = int(num_steps or _get(ev, "num_steps", 10))
+    n = int(num_samples or _get(ev, "num_samples", 1024))
+    batch = min(int(_get(config.sampling, "batch_size", 64)), n)
+    sampler = sampling.get_sampler(sampler_name, sde, (batch,) + tuple(example_shape),
+                                   num_steps=num_steps)
+    progress = _Progress(os.path.join(out_dir, f"samples_{sampler_name}_{num_steps}.npz"))
+    for i in tqdm(range(-(-n // batch)), desc=f"samples ({sampler_name})", unit="batch"):
+      if i in progress.done:
+        continue
+      x, nfe = sampler(jax.random.fold_in(key, 10 ** 6 + i), score_fn)
+      x01 = _to_unit(np.asarray(x), centered)
+      feats = extractor(x01)
+      progress.add(i, features=feats["features"], logits=feats["logits"], nfe=np.asarray(nfe),
+                   first=x01[:0] if i else x01)
+    sample_features = progress.gather("features")[:n]
+    io_utils.save_image_grid(progress.done[0]["first"], os.path.join(
+        out_dir, f"samples_{sampler_name}_{num_steps}.png"), data_range=(0.0, 1.0),
+        upscale=max(1, 128 // example_shape[0]))
+    ref_count = int(_get(ev, "reference_examples", 2048))
+    ref_batches = (_to_unit(b["image"], centered) for b in dataset.eval_iterator(
+        "train", uniform_dequantization=False))
+    cache = features.default_cache_path(os.path.join(workdir, "eval"), name,
+                                        str(config.data.dataset), "train",
+                                        int(config.data.image_size), ref_count)
+    ref = features.dataset_statistics(extractor, ref_batches, cache,
+                                      dataset=str(config.data.dataset), split="train",
+                                      image_size=int(config.data.image_size), count=ref_count)
+    mu, cov = metrics.gaussian_statistics(sample_features)
+    fd = metrics.frechet_distance(mu, cov, ref.mean, ref.cov)
+    probs = metrics.softmax(progress.gather("logits")[:n])
+    is_mean, is_std = metrics.inception_score(probs, splits=min(10, n))
+    metric = features.METRIC_NAMES[name]
+    result.update({metric: fd, f"IS ({name})": is_mean, f"IS ({name}) std": is_std,
+                   "num_samples": n, "reference_examples": ref_count, "sampler": sampler_name,
+                   "num_steps": num_steps, "nfe": float(progress.gather("nfe").mean())})
+
+  path = os.path.join(workdir, "eval", "results.jsonl")
+  with open(path, "a") as f:
+    f.write(json.dumps(result) + "\n")
+  result["results_file"] = path
+  return result

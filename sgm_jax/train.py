@@ -205,8 +205,12 @@ def plot_loss_curve(steps: np.ndarray, losses: np.ndarray, path: str) -> str:
 
 def train_loop(workdir: str, state: TrainState, step_fn: Callable,
                batches: Callable[[int], Iterator[np.ndarray]], spec: LoopSpec,
-               schedule: Optional[optax.Schedule] = None) -> TrainState:
+               schedule: Optional[optax.Schedule] = None,
+               stats: Optional[dict] = None) -> TrainState:
   """Run (and resume) training in `workdir`; returns the final unreplicated state.
+
+  If `stats` is a dict it receives the wall time and number of steps after the first (compiling)
+  device call: 'steady_seconds', 'steady_steps'.
 
   `batches(start_step)` yields this host's (local_batch, ...) training batches from `start_step`
   on, the same ones an uninterrupted run would see there. Checkpoints: a preemption snapshot every
@@ -231,6 +235,7 @@ def train_loop(workdir: str, state: TrainState, step_fn: Callable,
     rstate = parallel.replicate(state)
     data = batches(start)
     step, t0, last_good = start, time.time(), store.latest_step()
+    first_call_done, first_call_step = None, start
     bar = tqdm(total=spec.n_iters, initial=start, desc="train", unit="step", dynamic_ncols=True,
                mininterval=2.0)
     while step < spec.n_iters:
@@ -239,6 +244,8 @@ def train_loop(workdir: str, state: TrainState, step_fn: Callable,
       host = host.reshape((n, n_dev, local_batch // n_dev) + host.shape[2:]).swapaxes(0, 1)
       rstate, metrics = p_step(rstate, host)
       losses = np.asarray(metrics["loss"][0])
+      if first_call_done is None:
+        first_call_done, first_call_step = time.time(), step + n
       if not np.all(np.isfinite(losses)):
         bad = step + int(np.argmin(np.isfinite(losses)))
         raise TrainingDiverged(
@@ -267,6 +274,9 @@ def train_loop(workdir: str, state: TrainState, step_fn: Callable,
                      step)
         break
     bar.close()
+    if stats is not None and first_call_done is not None:
+      stats.update(steady_seconds=time.time() - first_call_done,
+                   steady_steps=step - first_call_step)
     state = parallel.unreplicate(rstate)
     loss_log.close()
     if writer is not None:

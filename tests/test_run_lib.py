@@ -150,3 +150,23 @@ def test_cli_bad_sampling_input(tmp_path):
                          "unknown corrector 'bar'")]:
     res = _main("--mode", "sample", "--config", "configs/toy_2d.py", "--workdir", wd, *args)
     assert res.returncode != 0 and message in res.stderr, (args, res.stderr[-2000:])
+
+
+def test_eval_writes_metrics_and_resumes_without_redoing_batches(tmp_path):
+  config = _config("digits")
+  config.eval.num_samples = 8
+  config.eval.reference_examples = 16
+  config.eval.bpd_num_examples = 8
+  config.eval.batch_size = 4
+  config.eval.num_steps = 2
+  run_lib.run_train(config, str(tmp_path))
+  first = run_lib.run_eval(config, str(tmp_path))
+  assert np.isfinite(first["bpd"]) and first["bpd_examples"] == 8
+  assert np.isfinite(first["FD-EffNet"]) and first["num_samples"] == 8
+  progress = sorted((tmp_path / "eval" / "ckpt_2").glob("*.npz"))
+  stamps = [p.stat().st_mtime_ns for p in progress]
+  second = run_lib.run_eval(config, str(tmp_path))
+  assert [p.stat().st_mtime_ns for p in progress] == stamps  # nothing recomputed
+  assert second["bpd"] == first["bpd"] and second["FD-EffNet"] == first["FD-EffNet"]
+  lines = (tmp_path / "eval" / "results.jsonl").read_text().strip().splitlines()
+  assert len(lines) == 2

