@@ -57,6 +57,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   data.centered = True
   data.random_flip = False
   data.uniform_dequantization = False
+  data.data_dir = ml_collections.config_dict.placeholder(str)  # None: the default location
 
   config.model = model = ml_collections.ConfigDict()
   model.name = 'unet_small'

@@ -24,10 +24,18 @@ class CheckpointError(ValueError):
 
 
 def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
+  # No background clean-up of temporary directories left by killed saves: Orbax ignores them
+  # when listing steps, and its clean-up thread can outlive a process that exits on an error.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          enable_async_checkpointing=False,
-                                         cleanup_tmp_directories=True)
+                                         cleanup_tmp_directories=False)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def has_checkpoints(workdir: str) -> bool:
+  """Whether `workdir` has checkpoint folders at all (without creating anything)."""
+  return any(os.path.isdir(os.path.join(workdir, d)) and os.listdir(os.path.join(workdir, d))
+             for d in (PERIODIC_DIR, SNAPSHOT_DIR))
 
 
 class CheckpointStore:

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from sgm_jax import datasets, io_utils, losses, models, sampling, score, sde_lib, train
-from sgm_jax.checkpoints import CheckpointError, CheckpointStore
+from sgm_jax.checkpoints import CheckpointError, CheckpointStore, has_checkpoints
 from sgm_jax.workdir import WorkdirLock, check_or_record_config
 
 
@@ -105,13 +105,15 @@ def run_train(config: Any, workdir: str) -> train.TrainState:
   """Train (or resume training) in `workdir`: `main.py --mode train`."""
   os.makedirs(workdir, exist_ok=True)
   with WorkdirLock(workdir):
-    check_or_record_config(workdir, config)
     sde, model, dataset = build(config)
     spec = loop_spec_from_config(config)
     opt = optimizer_from_config(config)
     tx = opt.build()
     example_shape = dataset.train_batch(0)["image"].shape[1:]
     state = initial_state(config, model, example_shape, tx)
+    # Recorded only once the config has proven buildable, so a failed first run leaves the
+    # workdir free for the corrected config.
+    check_or_record_config(workdir, config)
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
     logging.info("model %s with %d parameters; %s; data %s %s", config.model.name, n_params,
                  type(sde).__name__, config.data.dataset, example_shape)
@@ -124,6 +126,8 @@ def run_train(config: Any, workdir: str) -> train.TrainState:
 def restore_ema_params(config: Any, workdir: str, model, example_shape: tuple,
                        step: Any = None) -> tuple[Any, int]:
   """EMA parameters of the latest (or the given) checkpoint in `workdir`, and its step."""
+  if not has_checkpoints(workdir):
+    raise CheckpointError(f"no checkpoint in {workdir}; train first with --mode train")
   opt = optimizer_from_config(config)
   target = initial_state(config, model, example_shape, opt.build())
   store = CheckpointStore(workdir, keep=int(_get(config.training, "keep_checkpoints", 5)))

@@ -1,0 +1,124 @@
+"""Faults and bad input: samplers stay finite at extreme step counts, and every user mistake
+gives one clear error, a non-zero exit, and leaves the workdir as it was."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sgm_jax import sampling, sde_lib, toy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SDES = [sde_lib.VESDE(), sde_lib.VPSDE(), sde_lib.subVPSDE()]
+FIXED_STEP_SAMPLERS = sorted(set(sampling.SAMPLERS) - {"ode"})
+
+
+@pytest.fixture(scope="module")
+def oracle():
+  return toy.GaussianMixture.create(jnp.array([[-1.0, 0.5], [1.0, -0.5]]), 0.1)
+
+
+@pytest.mark.parametrize("sde", SDES, ids=[type(s).__name__ for s in SDES])
+@pytest.mark.parametrize("name", FIXED_STEP_SAMPLERS)
+def test_samplers_stay_finite_for_1_2_and_1000_steps_in_float32(oracle, sde, name):
+  for steps in (1, 2, 1000):
+    sampler = sampling.get_sampler(name, sde, (16, 2), num_steps=steps)
+    x, nfe = sampler(jax.random.PRNGKey(steps), oracle.score_fn(sde))
+    assert x.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(x))), (name, steps)
+    assert int(nfe) >= 1
+
+
+@pytest.mark.parametrize("sde", SDES, ids=[type(s).__name__ for s in SDES])
+def test_adaptive_ode_sampler_is_finite(oracle, sde):
+  x, nfe = sampling.get_sampler("ode", sde, (16, 2), num_steps=1)(jax.random.PRNGKey(0),
+                                                                  oracle.score_fn(sde))
+  assert bool(jnp.all(jnp.isfinite(x))) and int(nfe) > 6
+
+
+def _main(*args, env=None):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, **(env or {})))
+
+
+def _snapshot(path):
+  out = {}
+  for root, _, files in os.walk(path):
+    for name in files:
+      if name == ".lock":  # holds the pid of the last process that took the lock
+        continue
+      p = os.path.join(root, name)
+      with open(p, "rb") as f:
+        out[os.path.relpath(p, path)] = f.read()
+  return out
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("trained"))
+  res = _main("--mode", "train", "--config", "configs/toy_2d.py", "--workdir", wd,
+              "--config.training.n_iters=2", "--config.training.snapshot_freq=2")
+  assert res.returncode == 0, res.stderr[-2000:]
+  return wd
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--mode", "train", "--config", "configs/digits.py", "--config.data.image_size=6"], None,
+     "image size 6x6 is not divisible by patch_size=4"),
+    (["--mode", "train", "--config", "configs/fashion_mnist.py",
+      "--config.data.data_dir=/nonexistent"], None, "apt-get install dataset-fashion-mnist"),
+    (["--mode", "train", "--config", "configs/toy_2d.py", "--config.training.batch_size=-4"], None,
+     "training.batch_size must be a positive integer, got -4"),
+    (["--mode", "sample", "--config", "configs/toy_2d.py"], None, "no checkpoint in"),
+])
+def test_bad_input_fails_cleanly_in_a_new_workdir(tmp_path, args, env, message):
+  res = _main(*args, "--workdir", str(tmp_path / "wd"), env=env)
+  assert res.returncode != 0
+  assert message in res.stderr, res.stderr[-2000:]
+  assert "Traceback" not in res.stderr
+  assert not os.path.exists(tmp_path / "wd" / "config.json")  # the workdir stays usable
+
+
+def test_bad_input_leaves_a_trained_workdir_untouched(trained_workdir, tmp_path):
+  before = _snapshot(trained_workdir)
+  common = ["--config", "configs/toy_2d.py", "--workdir", trained_workdir]
+  junk = tmp_path / "inception.npz"
+  junk.write_bytes(b"not an npz file at all")
+  for args, message in [
+      (["--mode", "train", "--config.model.hidden=(64,)"], "belongs to a different config"),
+      (["--mode", "sample", "--sampler", "nope"], "unknown sampler 'nope'"),
+      (["--mode", "sample", "--checkpoint_step", "7"], "no checkpoint for step 7"),
+      (["--mode", "sample", "--sampler", "ode", "--sampler_option", "solver=rk45"],
+       "unknown solver 'rk45'"),
+  ]:
+    res = _main(*common, *args)
+    assert res.returncode != 0 and message in res.stderr, (args, res.stderr[-2000:])
+  assert _snapshot(trained_workdir) == before
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(trained_workdir, tmp_path):
+  import shutil
+  wd = str(tmp_path / "copy")
+  shutil.copytree(trained_workdir, wd)
+  for root, _, files in os.walk(os.path.join(wd, "checkpoints")):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+  res = _main("--mode", "sample", "--config", "configs/toy_2d.py", "--workdir", wd)
+  assert res.returncode != 0
+  assert "could not be read" in res.stderr or "corrupt" in res.stderr, res.stderr[-2000:]
+
+
+def test_weights_file_that_is_not_what_it_claims(tmp_path):
+  from sgm_jax.evaluation import features
+  junk = tmp_path / "inception_fid.npz"
+  np.savez(junk, something=np.zeros(3))
+  with pytest.raises(ValueError, match="not an FID Inception weights file"):
+    features.get_feature_extractor("inception", str(junk))
+  with pytest.raises(FileNotFoundError, match="--convert"):
+    features.get_feature_extractor("inception", str(tmp_path / "missing.npz"))
