@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from sgm_jax import datasets, io_utils, losses, models, sampling, score, sde_lib, train
+from sgm_jax import datasets, io_utils, losses, models, parallel, sampling, score, sde_lib, train
 from sgm_jax.checkpoints import CheckpointError, CheckpointStore, has_checkpoints
 from sgm_jax.workdir import WorkdirLock, check_or_record_config
 
@@ -104,6 +104,11 @@ def initial_state(config: Any, model, example_shape: tuple, tx) -> train.TrainSt
 def run_train(config: Any, workdir: str) -> train.TrainState:
   """Train (or resume training) in `workdir`: `main.py --mode train`."""
   os.makedirs(workdir, exist_ok=True)
+  dist = _get(config, "distributed", None)
+  if dist is not None:  # multi-host: config.distributed.{coordinator_address,num_processes,process_id}
+    parallel.maybe_initialize_distributed(_get(dist, "coordinator_address", None),
+                                          _get(dist, "num_processes", None),
+                                          _get(dist, "process_id", None))
   with WorkdirLock(workdir):
     sde, model, dataset = build(config)
     spec = loop_spec_from_config(config)

@@ -387,3 +387,31 @@ def test_cli_converts_and_refuses_to_overwrite(tmp_path, ckpt, monkeypatch, caps
   assert npz.endswith("params_ema.npz")
   _assert_tree_equal(convert.load_variables(npz)["params"], _reshaped(state["params_ema"]))
   assert "wrote" in capsys.readouterr().out
+
+
+def test_full_size_checkpoint_built_from_the_reference_tree(tmp_path):
+  """A real-size original checkpoint (DDPM, 32.3M parameters), random values in the reference
+  tree's legacy shapes, serialized like score_sde (flax msgpack of its State), converts into
+  variables that fit our network for configs/vp/ddpm/cifar10_unconditional.py exactly."""
+  import importlib
+  import sys
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from sgm_jax import models
+  ref = os.path.join(REF, "vp_ddpm_cifar10_unconditional.json")
+  if not os.path.exists(ref):
+    pytest.skip("reference trees not available")
+  with open(ref) as f:
+    entries = json.load(f)["collections"]["params"]
+  rng = np.random.default_rng(0)
+  legacy = convert.unflatten({tuple(p.split("/")[1:]): rng.standard_normal(s, dtype=np.float32)
+                              for p, s in entries})
+  path = _write(tmp_path / "checkpoint_26", _fake_state_from(legacy))
+  config = importlib.import_module("configs.vp.ddpm.cifar10_unconditional").get_config()
+  model = models.create_model(config)
+  variables = convert.load_sampling_variables(path, model, (1, 32, 32, 3))
+  got = convert.flatten(variables["params"])
+  want = _reshaped(legacy)
+  assert got.keys() == want.keys()
+  assert sum(v.size for v in got.values()) == 32_329_347
+  for p in list(want)[:: max(1, len(want) // 40)]:
+    np.testing.assert_array_equal(got[p], want[p])
