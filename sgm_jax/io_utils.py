@@ -18,6 +18,9 @@ def atomic_write(path: str, mode: str = "wb"):
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path) + "-")
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make results unreadable to others
   try:
     with os.fdopen(fd, mode) as f:
       yield f
