@@ -3,6 +3,11 @@
 Modes: train (resumes when the workdir has checkpoints), sample (PNG grid + .npz from the EMA
 parameters), eval (test bits/dim and FD-EffNet or FID, appended to workdir/eval/results.jsonl;
 resumable), all (train, then sample with DEIS at 10 NFE and with PC, then eval: the main job).
+Controllable generation: train_classifier (the noise-conditional classifier, then
+--mode sample --class_label 3|all [--classifier_scale 2]), inpaint (--mask right|left|top|bottom|
+center|random|FILE.png), colorize (RGB models), interpolate (--num_points); their inputs come from
+--input (an .npz with 'images', or an image file) or the test split, and --sampler picks the method
+(pc, deis, ddim, ode). Results go to workdir/controllable/ (PNG, .npz, .json).
 Config fields can be overridden on the command line, e.g. --config.training.batch_size=32.
 Sampler options: --sampler deis --num_steps 10 --sampler_option order=2 ...
 """
@@ -13,7 +18,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-MODES = ("train", "sample", "eval", "all")
+MODES = ("train", "sample", "eval", "all", "train_classifier", "inpaint", "colorize",
+         "interpolate")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -21,10 +27,20 @@ flags.DEFINE_string("workdir", None, "Work directory (checkpoints, logs, samples
 flags.DEFINE_enum("mode", None, list(MODES), "What to run.")
 flags.DEFINE_string("sampler", None, "sample/eval: sampler name (default: from the config).")
 flags.DEFINE_integer("num_steps", None, "sample/eval: number of sampler steps.")
-flags.DEFINE_integer("num_samples", None, "sample/eval: number of samples.")
+flags.DEFINE_integer("num_samples", None, "sample/eval: number of samples; inpaint/colorize: "
+                     "number of images (default 8); interpolate: number of pairs (default 4).")
 flags.DEFINE_integer("checkpoint_step", None, "sample/eval: checkpoint step (default latest).")
 flags.DEFINE_multi_string("sampler_option", [], "--mode sample: KEY=VALUE sampler option "
                           "(values parsed as JSON when possible, e.g. order=2, snr=0.16).")
+flags.DEFINE_string("class_label", None, "--mode sample: class to sample (an integer, or 'all' "
+                    "to cycle through the classes); needs --mode train_classifier first.")
+flags.DEFINE_float("classifier_scale", None, "--mode sample --class_label: classifier weight "
+                   "(default config.classifier.scale).")
+flags.DEFINE_string("input", None, "inpaint/colorize/interpolate: input images (.npz with "
+                    "'images', or an image file); default: the test split.")
+flags.DEFINE_string("mask", "right", "--mode inpaint: region to fill in (left, right, top, "
+                    "bottom, center, random) or a mask image (white = known).")
+flags.DEFINE_integer("num_points", 8, "--mode interpolate: images per interpolation path.")
 flags.mark_flags_as_required(["config", "workdir", "mode"])
 
 
@@ -54,7 +70,11 @@ def main(argv):
   if mode == "sample":
     _print_samples(run_lib.run_sample(config, workdir, FLAGS.sampler, FLAGS.num_steps,
                                       FLAGS.num_samples, FLAGS.checkpoint_step,
+                                      class_label=FLAGS.class_label,
+                                      classifier_scale=FLAGS.classifier_scale,
                                       **_parse_options(FLAGS.sampler_option)))
+  if mode in ("train_classifier", "inpaint", "colorize", "interpolate"):
+    _run_controllable(config, workdir, mode)
   if mode == "all":
     _print_samples(run_lib.run_sample(config, workdir, "deis", 10))
     _print_samples(run_lib.run_sample(config, workdir, "pc", int(config.sampling.get(
@@ -67,9 +87,33 @@ def main(argv):
           f"appended to {result['results_file']}")
 
 
+def _run_controllable(config, workdir, mode):
+  from sgm_jax import run_controllable as rc
+  if mode == "train_classifier":
+    metrics = rc.run_train_classifier(config, workdir)
+    shown = {k: v for k, v in metrics.items() if k != "metrics_file"}
+    print(f"classifier trained to step {metrics['step']} in {workdir}/classifier: test accuracy "
+          f"{json.dumps(shown)}; written to {metrics['metrics_file']}")
+    return
+  common = dict(input_path=FLAGS.input, checkpoint_step=FLAGS.checkpoint_step)
+  if mode == "interpolate":
+    result = rc.run_interpolate(config, workdir, FLAGS.num_samples, FLAGS.num_points, **common)
+  else:
+    run = rc.run_inpaint if mode == "inpaint" else rc.run_colorize
+    if mode == "inpaint":
+      common["mask"] = FLAGS.mask
+    result = run(config, workdir, FLAGS.sampler, FLAGS.num_steps, FLAGS.num_samples, **common,
+                 **_parse_options(FLAGS.sampler_option))
+  shown = {k: v for k, v in result.items() if k not in ("png", "npz", "json")}
+  print(f"{mode}: {json.dumps(shown)}\nimages {result['png']}, arrays {result['npz']}, "
+        f"summary {result['json']}")
+
+
 def _print_samples(result):
-  print(f"{result['num_samples']} samples ({result['nfe']:.0f} score evaluations per batch) from "
-        f"checkpoint {result['checkpoint_step']}: {result['png']} and {result['npz']}")
+  label = (f" of class {result['class_label']} (classifier scale {result['classifier_scale']:g})"
+           if "class_label" in result else "")
+  print(f"{result['num_samples']} samples{label} ({result['nfe']:.0f} score evaluations per batch) "
+        f"from checkpoint {result['checkpoint_step']}: {result['png']} and {result['npz']}")
 
 
 def _parse_flags(argv):

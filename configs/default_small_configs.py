@@ -80,5 +80,20 @@ def get_default_configs() -> ml_collections.ConfigDict:
   optim.warmup = 200
   optim.grad_clip = 1.
 
+  # The noise-conditional classifier of --mode train_classifier (a small WRN-10-2 of
+  # models/wideresnet.py) and the default weight of --class_label sampling.
+  config.classifier = classifier = ml_collections.ConfigDict()
+  classifier.num_classes = 10
+  classifier.blocks_per_group = 1
+  classifier.channel_multiplier = 2
+  classifier.n_iters = 2000
+  classifier.batch_size = 64
+  classifier.lr = 1e-3
+  classifier.max_seconds = 300.
+  classifier.log_freq = 100
+  classifier.snapshot_freq = 200
+  classifier.eval_examples = 1000
+  classifier.scale = 1.0
+
   config.seed = 42
   return config

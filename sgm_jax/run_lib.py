@@ -169,11 +169,14 @@ def save_samples(samples: np.ndarray, config: Any, path_stem: str) -> dict:
 
 def run_sample(config: Any, workdir: str, sampler_name: str | None = None,
                num_steps: int | None = None, num_samples: int | None = None,
-               checkpoint_step: Any = None, **sampler_options) -> dict:
+               checkpoint_step: Any = None, class_label: Any = None,
+               classifier_scale: float | None = None, **sampler_options) -> dict:
   """Sample from the EMA parameters of a checkpoint: `main.py --mode sample`.
 
-  Writes workdir/samples/<sampler>_<steps>steps_ckpt<step>.{png,npz}; returns their paths and
-  the mean nfe per batch.
+  Writes workdir/samples/<sampler>_<steps>steps_ckpt<step>[_class<y>].{png,npz}; returns their
+  paths and the mean nfe per batch. With class_label (an integer, or 'all' to cycle through the
+  classes) the score is that of p_t(x | y) through the classifier of --mode train_classifier,
+  weighted by classifier_scale (default config.classifier.scale).
   """
   from tqdm import tqdm
   sde, model, dataset = build(config)
@@ -193,16 +196,49 @@ def run_sample(config: Any, workdir: str, sampler_name: str | None = None,
   sampler = sampling.get_sampler(sampler_name, sde, (batch,) + tuple(example_shape),
                                  num_steps=num_steps, **sampler_options)
   score_fn = score_fn_for(config, sde, model, params)
+  conditional, suffix = None, ""
+  if class_label is not None:
+    conditional = _ClassConditional(config, workdir, sde, example_shape, class_label,
+                                    classifier_scale)
+    suffix = f"_class{conditional.label}"
   key = jax.random.PRNGKey(int(config.seed) + 1)
-  outs, nfes = [], []
+  outs, nfes, labels = [], [], []
   for i in tqdm(range(-(-num_samples // batch)), desc=f"sample {sampler_name}", unit="batch"):
-    x, nfe = sampler(jax.random.fold_in(key, i), score_fn)
+    fn = score_fn
+    if conditional is not None:
+      fn, y = conditional.score_fn(score_fn, i * batch, batch)
+      labels.append(y)
+    x, nfe = sampler(jax.random.fold_in(key, i), fn)
     outs.append(np.asarray(x))
     nfes.append(int(nfe))
   samples = np.concatenate(outs)[:num_samples]
-  stem = os.path.join(workdir, "samples", f"{sampler_name}_{num_steps}steps_ckpt{ckpt_step}")
+  stem = os.path.join(workdir, "samples", f"{sampler_name}_{num_steps}steps_ckpt{ckpt_step}{suffix}")
   paths = save_samples(samples, config, stem)
-  return dict(paths, nfe=float(np.mean(nfes)), checkpoint_step=ckpt_step, num_samples=num_samples)
+  result = dict(paths, nfe=float(np.mean(nfes)), checkpoint_step=ckpt_step,
+                num_samples=num_samples)
+  if conditional is not None:
+    result.update(labels=np.concatenate(labels)[:num_samples], class_label=conditional.label,
+                  classifier_scale=conditional.scale, classifier_step=conditional.step)
+  return result
+
+
+class _ClassConditional:
+  """The classifier of a workdir, turning the score into that of p_t(x | y) (Eq. 14)."""
+
+  def __init__(self, config: Any, workdir: str, sde: sde_lib.SDE, image_shape: tuple,
+               class_label: Any, scale: float | None):
+    from sgm_jax import run_controllable as rc
+    spec = rc.ClassifierSpec.from_config(config)
+    self.num_classes = spec.num_classes
+    self.label = rc.parse_class_label(class_label, spec.num_classes)
+    self.scale = float(spec.scale if scale is None else scale)
+    self.log_prob_fn, self.step = rc.load_classifier_log_prob(config, workdir, sde, image_shape)
+
+  def score_fn(self, score_fn, start: int, batch: int):
+    from sgm_jax import controllable
+    from sgm_jax.run_controllable import class_labels_for
+    y = class_labels_for(self.label, start, batch, self.num_classes)
+    return controllable.conditional_score_fn(score_fn, self.log_prob_fn, y, self.scale), y
 
 
 class _Progress:
