@@ -53,10 +53,12 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", default="runs/fashion_mnist")
   parser.add_argument("--config", default="fashion_mnist", help="module name under configs/")
-  parser.add_argument("--per_class", type=int, default=16)
-  parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 4.0])
+  parser.add_argument("--per_class", type=int, default=10)
+  parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 4.0, 8.0])
   parser.add_argument("--sampler", default="pc")
-  parser.add_argument("--num_steps", type=int, default=200)
+  parser.add_argument("--num_steps", type=int, default=100)
+  parser.add_argument("--batch_size", type=int, default=None,
+                      help="samples per sampler call (default: all 10 x per_class at once)")
   args = parser.parse_args()
 
   config = importlib.import_module(f"configs.{args.config}").get_config()
@@ -66,12 +68,16 @@ def main():
   test_clf, test_accuracy = train_test_classifier(config)
   num_classes = int(config.classifier.num_classes)
   n = num_classes * args.per_class
+  config.sampling.batch_size = args.batch_size or n
+
+  def predict(samples):
+    x01 = np.clip((samples + 1.0) / 2.0 if centered else samples, 0.0, 1.0)
+    return test_clf.predict(x01.reshape(len(x01), -1))
 
   def agreement(samples, labels):
-    x01 = np.clip((samples + 1.0) / 2.0 if centered else samples, 0.0, 1.0)
-    pred = test_clf.predict(x01.reshape(len(x01), -1))
+    pred = predict(samples)
     per_class = [float(np.mean(pred[labels == k] == k)) for k in range(num_classes)]
-    return float(np.mean(pred == labels)), per_class, pred
+    return float(np.mean(pred == labels)), per_class
 
   report = dict(sampler=args.sampler, num_steps=args.num_steps, samples=n,
                 guidance_classifier=classifier_metrics, test_classifier_accuracy=test_accuracy,
@@ -79,7 +85,7 @@ def main():
   start = time.time()
   plain = run_lib.run_sample(config, args.workdir, args.sampler, args.num_steps, n)
   with np.load(plain["npz"]) as f:
-    _, _, pred = agreement(f["samples"], np.zeros(n, int))
+    pred = predict(f["samples"])
   histogram = np.bincount(pred, minlength=num_classes) / n
   # Chance level of "agrees with a requested label" when labels cycle uniformly: 1 / num_classes.
   report["unconditional"] = dict(predicted_class_histogram=histogram.tolist(),
@@ -93,7 +99,7 @@ def main():
     with np.load(result["npz"]) as f:
       samples = f["samples"]
     labels = np.asarray(result["labels"])
-    agree, per_class, _ = agreement(samples, labels)
+    agree, per_class = agreement(samples, labels)
     order = np.argsort(labels, kind="stable")  # one row per class
     png = os.path.join(args.workdir, "controllable", f"class_conditional_scale{scale:g}.png")
     io_utils.save_image_grid(samples[order], png, nrow=args.per_class,

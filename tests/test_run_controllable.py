@@ -173,6 +173,7 @@ def test_interpolation_from_an_input_file(trained, tmp_path):
   assert inputs.shape == (4, 8, 8, 1)  # resized to the model's 8x8
   assert strips.shape == (2, 5, 8, 8, 1) and np.all(np.isfinite(strips))
   assert result["nfe_per_pair"] > 0 and np.isfinite(result["reconstruction_max_abs_error"])
+  assert 0.0 <= result["reconstruction_rms_error"] <= result["reconstruction_max_abs_error"]
   width, height = Image.open(result["png"]).size
   assert width > 2 * height  # 2 rows of 5
 
