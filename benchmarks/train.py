@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sgm_jax import parallel, run_lib, train  # noqa: E402
+from sgm_jax import datasets, parallel, run_lib, train  # noqa: E402
 
 
 def load_config(path: str):
@@ -31,7 +31,7 @@ def load_config(path: str):
   return module.get_config()
 
 
-def measure(config_path: str, steps: int, batch_size: int) -> dict:
+def measure(config_path: str, steps: int, batch_size: int, data_dir: str) -> dict:
   config = load_config(config_path)
   config.training.batch_size = batch_size
   config.training.n_jitted_steps = 1
@@ -41,6 +41,19 @@ def measure(config_path: str, steps: int, batch_size: int) -> dict:
   config.training.snapshot_freq_for_preemption = 10 ** 9
   config.training.max_seconds = None
   sde, model, dataset = run_lib.build(config)
+  try:
+    dataset.train_batch(0)
+    data = str(config.data.dataset)
+  except (datasets.MissingDependencyError, datasets.DatasetNotFoundError) as e:
+    # Throughput does not depend on pixel values: stand in random images of the same shape.
+    print(f"  {config.data.dataset} not available here ({type(e).__name__}); timing on random "
+          "uint8 images of its shape", flush=True)
+    size, channels = int(config.data.image_size), int(config.data.num_channels)
+    images = np.random.default_rng(0).integers(0, 256, (1024, size, size, channels), np.uint8)
+    np.savez(os.path.join(data_dir, "random.npz"), images=images)
+    config.data.dataset, config.data.data_dir = "npz", os.path.join(data_dir, "random.npz")
+    sde, model, dataset = run_lib.build(config)
+    data = "random images"
   opt = run_lib.optimizer_from_config(config)
   tx = opt.build()
   example_shape = dataset.train_batch(0)["image"].shape[1:]
@@ -71,7 +84,7 @@ def measure(config_path: str, steps: int, batch_size: int) -> dict:
     train.train_loop(workdir, state, step_fn, dataset.batches_fn(), spec, stats=stats)
   loop_wall, loop_steps = stats["steady_seconds"], stats["steady_steps"]
   pure_per_step = float(np.mean(pure))
-  return dict(config=config_path, params=n_params, batch=batch_size, steps=loop_steps,
+  return dict(config=config_path, data=data, params=n_params, batch=batch_size, steps=loop_steps,
               step_s=float(np.median(pure)), steps_per_s=loop_steps / loop_wall,
               examples_per_s=loop_steps * batch_size / loop_wall,
               overhead=loop_wall / (loop_steps * pure_per_step) - 1.0)
@@ -82,20 +95,21 @@ def main(argv=None) -> int:
   parser.add_argument("--configs", nargs="+", default=[
       "configs/fashion_mnist.py:64", "configs/vp/cifar10_ddpmpp_continuous.py:4"],
       help="config files, each optionally with :BATCH_SIZE")
-  parser.add_argument("--steps", type=int, default=30)
+  parser.add_argument("--steps", type=int, default=60)
   args = parser.parse_args(argv)
   rows = []
   for item in args.configs:
     path, _, batch = item.partition(":")
     print(f"measuring {path} ...", flush=True)
-    rows.append(measure(path, args.steps, int(batch or 64)))
+    with tempfile.TemporaryDirectory() as data_dir:
+      rows.append(measure(path, args.steps, int(batch or 64), data_dir))
     r = rows[-1]
     print(f"  {r['params']:,} params, batch {r['batch']}: {r['steps_per_s']:.2f} steps/s, "
           f"{r['examples_per_s']:.1f} examples/s, overhead {100 * r['overhead']:+.1f} %", flush=True)
-  print("\n| config | params | batch | step (median) | steps/s | examples/s | loop overhead |")
-  print("|---|---|---|---|---|---|---|")
+  print("\n| config | data | params | batch | step (median) | steps/s | examples/s | loop overhead |")
+  print("|---|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['config']} | {r['params']:,} | {r['batch']} | {1000 * r['step_s']:.0f} ms | "
+    print(f"| {r['config']} | {r['data']} | {r['params']:,} | {r['batch']} | {1000 * r['step_s']:.0f} ms | "
           f"{r['steps_per_s']:.2f} | {r['examples_per_s']:.1f} | {100 * r['overhead']:+.1f} % |")
   return 0
 
