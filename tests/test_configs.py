@@ -18,12 +18,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+from reference_data import PARAM_TREES  # noqa: E402
 from sgm_jax.models import ncsnpp  # noqa: E402
 
 CONFIGS = os.path.join(ROOT, "configs")
-REF = os.path.join(ROOT, "..", "shared", "reference", "param_trees")
-if not os.path.isdir(REF):
-  REF = "/work/shared/reference/param_trees"
+REF = PARAM_TREES
 
 SCORE_SDE_DEFAULTS = ["configs/default_cifar10_configs.py", "configs/default_celeba_configs.py",
                       "configs/default_lsun_configs.py"]

@@ -11,12 +11,10 @@ import optax
 import pytest
 from flax import serialization
 
+from reference_data import PARAM_TREES
 from sgm_jax import convert
 
-REF = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "param_trees")
-REF = os.environ.get("SGM_JAX_PARAM_TREES", os.path.abspath(REF))
-if not os.path.isdir(REF):
-  REF = "/work/shared/reference/param_trees"
+REF = PARAM_TREES
 LAYOUT = "_checkpoint_layout_flax031_vp_cifar10_ddpmpp_deep_continuous.json"
 INPUT_SHAPE = (1, 8, 8, 3)
 

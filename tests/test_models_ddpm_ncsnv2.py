@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
+from reference_data import PARAM_TREES
 from sgm_jax.models import ddpm, ncsnv2, wideresnet
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-_CANDIDATES = [d / "shared" / "reference" / "param_trees" for d in (_ROOT.parent, _ROOT)]
-MODERN = next((d for d in _CANDIDATES if d.is_dir()), _CANDIDATES[0]) / "modern_flax"
+MODERN = pathlib.Path(PARAM_TREES) / "modern_flax"
 _JSONS = sorted(MODERN.glob("*.json")) if MODERN.is_dir() else []
 
 

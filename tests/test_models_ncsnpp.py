@@ -26,12 +26,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+from reference_data import PARAM_TREES  # noqa: E402
 from sgm_jax.models import layerspp, ncsnpp  # noqa: E402
 from sgm_jax.models import up_or_down_sampling as uds  # noqa: E402
 
-REF = os.path.join(ROOT, "..", "shared", "reference", "param_trees")
-if not os.path.isdir(REF):
-  REF = "/work/shared/reference/param_trees"
+REF = PARAM_TREES
 MODERN = os.path.join(REF, "modern_flax")
 
 # num_params of every original `ncsnpp` config (from the reference summary), checked even where
