@@ -105,7 +105,8 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, ema_rat
     params = optax.apply_updates(state.params, updates)
     params_ema = jax.tree_util.tree_map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p,
                                         state.params_ema, params)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))
+    metrics = {"loss": loss, "grad_norm": grad_norm}
     if schedule is not None:
       metrics["lr"] = schedule(state.step)
     new_state = state.replace(step=state.step + 1, params=params, params_ema=params_ema,
