@@ -170,15 +170,17 @@ def _train_classifier_loop(store, state, dataset, sde, logits_fn, optimizer, spe
     params, opt_state, loss = step_fn(params, opt_state, batch, jax.random.fold_in(key, step))
     step += 1
     bar.update(1)
-    if step % spec.log_freq == 0 or step == spec.n_iters:
+    out_of_time = spec.max_seconds is not None and time.time() - begin > spec.max_seconds
+    save = step % spec.snapshot_freq == 0 or step == spec.n_iters or out_of_time
+    if save or step % spec.log_freq == 0:
+      # Checked before every save too, so a NaN state never replaces the last good checkpoint.
       loss = float(loss)
       if not np.isfinite(loss):
         raise RuntimeError(f"classifier loss became {loss} at step {step}; the last good "
                            f"checkpoint is kept in {store.workdir}")
       bar.set_postfix(loss=f"{loss:.4f}")
       logging.info("classifier step %d: loss %.5f", step, loss)
-    out_of_time = spec.max_seconds is not None and time.time() - begin > spec.max_seconds
-    if step % spec.snapshot_freq == 0 or step == spec.n_iters or out_of_time:
+    if save:
       store.save(step, _classifier_state(params, opt_state, step))
     if out_of_time:
       logging.info("classifier: stopping at step %d after max_seconds=%s", step, spec.max_seconds)
