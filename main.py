@@ -76,13 +76,17 @@ def main(argv):
   if mode in ("train_classifier", "inpaint", "colorize", "interpolate"):
     _run_controllable(config, workdir, mode)
   if mode == "all":
-    _print_samples(run_lib.run_sample(config, workdir, "deis", 10))
-    _print_samples(run_lib.run_sample(config, workdir, "pc", int(config.sampling.get(
-        "pc_num_steps", 500))))
+    results, side_by_side = run_lib.run_sampler_comparison(config, workdir)
+    for result in results:
+      _print_samples(result)
+    print(f"the samplers side by side: {side_by_side}")
   if mode in ("eval", "all"):
     result = run_lib.run_eval(config, workdir, FLAGS.checkpoint_step, FLAGS.sampler,
-                              FLAGS.num_steps, FLAGS.num_samples)
-    shown = {k: v for k, v in result.items() if k != "results_file"}
+                              FLAGS.num_steps, FLAGS.num_samples,
+                              **(_parse_options(FLAGS.sampler_option) if mode == "eval" else {}))
+    shown = {k: v for k, v in result.items() if k not in ("results_file", "denoising_error")}
+    if "denoising_error" in result:
+      shown["denoising_error"] = result["denoising_error"]["png"]
     print(f"evaluation of checkpoint {result['checkpoint_step']}: {json.dumps(shown)}\n"
           f"appended to {result['results_file']}")
 
@@ -113,7 +117,8 @@ def _print_samples(result):
   label = (f" of class {result['class_label']} (classifier scale {result['classifier_scale']:g})"
            if "class_label" in result else "")
   print(f"{result['num_samples']} samples{label} ({result['nfe']:.0f} score evaluations per batch) "
-        f"from checkpoint {result['checkpoint_step']}: {result['png']} and {result['npz']}")
+        f"from checkpoint {result['checkpoint_step']}: {result['png']} and {result['npz']}; "
+        f"{100 * result['out_of_range']:.2f} % of pixels outside [-1.1, 1.1] before clipping")
 
 
 def _parse_flags(argv):

@@ -13,7 +13,13 @@ def get_default_configs() -> ml_collections.ConfigDict:
   training.continuous = True
   training.reduce_mean = True
   training.likelihood_weighting = False
+  # 'sigma2' (score_sde: the eps-MSE), 'g2' (likelihood weighting; also set by
+  # likelihood_weighting) or 'output' (the MSE of the network's own output, see
+  # model.parameterization); None: from likelihood_weighting.
+  training.weighting = ml_collections.config_dict.placeholder(str)
   training.importance_sampling = False
+  # 'uniform' t (score_sde) or 'log_normal' (EDM: ln(sigma / alpha) ~ N(-1.2, 1.2^2), DSM only)
+  training.time_sampling = 'uniform'
   training.batch_size = 64
   training.n_iters = 20000
   training.n_jitted_steps = 1  # CPU: see parallel.fused_steps
@@ -44,6 +50,10 @@ def get_default_configs() -> ml_collections.ConfigDict:
   evaluate.bpd_num_examples = 128
   evaluate.rtol = 1e-4  # ODE tolerances of the likelihood (score_sde: 1e-5; 1e-4 costs ~25 % fewer
   evaluate.atol = 1e-4  # evaluations at ~5e-4 bits/dim, see benchmarks/likelihood.py)
+  evaluate.enable_denoising_error = True  # eval/denoising_error.png (evaluation/denoising.py)
+  evaluate.denoising_examples = 256
+  evaluate.denoising_reference = 2048  # training images whose posterior mean is the reference
+  evaluate.denoising_levels = 16
   evaluate.enable_sampling = True
   evaluate.num_samples = 1024
   evaluate.sampler = 'deis'
@@ -70,6 +80,11 @@ def get_default_configs() -> ml_collections.ConfigDict:
   model.beta_max = 20.
   model.ema_rate = 0.995  # short CPU runs: the EMA forgets the initial weights within ~1000 steps
   model.dropout = 0.0
+  # What the network outputs (sgm_jax/score.py): None keeps the SDE's own ('eps' for VP, 'score'
+  # for VE), as the original checkpoints; 'x0', 'v' or 'edm' (EDM preconditioning with data std
+  # sigma_data) for networks that few-step ODE samplers can use.
+  model.parameterization = ml_collections.config_dict.placeholder(str)
+  model.sigma_data = 0.5
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.optimizer = 'Adam'
@@ -96,4 +111,15 @@ def get_default_configs() -> ml_collections.ConfigDict:
   classifier.scale = 1.0
 
   config.seed = 42
+  return config
+
+
+def use_few_step_parameterization(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The image configs' default: EDM preconditioning (model.parameterization 'edm', data std 0.5)
+  trained on the MSE of the network output with EDM's log-normal noise levels, a model that
+  few-step probability-flow ODE samplers (DEIS, DPM-Solver, DDIM) can use; see README."""
+  config.model.parameterization = 'edm'
+  config.model.sigma_data = 0.5
+  config.training.weighting = 'output'
+  config.training.time_sampling = 'log_normal'
   return config

@@ -1,5 +1,5 @@
 """scikit-learn's 8x8 digits with the MLP-Mixer (patch 4): seconds per hundred steps on a CPU."""
-from configs.default_small_configs import get_default_configs
+from configs.default_small_configs import get_default_configs, use_few_step_parameterization
 
 
 def get_config():
@@ -15,4 +15,5 @@ def get_config():
   config.model.embedding_type = 'positional'
   config.training.n_iters = 5000
   config.eval.bpd_num_examples = 179
+  use_few_step_parameterization(config)
   return config

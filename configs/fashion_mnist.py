@@ -1,9 +1,14 @@
-"""Fashion-MNIST 28x28 with the tutorial-sized U-Net and the VP SDE: the offline default.
+"""Fashion-MNIST 28x28, the offline default: a small U-Net under the VP SDE, made for few-step
+ODE samplers.
 
-Trains on 2 CPU cores in about 15 minutes (training.max_seconds) and samples with DEIS at 10 NFE.
+The network is the score-SDE tutorial's U-Net with SAME padding (model.padding) and EDM
+preconditioning (model.parameterization 'edm'), trained on the MSE of its output with EDM's
+log-normal noise levels and on dequantized images (what bits/dim is evaluated on). It trains on 2
+CPU cores in about 15 minutes (training.max_seconds) and samples with DEIS at 10 NFE.
+`configs/fashion_mnist_tutorial.py` is the tutorial's own setup (VALID padding, eps output).
 The IDX files come from the Debian package dataset-fashion-mnist.
 """
-from configs.default_small_configs import get_default_configs
+from configs.default_small_configs import get_default_configs, use_few_step_parameterization
 
 
 def get_config():
@@ -13,5 +18,8 @@ def get_config():
   config.model.channels = (32, 64, 128, 256)
   config.model.embed_dim = 256
   config.model.embedding_type = 'positional'  # VP time labels are 999 t
+  config.model.padding = 'SAME'
+  use_few_step_parameterization(config)
+  config.data.uniform_dequantization = True
   config.training.max_seconds = 15 * 60.
   return config

@@ -38,6 +38,19 @@ def has_checkpoints(workdir: str) -> bool:
              for d in (PERIODIC_DIR, SNAPSHOT_DIR))
 
 
+def _restore_struct(leaf: Any) -> Any:
+  """The restore target of one leaf: its shape, dtype and sharding. A jax.ShapeDtypeStruct
+  without a sharding (from jax.eval_shape) is restored onto the default device as a jax.Array,
+  like a concrete jax.Array target (Orbax would return a numpy array); numpy leaves stay numpy."""
+  if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
+    device = jax.config.jax_default_device  # None, a Device or a platform name
+    if not isinstance(device, jax.Device):
+      device = jax.local_devices(backend=device)[0]
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                sharding=jax.sharding.SingleDeviceSharding(device))
+  return ocp.utils.to_shape_dtype_struct(leaf)
+
+
 class CheckpointStore:
   """Periodic checkpoints (keep-N) plus one preemption snapshot, in one workdir."""
 
@@ -73,7 +86,10 @@ class CheckpointStore:
     return steps[0][0] if steps else None
 
   def restore(self, target: Any, step: Optional[int] = None) -> Any:
-    """Restore into the structure, shapes and dtypes of `target` (the newest step by default)."""
+    """Restore into the structure, shapes and dtypes of `target` (the newest step by default).
+
+    `target` may be concrete arrays or jax.ShapeDtypeStruct leaves (train.abstract_train_state),
+    so restoring never needs a materialized state."""
     steps = self.all_steps()
     if step is not None:
       steps = [(s, k) for s, k in steps if s == step]
@@ -84,7 +100,7 @@ class CheckpointStore:
       raise CheckpointError(f"no checkpoint in {self.workdir}")
     s, kind = steps[0]
     manager = self._managers()[kind]
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    abstract = jax.tree_util.tree_map(_restore_struct, target)
     try:
       return manager.restore(s, args=ocp.args.StandardRestore(abstract))
     except Exception as e:  # Orbax raises many types for unreadable or mismatched files.

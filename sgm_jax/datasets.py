@@ -618,6 +618,19 @@ def load_source(spec: DataSpec, split: str) -> Source:
   """The Source of one split ('train' or 'test'; tfds datasets also take tfds split strings)."""
   if spec.dataset.startswith("tfds:"):
     return _load_tfds(spec, split, spec.dataset[len("tfds:"):])
+  return _loader(spec)(spec, split)
+
+
+def example_shape(spec: DataSpec) -> tuple[int, ...]:
+  """The shape of one example of the batches' 'image', from the spec alone (nothing is loaded):
+  (2,) for the toy 2-D sets, else (image_size, image_size, num_channels), to which every image
+  source fits its images. An unknown dataset name raises the ValueError of load_source."""
+  if not spec.dataset.startswith("tfds:") and _loader(spec) is _load_toy:
+    return (2,)
+  return (spec.image_size, spec.image_size, spec.num_channels)
+
+
+def _loader(spec: DataSpec) -> Callable[[DataSpec, str], Source]:
   loader = _LOADERS.get(_normalize(spec.dataset))
   if loader is None and _normalize(spec.dataset) in ("ffhq", "celebahq"):
     raise ValueError(f"dataset {spec.dataset!r}: score_sde read it from TFRecords, which needs "
@@ -626,7 +639,7 @@ def load_source(spec: DataSpec, split: str) -> Source:
   if loader is None:
     raise ValueError(f"unknown dataset {spec.dataset!r}; valid names: {', '.join(DATASETS)}, "
                      "or 'tfds:<builder>' for any tensorflow-datasets image dataset")
-  return loader(spec, split)
+  return loader
 
 
 # --- batching ----------------------------------------------------------------------------------

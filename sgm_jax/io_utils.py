@@ -84,3 +84,25 @@ def save_scatter(points, path: str, title: str | None = None) -> str:
     fig.savefig(f, format="png")
   plt.close(fig)
   return path
+
+
+def save_side_by_side(panels, path: str, gap: int = 12) -> str:
+  """Write PNG images side by side, each with a caption above it, atomically; returns the path.
+
+  `panels` is a list of (png path, caption).
+  """
+  from PIL import Image, ImageDraw
+  images = [Image.open(p).convert("RGB") for p, _ in panels]
+  caption_h = 18
+  width = sum(im.width for im in images) + gap * (len(images) + 1)
+  height = max(im.height for im in images) + caption_h + 2 * gap
+  canvas = Image.new("RGB", (width, height), "white")
+  draw = ImageDraw.Draw(canvas)
+  x = gap
+  for im, (_, caption) in zip(images, panels):
+    draw.text((x, gap // 2), caption, fill="black")
+    canvas.paste(im, (x, gap + caption_h))
+    x += im.width + gap
+  with atomic_write(path) as f:
+    canvas.save(f, format="PNG")
+  return path

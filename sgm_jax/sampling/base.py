@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -30,12 +31,15 @@ class Sampler:
   """A built sampler: `run(key, score_fn, x_T) -> (x0, nfe)` compiled once with jax.jit.
 
   `shape` is the batch shape it produces; `x_T` None means: draw x_T from the SDE's prior.
+  `run` is kept un-jitted, so a wrapper can compose it into one new jitted program (as get_sampler
+  does for thresholding).
   """
 
   def __init__(self, name: str, shape: tuple, run: Callable, info: Optional[Mapping] = None):
     self.name = name
     self.shape = tuple(shape)
     self.info = dict(info or {})
+    self.run = run
     self._run = jax.jit(run)
 
   def __call__(self, key: Array, score_fn: Callable, x_T: Optional[Array] = None):
@@ -48,13 +52,30 @@ class Sampler:
     return f"Sampler({self.name!r}, shape={self.shape}, {self.info})"
 
 
-def check_options(sampler_name: str, options: Mapping[str, Any], allowed: Iterable[str]) -> None:
-  """Raise a ValueError naming unknown options and listing the valid ones."""
+# Options that get_sampler takes for every sampler (sgm_jax/sampling/data_prediction.py).
+GENERIC_OPTIONS = ("thresholding", "threshold_percentile", "data_range")
+
+
+def check_options(sampler_name: str, options: Mapping[str, Any], allowed: Iterable[str],
+                  generic: Iterable[str] = ()) -> None:
+  """Raise a ValueError naming unknown options and listing the valid ones (`generic`: those that
+  get_sampler takes before the builder sees the options, listed separately)."""
   allowed = sorted(allowed)
   unknown = sorted(set(options) - set(allowed))
   if unknown:
+    generic = list(generic)
+    also = f" (and, for every sampler, {generic})" if generic else ""
     raise ValueError(f"unknown option(s) {unknown} for sampler {sampler_name!r}; "
-                     f"valid options are {allowed}")
+                     f"valid options are {allowed}{also}")
+
+
+def bool_option(options: Mapping[str, Any], name: str, default: bool = False) -> bool:
+  """options[name] (default if absent), which must be a bool: a string such as 'False' is refused
+  rather than read as True."""
+  value = options.get(name, default)
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+  return bool(value)
 
 
 def check_choice(what: str, value: Any, choices: Iterable[str]) -> None:
@@ -69,9 +90,8 @@ def batch_times(t: Array, shape: tuple) -> Array:
 
 
 # --- helpers shared by the pc, milstein, ode, ddim, heun and dpm_solver samplers ----------------
-def on_host(fn: Callable[[Array], Array], t) -> "np.ndarray":
+def on_host(fn: Callable[[Array], Array], t) -> np.ndarray:
   """fn(t) evaluated in float64 on the host, for coefficients precomputed from a time grid."""
-  import numpy as np
   with jax.enable_x64(True):
     return np.asarray(fn(jnp.asarray(t, dtype=jnp.float64)), dtype=np.float64)
 
@@ -100,7 +120,7 @@ def tweedie_denoise(score_fn: Callable, x: Array, t: Array, alpha: Array, sigma:
   return (x + sigma ** 2 * eval_score(score_fn, x, t)) / alpha
 
 
-def sampling_grid(sde, name: str, num_steps: int, eps: Optional[float]) -> "np.ndarray":
+def sampling_grid(sde, name: str, num_steps: int, eps: Optional[float]) -> np.ndarray:
   """Host float64 time grid `name` (schedules.TIME_GRIDS) from T to eps (default: the SDE's)."""
   from sgm_jax.sampling import schedules
   eps = sde.default_sampling_eps if eps is None else eps

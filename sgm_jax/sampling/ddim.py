@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sgm_jax.sampling import base
+from sgm_jax.sampling import base, data_prediction
 from sgm_jax.sde_lib import SDE
 
 Array = jax.Array
@@ -27,12 +27,13 @@ def build_ddim_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> bas
   Options: eta (0.0: deterministic; 1.0: ancestral), time_grid ('uniform'), eps
   (sde.default_sampling_eps), denoise (False: final Tweedie step). nfe = num_steps + [denoise].
   """
-  base.check_options("ddim", options, ("eta", "time_grid", "eps", "denoise"))
+  base.check_options("ddim", options, ("eta", "time_grid", "eps", "denoise"),
+                     generic=base.GENERIC_OPTIONS)
   eta = options.get("eta", 0.0)
   if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
     raise ValueError(f"eta must be a float in [0, 1], got {eta!r}")
   eta = float(eta)
-  denoise = bool(options.get("denoise", False))
+  denoise = base.bool_option(options, "denoise")
   ts = base.sampling_grid(sde, options.get("time_grid", "uniform"), num_steps, options.get("eps"))
   alpha, sigma = base.on_host(sde.alpha, ts), base.on_host(sde.sigma, ts)
   lam = base.on_host(sde.log_snr, ts)
@@ -56,9 +57,8 @@ def build_ddim_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> bas
       return x, None
 
     x, _ = lax.scan(step, x, xs)
-    if denoise:
-      x = base.tweedie_denoise(score_fn, x, jnp.asarray(ts[-1], x.dtype),
-                               jnp.asarray(alpha[-1], x.dtype), jnp.asarray(sigma[-1], x.dtype))
-    return x, jnp.asarray(nfe, jnp.int32)
+    return x, jnp.asarray(num_steps, jnp.int32)
 
+  if denoise:
+    run = data_prediction.with_final_denoise(run, sde, ts[-1])
   return base.Sampler("ddim", shape, run, dict(eta=eta, denoise=denoise, nfe=nfe, ts=ts))

@@ -10,7 +10,8 @@ eps_theta(x, t) = -sigma(t) score(x, t), from t = T to t = eps:
   - iPNDM (sampler 'ipndm'): like rhoAB, with the fixed equal-step Adams-Bashforth weights.
 Multistep variants warm up with lower orders (fewer past evaluations) and use one score evaluation
 per step; rhoRK uses one per stage. Coefficients are computed once on the host in float64
-(`deis_coefficients`); the device loop is one lax.scan.
+(`deis_coefficients`); the device loop is one lax.scan. With the option denoise, a final Tweedie
+step at eps follows (one more evaluation).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgm_jax.sampling import base, schedules
+from sgm_jax.sampling import base, data_prediction, schedules
 from sgm_jax.sampling import deis_coefficients as dc
 from sgm_jax.sde_lib import SDE, batch_expand
 
@@ -56,8 +57,16 @@ def _eps_fn(score_fn, sigma: Array, x: Array, t: Array) -> Array:
   return -batch_expand(sigma, x) * score_fn(x, t)
 
 
-def _multistep_sampler(name: str, sde: SDE, shape: tuple, ts: np.ndarray, psi: np.ndarray,
-                       C: np.ndarray, info: dict) -> base.Sampler:
+def _sampler(name: str, sde: SDE, shape: tuple, ts: np.ndarray, run, info: dict,
+             denoise: bool) -> base.Sampler:
+  """The Sampler of `run`, followed by the final Tweedie step at eps = ts[-1] with denoise."""
+  if denoise:
+    run = data_prediction.with_final_denoise(run, sde, ts[-1])
+  info.update(denoise=denoise, nfe=info["nfe"] + int(denoise))
+  return base.Sampler(name, shape, run, info)
+
+
+def _multistep_run(sde: SDE, shape: tuple, ts: np.ndarray, psi: np.ndarray, C: np.ndarray):
   """x_{k+1} = psi_k x_k + sum_j C_kj eps_{k-j}: one scan, one score evaluation per step."""
   sigma = dc.sde_coefficients(sde, ts)["sigma"][:-1]
   history = C.shape[1] - 1  # past evaluations kept besides the current one
@@ -80,11 +89,10 @@ def _multistep_sampler(name: str, sde: SDE, shape: tuple, ts: np.ndarray, psi: n
     (x, _, nfe), _ = jax.lax.scan(step, (x, past, jnp.zeros((), jnp.int32)), steps)
     return x, nfe
 
-  return base.Sampler(name, shape, run, info)
+  return run
 
 
-def _rk_sampler(name: str, sde: SDE, shape: tuple, ts: np.ndarray, tableau: str,
-                info: dict) -> base.Sampler:
+def _rk_run(sde: SDE, shape: tuple, ts: np.ndarray, tableau: str):
   """rhoRK-DEIS: y = x / alpha, dy/drho = eps_theta(alpha y, t(rho)) by explicit Runge-Kutta.
 
   The tableau is data: stages run in an inner scan, so the score is traced once.
@@ -123,7 +131,7 @@ def _rk_sampler(name: str, sde: SDE, shape: tuple, ts: np.ndarray, tableau: str,
     (y, nfe), _ = jax.lax.scan(step, (y, jnp.zeros((), jnp.int32)), steps)
     return jnp.asarray(stages["alpha_end"], dtype) * y, nfe
 
-  return base.Sampler(name, shape, run, info)
+  return run
 
 
 def build_deis_sampler(sde: SDE, shape: tuple, num_steps: int, **options: Any) -> base.Sampler:
@@ -132,10 +140,13 @@ def build_deis_sampler(sde: SDE, shape: tuple, num_steps: int, **options: Any) -
   Options: method 'tab' (default) | 'rhoab' | 'rhork'; order 0..3 for tab/rhoab (default 3: the
   Lagrange polynomial degree r, global order r + 1); tableau 'heun' | 'kutta3' (default) | 'rk4'
   for rhork; time_grid one of schedules.TIME_GRIDS (default 'quadratic'); grid_order for the
-  'polynomial_t' and 'polynomial_rho' grids; eps (default sde.default_sampling_eps).
+  'polynomial_t' and 'polynomial_rho' grids; eps (default sde.default_sampling_eps); denoise
+  (default False: final Tweedie step at eps, one more evaluation).
   """
   base.check_options("deis", options,
-                     ("method", "order", "tableau", "time_grid", "grid_order", "eps"))
+                     ("method", "order", "tableau", "time_grid", "grid_order", "eps", "denoise"),
+                     generic=base.GENERIC_OPTIONS)
+  denoise = base.bool_option(options, "denoise")
   method = options.get("method", "tab")
   base.check_choice("DEIS method", method, DEIS_METHODS)
   if method == "rhork":
@@ -154,14 +165,15 @@ def build_deis_sampler(sde: SDE, shape: tuple, num_steps: int, **options: Any) -
   time_grid = options.get("time_grid", DEFAULT_TIME_GRID)
   eps = options.get("eps", sde.default_sampling_eps)
   ts = _time_grid(sde, num_steps, time_grid, options.get("grid_order"), eps)
-  info = {"method": method, "time_grid": time_grid, "eps": float(eps), "num_steps": num_steps}
+  info = {"method": method, "time_grid": time_grid, "eps": float(eps), "num_steps": num_steps,
+          "ts": ts}
   if method == "rhork":
     info.update(tableau=tableau, nfe=num_steps * len(dc.RK_TABLEAUS[tableau][2]))
-    return _rk_sampler("deis", sde, shape, ts, tableau, info)
+    return _sampler("deis", sde, shape, ts, _rk_run(sde, shape, ts, tableau), info, denoise)
   coefficients = dc.exponential_ab_coefficients if method == "tab" else dc.rho_ab_coefficients
   psi, C = coefficients(sde, ts, int(order))
   info.update(order=int(order), nfe=num_steps)
-  return _multistep_sampler("deis", sde, shape, ts, psi, C, info)
+  return _sampler("deis", sde, shape, ts, _multistep_run(sde, shape, ts, psi, C), info, denoise)
 
 
 def build_ipndm_sampler(sde: SDE, shape: tuple, num_steps: int, **options: Any) -> base.Sampler:
@@ -169,10 +181,13 @@ def build_ipndm_sampler(sde: SDE, shape: tuple, num_steps: int, **options: Any) 
   equal-step Adams-Bashforth weights of order min(k + 1, order) at step k (lower-order warm-up).
 
   Options: order 1..4 (default 4: the number of evaluations combined, the classical AB order);
-  time_grid (default 'quadratic'), grid_order, eps as for 'deis'. The fixed weights are those of
-  equal steps in rho: on a grid that is not uniform in rho the asymptotic order is 2 at most.
+  time_grid (default 'quadratic'), grid_order, eps, denoise as for 'deis'. The fixed weights are
+  those of equal steps in rho: on a grid that is not uniform in rho the asymptotic order is 2 at
+  most.
   """
-  base.check_options("ipndm", options, ("order", "time_grid", "grid_order", "eps"))
+  base.check_options("ipndm", options, ("order", "time_grid", "grid_order", "eps", "denoise"),
+                     generic=base.GENERIC_OPTIONS)
+  denoise = base.bool_option(options, "denoise")
   order = options.get("order", 4)
   if not dc.order_is_valid(order, 1, 4):
     raise ValueError(f"order of iPNDM must be one of [1, 2, 3, 4], got {order!r}")
@@ -181,5 +196,5 @@ def build_ipndm_sampler(sde: SDE, shape: tuple, num_steps: int, **options: Any) 
   ts = _time_grid(sde, num_steps, time_grid, options.get("grid_order"), eps)
   psi, C = dc.ipndm_coefficients(sde, ts, int(order))
   info = {"order": int(order), "time_grid": time_grid, "eps": float(eps), "num_steps": num_steps,
-          "nfe": num_steps}
-  return _multistep_sampler("ipndm", sde, shape, ts, psi, C, info)
+          "nfe": num_steps, "ts": ts}
+  return _sampler("ipndm", sde, shape, ts, _multistep_run(sde, shape, ts, psi, C), info, denoise)

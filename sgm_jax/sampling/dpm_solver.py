@@ -4,7 +4,8 @@ In l = lambda / 2 = log(alpha / sigma) (half the log-SNR) with step h_i = l_i - 
 data prediction x0_i = D(x_{t_i}) = (x + sigma^2 score) / alpha (Tweedie), one step is
     x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1) D_i,
     D_i = (1 + 1/(2 r_i)) x0_{i-1} - 1/(2 r_i) x0_{i-2},   r_i = h_{i-1} / h_i,
-with the first step first order (D_1 = x0_0, i.e. DDIM). One evaluation per step: nfe = num_steps.
+with the first step first order (D_1 = x0_0, i.e. DDIM). One evaluation per step: nfe = num_steps
+(+ 1 with denoise).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sgm_jax.sampling import base
+from sgm_jax.sampling import base, data_prediction
 from sgm_jax.sde_lib import SDE
 
 Array = jax.Array
@@ -21,8 +22,11 @@ Array = jax.Array
 
 def build_dpm_solver_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> base.Sampler:
   """DPM-Solver++(2M). Options: time_grid ('log_rho': uniform in log-SNR; 'uniform', 'quadratic',
-  any of schedules.TIME_GRIDS), eps (sde.default_sampling_eps)."""
-  base.check_options("dpm_solver", options, ("time_grid", "eps"))
+  any of schedules.TIME_GRIDS), eps (sde.default_sampling_eps), denoise (False: final Tweedie
+  step). nfe = num_steps + [denoise]."""
+  base.check_options("dpm_solver", options, ("time_grid", "eps", "denoise"),
+                     generic=base.GENERIC_OPTIONS)
+  denoise = base.bool_option(options, "denoise")
   ts = base.sampling_grid(sde, options.get("time_grid", "log_rho"), num_steps, options.get("eps"))
   alpha, sigma = base.on_host(sde.alpha, ts), base.on_host(sde.sigma, ts)
   half_lam = 0.5 * base.on_host(sde.log_snr, ts)
@@ -48,4 +52,7 @@ def build_dpm_solver_sampler(sde: SDE, shape: tuple, num_steps: int, **options) 
     (x, _), _ = lax.scan(step, (x, jnp.zeros_like(x)), xs)
     return x, jnp.asarray(num_steps, jnp.int32)
 
-  return base.Sampler("dpm_solver", shape, run, dict(nfe=num_steps, ts=ts))
+  if denoise:
+    run = data_prediction.with_final_denoise(run, sde, ts[-1])
+  return base.Sampler("dpm_solver", shape, run,
+                      dict(denoise=denoise, nfe=num_steps + int(denoise), ts=ts))

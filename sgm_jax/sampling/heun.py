@@ -5,7 +5,7 @@ The probability-flow ODE in the scaled variable y = x / alpha(t) and noise level
     dy / drho = (y - D(y; rho)) / rho = -sigma(t) score(x, t),   D = (x + sigma^2 score) / alpha,
 integrated with Heun's method on a rho grid (default: polynomial in rho of order 7, Karras Eq. 5).
 Karras's grid ends at rho = 0, where the last step falls back to Euler; here the grid ends at
-rho(eps) > 0 and the last step is also Euler, so nfe = 2 num_steps - 1.
+rho(eps) > 0 and the last step is also Euler, so nfe = 2 num_steps - 1 (+ 1 with denoise).
 """
 from __future__ import annotations
 
@@ -13,19 +13,22 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sgm_jax.sampling import base
+from sgm_jax.sampling import base, data_prediction
 from sgm_jax.sde_lib import SDE
 
 Array = jax.Array
 
 
 def build_heun_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> base.Sampler:
-  """EDM Heun sampler. Options: time_grid ('polynomial_rho'), eps (sde.default_sampling_eps)."""
-  base.check_options("heun", options, ("time_grid", "eps"))
+  """EDM Heun sampler. Options: time_grid ('polynomial_rho'), eps (sde.default_sampling_eps),
+  denoise (False: final Tweedie step). nfe = 2 num_steps - 1 + [denoise]."""
+  base.check_options("heun", options, ("time_grid", "eps", "denoise"),
+                     generic=base.GENERIC_OPTIONS)
+  denoise = base.bool_option(options, "denoise")
   ts = base.sampling_grid(sde, options.get("time_grid", "polynomial_rho"), num_steps,
                           options.get("eps"))
   alpha, sigma, rho = (base.on_host(f, ts) for f in (sde.alpha, sde.sigma, sde.rho))
-  nfe = 2 * num_steps - 1
+  nfe = 2 * num_steps - 1 + int(denoise)
 
   def run(key, score_fn, x_T):
     x, _ = base.initial_state(sde, key, shape, x_T)
@@ -44,6 +47,8 @@ def build_heun_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> bas
       return lax.cond(i < num_steps - 1, correct, lambda: y_euler), None
 
     y, _ = lax.scan(heun_step, x / a_[0], jnp.arange(num_steps))
-    return a_[-1] * y, jnp.asarray(nfe, jnp.int32)
+    return a_[-1] * y, jnp.asarray(2 * num_steps - 1, jnp.int32)
 
-  return base.Sampler("heun", shape, run, dict(nfe=nfe, ts=ts))
+  if denoise:
+    run = data_prediction.with_final_denoise(run, sde, ts[-1])
+  return base.Sampler("heun", shape, run, dict(denoise=denoise, nfe=nfe, ts=ts))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sgm_jax.sampling import base
+from sgm_jax.sampling import base, data_prediction
 from sgm_jax.sde_lib import SDE, batch_expand
 
 Array = jax.Array
@@ -41,10 +41,10 @@ def build_milstein_sampler(sde: SDE, shape: tuple, num_steps: int, **options) ->
   Options: eps (sde.default_sampling_eps), time_grid ('uniform'), denoise (False: final Tweedie
   step). nfe = num_steps + [denoise].
   """
-  base.check_options("milstein", options, ("eps", "time_grid", "denoise"))
-  denoise = bool(options.get("denoise", False))
+  base.check_options("milstein", options, ("eps", "time_grid", "denoise"),
+                     generic=base.GENERIC_OPTIONS)
+  denoise = base.bool_option(options, "denoise")
   ts = base.sampling_grid(sde, options.get("time_grid", "uniform"), num_steps, options.get("eps"))
-  alpha_end, sigma_end = base.on_host(sde.alpha, ts[-1]), base.on_host(sde.sigma, ts[-1])
   nfe = num_steps + int(denoise)
 
   def run(key, score_fn, x_T):
@@ -57,9 +57,8 @@ def build_milstein_sampler(sde: SDE, shape: tuple, num_steps: int, **options) ->
       return milstein_step(sde, score_fn, x, t, h, base.step_normal(key, i, 0, x)), None
 
     x, _ = lax.scan(step, x, xs)
-    if denoise:
-      x = base.tweedie_denoise(score_fn, x, jnp.asarray(ts[-1], x.dtype),
-                               jnp.asarray(alpha_end, x.dtype), jnp.asarray(sigma_end, x.dtype))
-    return x, jnp.asarray(nfe, jnp.int32)
+    return x, jnp.asarray(num_steps, jnp.int32)
 
+  if denoise:
+    run = data_prediction.with_final_denoise(run, sde, ts[-1])
   return base.Sampler("milstein", shape, run, dict(denoise=denoise, nfe=nfe, ts=ts))

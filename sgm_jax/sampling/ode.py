@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgm_jax.sampling import base
+from sgm_jax.sampling import base, data_prediction
 from sgm_jax.sde_lib import SDE
 
 Array = jax.Array
@@ -78,7 +78,7 @@ def build_ode_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> base
   denoise (False: final Tweedie step, one more nfe).
   """
   allowed = ("solver", "rtol", "atol", "max_steps", "time_grid", "eps", "denoise")
-  base.check_options("ode", options, allowed)
+  base.check_options("ode", options, allowed, generic=base.GENERIC_OPTIONS)
   solver_name = options.get("solver", "dopri5")
   base.check_choice("solver", solver_name, SOLVERS)
   solver_cls, adaptive = SOLVERS[solver_name]
@@ -88,10 +88,9 @@ def build_ode_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> base
   max_steps = options.get("max_steps", 4096)
   if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
     raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
-  denoise = bool(options.get("denoise", False))
+  denoise = base.bool_option(options, "denoise")
   ts = base.sampling_grid(sde, options.get("time_grid", "uniform"), num_steps, options.get("eps"))
   t_end = float(ts[-1])
-  alpha_end, sigma_end = base.on_host(sde.alpha, t_end), base.on_host(sde.sigma, t_end)
 
   def vector_field(t, x, score_fn):
     tb = jnp.full((x.shape[0],), t, x.dtype)
@@ -110,13 +109,11 @@ def build_ode_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> base
         diffrax.ODETerm(vector_field), solver_cls(), t0=sde.T, t1=t_end, dt0=dt0, y0=x,
         args=score_fn, stepsize_controller=controller, max_steps=steps,
         saveat=diffrax.SaveAt(t1=True))
-    x = sol.ys[-1]
     nfe = per_step * sol.stats["num_steps"] + once  # num_steps counts rejected steps too
-    if denoise:
-      x = base.tweedie_denoise(score_fn, x, jnp.asarray(t_end, x.dtype),
-                               jnp.asarray(alpha_end, x.dtype), jnp.asarray(sigma_end, x.dtype))
-      nfe = nfe + 1
-    return x, jnp.asarray(nfe, jnp.int32)
+    return sol.ys[-1], jnp.asarray(nfe, jnp.int32)
+
+  if denoise:
+    run = data_prediction.with_final_denoise(run, sde, t_end)
 
   info = dict(solver=solver_name, adaptive=adaptive, rtol=rtol, atol=atol, denoise=denoise,
               ts=None if adaptive else ts)

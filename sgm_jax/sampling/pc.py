@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sgm_jax.sampling import base
+from sgm_jax.sampling import base, data_prediction
 from sgm_jax.sde_lib import SDE, batch_expand
 
 Array = jax.Array
@@ -124,13 +124,13 @@ def build_pc_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> base.
   """
   allowed = ("predictor", "corrector", "snr", "n_steps_each", "probability_flow", "denoise", "eps",
              "time_grid")
-  base.check_options("pc", options, allowed)
+  base.check_options("pc", options, allowed, generic=base.GENERIC_OPTIONS)
   predictor = options.get("predictor", "reverse_diffusion")
   corrector = options.get("corrector", "langevin")
   snr = options.get("snr", 0.16)
   n_each = options.get("n_steps_each", 1)
   probability_flow = bool(options.get("probability_flow", False))
-  denoise = bool(options.get("denoise", False))
+  denoise = base.bool_option(options, "denoise")
   base.check_choice("predictor", predictor, PREDICTORS)
   base.check_choice("corrector", corrector, CORRECTORS)
   if predictor == "none" and corrector == "none":
@@ -150,7 +150,8 @@ def build_pc_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> base.
     probe = np.union1d(ts, np.linspace(ts[-1], ts[0], 65))
     form = _ancestral_form(sde, base.on_host(sde.alpha, probe), base.on_host(sde.sigma, probe))
   n_corr = int(n_each) if corrector != "none" else 0
-  nfe = num_steps * ((predictor != "none") + n_corr) + int(denoise)
+  nfe_steps = num_steps * ((predictor != "none") + n_corr)
+  nfe = nfe_steps + int(denoise)
 
   def predict(score_fn, x, c, z):
     if predictor == "euler_maruyama":
@@ -182,11 +183,10 @@ def build_pc_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> base.
       return x, None
 
     x, _ = lax.scan(step, x, xs)
-    if denoise:
-      x = base.tweedie_denoise(score_fn, x, jnp.asarray(ts[-1], x.dtype),
-                               jnp.asarray(alpha[-1], x.dtype), jnp.asarray(sigma[-1], x.dtype))
-    return x, jnp.asarray(nfe, jnp.int32)
+    return x, jnp.asarray(nfe_steps, jnp.int32)
 
+  if denoise:
+    run = data_prediction.with_final_denoise(run, sde, ts[-1])
   info = dict(predictor=predictor, corrector=corrector, snr=snr, n_steps_each=n_each,
               probability_flow=probability_flow, denoise=denoise, nfe=nfe, ts=ts)
   return base.Sampler("pc", shape, run, info)

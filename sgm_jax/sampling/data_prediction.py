@@ -1,0 +1,172 @@
+"""Options on the data prediction x0 = E[x_0 | x_t] that every sampler shares.
+
+- Thresholding: clip x0 to the data range, or Imagen's dynamic thresholding (Saharia et al. 2022,
+  Sec. 2.3; DPM-Solver++, Lu et al. 2022, Sec. 5), applied through the score:
+      x0 = (x + sigma^2 s) / alpha,   x0' = threshold(x0),   s' = (alpha x0' - x) / sigma^2,
+  so a sampler written for score_fn(x, t) runs on the thresholded data prediction unchanged.
+- The final denoising jump: x0 = E[x_0 | x_eps] by Tweedie's formula at the grid's last time
+  (Song et al. 2021, App. G; Jolicoeur-Martineau et al. 2021), one more evaluation.
+
+`get_sampler` (sgm_jax/sampling/__init__.py) takes the thresholding options for every sampler and
+composes `thresholded_run` with the sampler's un-jitted program; `with_final_denoise` is the jump
+that samplers with the option `denoise` compose with theirs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from sgm_jax.sampling import base
+from sgm_jax.sde_lib import SDE, batch_expand
+
+Array = jax.Array
+
+THRESHOLDING = ("none", "clip", "dynamic")
+DEFAULT_PERCENTILE = 0.995  # Imagen's and DPM-Solver++'s p
+DEFAULT_DATA_RANGE = (-1.0, 1.0)
+
+
+# --- thresholding of x0 -------------------------------------------------------------------------
+def clip(x0: Array, data_range: tuple[float, float] = DEFAULT_DATA_RANGE) -> Array:
+  """Static thresholding: x0 clipped to data_range (Ho et al. 2020's clipped x0)."""
+  return jnp.clip(x0, data_range[0], data_range[1])
+
+
+def dynamic_threshold(x0: Array, percentile: float = DEFAULT_PERCENTILE,
+                      data_range: tuple[float, float] = DEFAULT_DATA_RANGE) -> Array:
+  """Dynamic thresholding (Imagen, Saharia et al. 2022, Sec. 2.3; DPM-Solver++ Sec. 5).
+
+  In the centered range u = (x0 - c) / w (c, w: center and half-width of data_range), s is the
+  per-sample `percentile` of |u| over all non-batch axes, at least 1; u is clipped to [-s, s] and
+  divided by s, then mapped back. Samples with no more than the (1 - percentile) share of values
+  outside data_range are clipped; a sample that overshoots further is also shrunk towards c.
+  """
+  lo, hi = data_range
+  center, half_width = 0.5 * (lo + hi), 0.5 * (hi - lo)
+  u = (x0 - center) / half_width
+  s = jnp.quantile(jnp.abs(u).reshape(u.shape[0], -1), percentile, axis=1)
+  s = batch_expand(jnp.maximum(s, 1.0).astype(u.dtype), u)
+  u = jnp.clip(u, -s, s) / s
+  return jnp.clip(center + half_width * u, lo, hi)  # the clip only removes rounding
+
+
+def threshold(x0: Array, method: Optional[str], percentile: float = DEFAULT_PERCENTILE,
+              data_range: tuple[float, float] = DEFAULT_DATA_RANGE) -> Array:
+  """x0 thresholded by `method`: None or 'none' (identity), 'clip' or 'dynamic'."""
+  if method is None or method == "none":
+    return x0
+  if method == "clip":
+    return clip(x0, data_range)
+  if method == "dynamic":
+    return dynamic_threshold(x0, percentile, data_range)
+  raise ValueError(f"unknown thresholding {method!r}; valid values are {[None, *THRESHOLDING]}")
+
+
+# --- thresholding through the score -------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _ThresholdedScore:
+  """score_fn with its data prediction thresholded: s' = (alpha x0' - x) / sigma^2.
+
+  Hashable and compared by value (like the wrappers of sgm_jax/score.py), so
+  `Partial(_ThresholdedScore(...), score_fn)` is a pytree whose static part is this object.
+  """
+
+  sde: SDE
+  method: str
+  percentile: float = DEFAULT_PERCENTILE
+  data_range: tuple[float, float] = DEFAULT_DATA_RANGE
+
+  def __call__(self, score_fn: Callable, x: Array, t: Array, *args) -> Array:
+    t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
+    score = score_fn(x, t, *args)
+    alpha, sigma = (batch_expand(f(t), x).astype(score.dtype) for f in (self.sde.alpha,
+                                                                          self.sde.sigma))
+    x0 = (x + sigma ** 2 * score) / alpha  # Tweedie
+    x0_thresholded = threshold(x0, self.method, self.percentile, self.data_range)
+    # (alpha x0' - x) / sigma^2 written as a correction of the score, so that where x0' = x0 the
+    # score is returned exactly (no round trip through x0, which is 1/alpha ~ 150x at VP's T).
+    return score + alpha * (x0_thresholded - x0) / sigma ** 2
+
+
+def thresholded_score_fn(sde: SDE, score_fn: Callable, method: str,
+                         percentile: float = DEFAULT_PERCENTILE,
+                         data_range: tuple[float, float] = DEFAULT_DATA_RANGE
+                         ) -> jax.tree_util.Partial:
+  """score_fn whose data prediction is thresholded, as a Partial (a pytree argument of jit)."""
+  wrapper = _ThresholdedScore(sde, method, float(percentile), tuple(map(float, data_range)))
+  return jax.tree_util.Partial(wrapper, base.as_traceable(score_fn))
+
+
+def thresholded_run(run: Callable, sde: SDE, method: str, percentile: float,
+                    data_range: tuple[float, float], denoise: bool) -> Callable:
+  """A sampler program `run(key, score_fn, x_T)` run on the thresholded score.
+
+  With `denoise` (the program ends with the final denoising jump) the jump's output, Tweedie's x0
+  of the thresholded score, is threshold(x0) up to rounding; thresholding it once more removes
+  that rounding, so the samples lie exactly in data_range.
+  """
+  def run_thresholded(key, score_fn, x_T):
+    x, nfe = run(key, thresholded_score_fn(sde, score_fn, method, percentile, data_range), x_T)
+    if denoise:
+      x = threshold(x, method, percentile, data_range)
+    return x, nfe
+
+  return run_thresholded
+
+
+# --- the final denoising jump -------------------------------------------------------------------
+def with_final_denoise(run: Callable, sde: SDE, t_end: float) -> Callable:
+  """run(key, score_fn, x_T) -> (x_eps, nfe) followed by the jump x0 = E[x_0 | x_eps] (Tweedie)
+  at t_end, one more evaluation (nfe + 1); alpha(t_end), sigma(t_end) computed on the host."""
+  t_end = float(t_end)
+  alpha_end, sigma_end = (float(base.on_host(f, t_end)) for f in (sde.alpha, sde.sigma))
+
+  def run_denoised(key, score_fn, x_T):
+    x, nfe = run(key, score_fn, x_T)
+    x = base.tweedie_denoise(score_fn, x, jnp.asarray(t_end, x.dtype),
+                             jnp.asarray(alpha_end, x.dtype), jnp.asarray(sigma_end, x.dtype))
+    return x, nfe + 1
+
+  return run_denoised
+
+
+# --- option checking ----------------------------------------------------------------------------
+def check_thresholding_options(thresholding: Any = None, threshold_percentile: Any = None,
+                               data_range: Any = None) -> dict:
+  """Validated {'thresholding', 'threshold_percentile', 'data_range'}; thresholding None if off.
+
+  Raises a ValueError naming the bad value and what is allowed.
+  """
+  if thresholding is not None and (not isinstance(thresholding, str)
+                                   or thresholding not in THRESHOLDING):
+    raise ValueError(f"unknown thresholding {thresholding!r}; valid values are "
+                     f"{[None, *THRESHOLDING]}")
+  method = None if thresholding in (None, "none") else thresholding
+  if threshold_percentile is not None:
+    if method != "dynamic":
+      raise ValueError(f"threshold_percentile={threshold_percentile!r} is an option of "
+                       f"thresholding='dynamic', not of thresholding={thresholding!r}")
+    if (isinstance(threshold_percentile, bool) or not isinstance(threshold_percentile, (int, float))
+        or not 0.0 < threshold_percentile <= 1.0):
+      raise ValueError(f"threshold_percentile must be a float in (0, 1], got "
+                       f"{threshold_percentile!r}")
+  if data_range is not None:
+    if method is None:
+      raise ValueError(f"data_range={data_range!r} is an option of thresholding 'clip' or "
+                       f"'dynamic', not of thresholding={thresholding!r}")
+    if (not isinstance(data_range, (tuple, list)) or len(data_range) != 2
+        or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+               for v in data_range)
+        or not data_range[0] < data_range[1]):
+      raise ValueError(f"data_range must be a pair (lo, hi) of finite numbers with lo < hi, got "
+                       f"{data_range!r}")
+  return dict(
+      thresholding=method,
+      threshold_percentile=float(DEFAULT_PERCENTILE if threshold_percentile is None
+                                 else threshold_percentile),
+      data_range=tuple(float(v) for v in (DEFAULT_DATA_RANGE if data_range is None
+                                          else data_range)))

@@ -1,0 +1,221 @@
+"""Thresholding of the data prediction and the final denoising jump (sampling/data_prediction.py):
+off means bit-identical samplers; 'clip'/'dynamic' keep samples in range where the exact oracle
+overshoots; threshold() against numpy; the jump against Tweedie's formula; option checking."""
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sgm_jax import sampling, sde_lib, toy
+from sgm_jax.sampling import data_prediction
+
+SDE = sde_lib.VPSDE()
+SHAPE = (6, 2)
+# In range: the oracle of the other sampler tests. Out of range: data at +-3 while data_range is
+# (-1, 1), so the exact data prediction overshoots by 3x near t = 0.
+GM = toy.GaussianMixture.create(jnp.array([[-0.5, 0.0], [0.5, 0.3], [0.0, -0.5]]),
+                                jnp.array([0.3, 0.2, 0.25]), jnp.array([0.5, 0.3, 0.2]))
+FAR = toy.GaussianMixture.create(jnp.array([[3.0, 3.0], [-3.0, -3.0]]), jnp.array([0.1, 0.1]))
+SCORE, FAR_SCORE = GM.score_fn(SDE), FAR.score_fn(SDE)  # one object each: one compilation
+X_T = SDE.prior_sampling(jax.random.PRNGKey(3), SHAPE)
+KEY = jax.random.PRNGKey(0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles():
+  """Tiny scans: XLA's optimizations only cost compile time here."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def _build_directly(name, num_steps, **options):
+  """The sampler as its builder makes it, bypassing get_sampler's generic options."""
+  module_name, builder = sampling.SAMPLERS[name]
+  module = importlib.import_module(f"sgm_jax.sampling.{module_name}")
+  return getattr(module, builder)(SDE, SHAPE, num_steps, **options)
+
+
+# --- (a) thresholding off: the samplers are unchanged, bit for bit --------------------------------
+@pytest.mark.parametrize("name", sorted(sampling.SAMPLERS))
+def test_thresholding_off_is_bit_identical(name):
+  reference = _build_directly(name, 4)
+  x_ref, nfe_ref = reference(KEY, SCORE, X_T)
+  for off in (None, "none"):
+    sampler = sampling.get_sampler(name, SDE, SHAPE, num_steps=4, thresholding=off)
+    assert sampler.info["thresholding"] is None
+    x, nfe = sampler(KEY, SCORE, X_T)
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(x_ref))
+    assert int(nfe) == int(nfe_ref)
+
+
+# --- (b) thresholding on: samples stay in the data range -----------------------------------------
+IN_RANGE_SAMPLERS = [("ddim", {}), ("deis", {}), ("dpm_solver", {}), ("heun", {}),
+                     ("ode", {})]
+
+
+@pytest.mark.parametrize("name,options", IN_RANGE_SAMPLERS, ids=[n for n, _ in IN_RANGE_SAMPLERS])
+def test_thresholding_keeps_samples_in_range(name, options):
+  x, _ = sampling.get_sampler(name, SDE, SHAPE, num_steps=8, **options)(KEY, FAR_SCORE, X_T)
+  assert float(jnp.min(jnp.abs(x))) > 2.5  # the oracle itself lands near +-3
+  # Clip with the final jump: the data prediction itself, exactly in range, at the range's edge
+  # (every x0 overshoots).
+  sampler = sampling.get_sampler(name, SDE, SHAPE, num_steps=8, thresholding="clip",
+                                 denoise=True, **options)
+  assert sampler.info["thresholding"] == "clip" and sampler.info["data_range"] == (-1.0, 1.0)
+  x, _ = sampler(KEY, FAR_SCORE, X_T)
+  assert float(jnp.max(jnp.abs(x))) <= 1.0
+  assert np.mean(np.abs(np.asarray(x)) > 1.0 - 1e-3) >= 0.5  # most on the edge (some samples
+  # end between the two modes, whose posterior mean is inside the range)
+  # Dynamic without the jump: x_eps is in range up to the noise left at eps (sigma(eps) = 0.01)
+  # and the error of 8 steps on a thresholded (non-smooth) vector field, against 3 without.
+  x, _ = sampling.get_sampler(name, SDE, SHAPE, num_steps=8, thresholding="dynamic",
+                              **options)(KEY, FAR_SCORE, X_T)
+  assert float(jnp.max(jnp.abs(x))) <= 1.1
+
+
+def test_thresholding_with_final_jump_to_an_asymmetric_range():
+  for method in ("clip", "dynamic"):
+    sampler = sampling.get_sampler("dpm_solver", SDE, SHAPE, num_steps=8, thresholding=method,
+                                   threshold_percentile=0.9 if method == "dynamic" else None,
+                                   data_range=[0, 1], denoise=True)
+    assert sampler.info["data_range"] == (0.0, 1.0)
+    x, _ = sampler(KEY, FAR_SCORE, X_T)
+    assert 0.0 <= float(jnp.min(x)) and float(jnp.max(x)) <= 1.0
+    assert float(jnp.min(x)) < 0.1 and float(jnp.max(x)) > 0.9  # data at -3 and +3: both edges
+
+
+def test_thresholded_score_is_the_score_of_the_thresholded_data_prediction():
+  t = jnp.full((SHAPE[0],), 0.05)
+  x = FAR.sample(jax.random.PRNGKey(1), SHAPE[0], SDE, t)
+  alpha, sigma = (np.asarray(f(t))[:, None] for f in (SDE.alpha, SDE.sigma))
+  score = np.asarray(FAR_SCORE(x, t))
+  x0 = (np.asarray(x) + sigma ** 2 * score) / alpha
+  assert np.abs(x0).max() > 2.0
+  for method in ("clip", "dynamic"):
+    thresholded = data_prediction.thresholded_score_fn(SDE, FAR_SCORE, method)
+    want = (alpha * np.asarray(data_prediction.threshold(jnp.asarray(x0), method)) - x) / sigma ** 2
+    np.testing.assert_allclose(np.asarray(thresholded(x, t)), want, rtol=1e-4, atol=1e-3)
+  # Where x0 is in range the score comes back exactly (a correction, not a round trip via x0).
+  x = GM.sample(jax.random.PRNGKey(1), SHAPE[0], SDE, t)
+  assert float(jnp.max(jnp.abs(GM.denoise(x, SDE, t)))) < 1.0
+  np.testing.assert_array_equal(
+      np.asarray(data_prediction.thresholded_score_fn(SDE, SCORE, "clip")(x, t)),
+      np.asarray(SCORE(x, t)))
+
+
+# --- (c) threshold() ------------------------------------------------------------------------------
+def test_threshold_off_and_clip():
+  x0 = 3.0 * jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 3))
+  for off in (None, "none"):
+    assert data_prediction.threshold(x0, off) is x0
+  clipped = data_prediction.threshold(x0, "clip", data_range=(0, 1))
+  np.testing.assert_array_equal(np.asarray(clipped), np.clip(np.asarray(x0), 0, 1))
+
+
+def test_dynamic_threshold_is_the_identity_in_range():
+  x0 = jax.random.uniform(jax.random.PRNGKey(0), (3, 4, 4, 3), minval=-1.0, maxval=1.0)
+  x0 = x0.at[0, 0, 0, 0].set(1.0).at[1, 0, 0, 0].set(-1.0)
+  np.testing.assert_array_equal(np.asarray(data_prediction.threshold(x0, "dynamic")),
+                                np.asarray(x0))
+
+
+@pytest.mark.parametrize("percentile", [0.995, 0.9, 1.0])
+@pytest.mark.parametrize("data_range", [(-1.0, 1.0), (0.0, 1.0)])
+def test_dynamic_threshold_against_numpy(percentile, data_range):
+  """Sample 0 is in range (unchanged); sample 1 is scaled to 5x: Imagen's s = percentile of |x0|
+  per sample, x0 -> clip(x0, -s, s) / s, in the centered range (x0 - c) / w."""
+  lo, hi = data_range
+  c, w = (lo + hi) / 2, (hi - lo) / 2
+  u = np.array(jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8, 3), minval=-1, maxval=1))
+  u[1] *= 5.0
+  x0 = c + w * u
+  s = np.maximum(np.percentile(np.abs(u).reshape(2, -1), 100 * percentile, axis=1), 1.0)
+  assert s[0] == 1.0 and s[1] > 4.0
+  s = s[:, None, None, None]
+  want = c + w * np.clip(u, -s, s) / s
+  got = data_prediction.threshold(jnp.asarray(x0, jnp.float32), "dynamic", percentile, data_range)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+  assert lo <= float(jnp.min(got)) and float(jnp.max(got)) <= hi
+
+
+# --- (d) the final denoising jump ----------------------------------------------------------------
+class CountingScore:
+  """SCORE, counting its evaluations at run time through a debug callback."""
+
+  def __init__(self, fn):
+    self.fn, self.count = fn, 0
+
+  def _increment(self):
+    self.count += 1
+
+  def __call__(self, x, t):
+    jax.debug.callback(self._increment)
+    return self.fn(x, t)
+
+  def run(self, sampler):
+    self.count = 0
+    out = sampler(KEY, self, X_T)
+    jax.effects_barrier()
+    return out
+
+
+JUMP_SAMPLERS = [("deis", {}), ("deis", dict(method="rhork")), ("ipndm", {}), ("dpm_solver", {}),
+                 ("heun", {})]
+
+
+@pytest.mark.parametrize("name,options", JUMP_SAMPLERS,
+                         ids=["deis", "deis-rhork", "ipndm", "dpm_solver", "heun"])
+def test_final_denoise_is_one_tweedie_step(name, options):
+  score = CountingScore(SCORE)
+  plain = sampling.get_sampler(name, SDE, SHAPE, num_steps=5, **options)
+  denoised = sampling.get_sampler(name, SDE, SHAPE, num_steps=5, denoise=True, **options)
+  assert plain.info["denoise"] is False and denoised.info["denoise"] is True
+  x, nfe = score.run(plain)
+  assert int(nfe) == score.count == plain.info["nfe"]
+  x0, nfe0 = score.run(denoised)
+  assert int(nfe0) == score.count == denoised.info["nfe"] == plain.info["nfe"] + 1
+  t_end = float(denoised.info["ts"][-1])
+  assert t_end == pytest.approx(SDE.default_sampling_eps, rel=1e-12)
+  want = GM.denoise(x, SDE, jnp.full((SHAPE[0],), t_end))
+  np.testing.assert_allclose(np.asarray(x0), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_final_denoise_uses_the_thresholded_score():
+  """With thresholding the jump returns the thresholded data prediction of x_eps."""
+  plain = sampling.get_sampler("heun", SDE, SHAPE, num_steps=5, thresholding="dynamic",
+                               threshold_percentile=0.5)
+  denoised = sampling.get_sampler("heun", SDE, SHAPE, num_steps=5, thresholding="dynamic",
+                                  threshold_percentile=0.5, denoise=True)
+  x, _ = plain(KEY, FAR_SCORE, X_T)
+  x0, nfe = denoised(KEY, FAR_SCORE, X_T)
+  assert int(nfe) == denoised.info["nfe"] == 2 * 5 - 1 + 1
+  want = data_prediction.threshold(FAR.denoise(x, SDE, jnp.full((SHAPE[0],), 1e-3)), "dynamic",
+                                   0.5)
+  np.testing.assert_allclose(np.asarray(x0), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+# --- (e) option checking --------------------------------------------------------------------------
+@pytest.mark.parametrize("options,match", [
+    (dict(thresholding="static"), r"thresholding 'static'.*'clip', 'dynamic'"),
+    (dict(thresholding=True), r"thresholding True.*'clip', 'dynamic'"),
+    (dict(thresholding="dynamic", threshold_percentile=0.0), r"\(0, 1\], got 0.0"),
+    (dict(thresholding="dynamic", threshold_percentile=1.5), r"\(0, 1\], got 1.5"),
+    (dict(thresholding="dynamic", threshold_percentile=True), r"\(0, 1\], got True"),
+    (dict(thresholding="dynamic", threshold_percentile="0.9"), r"\(0, 1\], got '0.9'"),
+    (dict(thresholding="clip", threshold_percentile=0.9), r"threshold_percentile=0.9.*'dynamic'"),
+    (dict(data_range=(0, 1)), r"data_range=\(0, 1\).*'clip' or 'dynamic'"),
+    (dict(thresholding="clip", data_range=(1, -1)), r"lo < hi, got \(1, -1\)"),
+    (dict(thresholding="clip", data_range=(0,)), r"pair.*got \(0,\)"),
+    (dict(thresholding="clip", data_range="0,1"), r"pair.*got '0,1'"),
+    (dict(thresholding="clip", data_range=(0, float("inf"))), r"finite.*got \(0, inf\)"),
+    (dict(denoise="False"), r"denoise must be true or false, got 'False'"),
+    (dict(dnoise=True), r"unknown option.*'dnoise'.*for every sampler.*'thresholding'"),
+])
+@pytest.mark.parametrize("name", ["deis", "ddim"])
+def test_bad_options_raise(name, options, match):
+  with pytest.raises(ValueError, match=match):
+    sampling.get_sampler(name, SDE, SHAPE, num_steps=4, **options)
