@@ -363,7 +363,7 @@ def _denoising_error(config: Any, dataset, sde, score_fn, out_dir: str, key) -> 
   path = denoising.plot_denoising_error(
       result, os.path.join(os.path.dirname(out_dir), "denoising_error.png"),
       title=f"{config.data.dataset} test images ({result.num_examples}), checkpoint "
-            f"{os.path.basename(out_dir)}: mean squared error per pixel")
+            f"{os.path.basename(out_dir).replace('ckpt_', '')}: mean squared error per pixel")
   logging.info("denoising error per noise level written to %s", path)
   return dict(result.as_dict(), png=path)
 

@@ -170,3 +170,23 @@ def test_from_config_builds_each_model():
   assert isinstance(mlp, small.MLP) and mlp.hidden == (64, 64)
   with pytest.raises(ValueError):
     small.from_config(config("ncsnpp"))
+
+
+def test_scorenet_same_padding_keeps_parameters_and_sees_the_border():
+  """padding='SAME' has the tutorial's parameters and shapes, and the corner output pixels
+  depend on the input pixel under them about as much as a central one does."""
+  t = jnp.full((2,), 0.5)
+  same, valid = small.ScoreNet(padding="SAME"), small.ScoreNet(padding="VALID")
+  x = jnp.zeros((2, 28, 28, 1))
+  assert _count(_shapes(same, x, t)) == _count(_shapes(valid, x, t))
+  for shape in [(2, 28, 28, 1), (2, 32, 32, 3), (1, 17, 21, 2), (2, 8, 8, 1)]:
+    xs = jnp.zeros(shape)
+    out = jax.eval_shape(same.apply, _shapes(same, xs, t[: shape[0]]), xs, t[: shape[0]])
+    assert out.shape == shape
+  x = jax.random.normal(jax.random.PRNGKey(1), (1, 28, 28, 1))
+  params = _random_params(same, x, t[:1])
+  jac_diag = jax.grad(lambda v, i, j: same.apply(params, v, t[:1])[0, i, j, 0])
+  gains = [abs(float(jac_diag(x, i, j)[0, i, j, 0])) for i, j in ((0, 0), (27, 27), (14, 14))]
+  assert min(gains) > 0.1 * gains[2]
+  with pytest.raises(ValueError, match="padding"):
+    small.ScoreNet(padding="FULL").init(jax.random.PRNGKey(0), x, t[:1])
