@@ -23,13 +23,7 @@ X_T = SDE.prior_sampling(jax.random.PRNGKey(3), SHAPE)
 KEY = jax.random.PRNGKey(0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  """Tiny scans: XLA's optimizations only cost compile time here."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _build_directly(name, num_steps, **options):

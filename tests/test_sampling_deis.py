@@ -15,13 +15,7 @@ B = 8
 SHAPE = (B, 8, 8, 1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  """Every test here compiles small scans; XLA's optimizations only cost time at these sizes."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _to_float64(gm):
