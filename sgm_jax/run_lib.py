@@ -243,7 +243,8 @@ def run_sample(config: Any, workdir: str, sampler_name: str | None = None,
   paths = save_samples(samples, config, stem)
   result = dict(paths, nfe=float(np.mean(nfes)), checkpoint_step=ckpt_step,
                 num_samples=num_samples,
-                out_of_range=out_of_range_share(samples, bool(config.data.centered)))
+                out_of_range=(out_of_range_share(samples, bool(config.data.centered))
+                              if samples.ndim == 4 else None))
   if conditional is not None:
     result.update(labels=np.concatenate(labels)[:num_samples], class_label=conditional.label,
                   classifier_scale=conditional.scale, classifier_step=conditional.step)
@@ -265,7 +266,8 @@ def run_sampler_comparison(config: Any, workdir: str) -> tuple[list[dict], str]:
   panels = []
   for (name, steps), r in zip(comparison_samplers(config), results):
     label = f"{name} {steps} steps" if name != "ode" else "ode (dopri5)"
-    panels.append((r["png"], f"{label}: {r['nfe']:.0f} NFE, {100 * r['out_of_range']:.1f} % out"))
+    out = "" if r["out_of_range"] is None else f", {100 * r['out_of_range']:.1f} % out"
+    panels.append((r["png"], f"{label}: {r['nfe']:.0f} NFE{out}"))
   path = os.path.join(workdir, "samples", f"samplers_ckpt{results[0]['checkpoint_step']}.png")
   return results, io_utils.save_side_by_side(panels, path)
 
