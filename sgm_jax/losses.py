@@ -50,6 +50,12 @@ TIME_SAMPLINGS = ("uniform", "log_normal")
 EDM_LOG_NORMAL = (-1.2, 1.2)  # EDM's P_mean, P_std of ln(sigma / alpha) (Karras et al. 2022, Table 1)
 
 
+def _check_time_sampling(time_sampling: str) -> None:
+  if time_sampling not in TIME_SAMPLINGS:
+    raise ValueError(f"unknown time_sampling {time_sampling!r}; valid values are "
+                     f"{list(TIME_SAMPLINGS)}")
+
+
 def sample_times(sde: SDE, key: Array, batch: int, eps: float,
                  importance_sampling: bool = False, time_sampling: str = "uniform",
                  log_normal: tuple[float, float] = EDM_LOG_NORMAL) -> Array:
@@ -60,9 +66,7 @@ def sample_times(sde: SDE, key: Array, batch: int, eps: float,
   For every SDE here g(t)^2 / sigma(t)^2 = -d lambda / dt (lambda the log-SNR), so the importance
   distribution is uniform in log-SNR: t = t(lambda), lambda ~ U(lambda(T), lambda(eps)).
   """
-  if time_sampling not in TIME_SAMPLINGS:
-    raise ValueError(f"unknown time_sampling {time_sampling!r}; valid values are "
-                     f"{list(TIME_SAMPLINGS)}")
+  _check_time_sampling(time_sampling)
   if time_sampling == "log_normal":
     if importance_sampling:
       raise ValueError("importance_sampling draws t uniformly in log-SNR; it cannot be combined "
@@ -222,9 +226,7 @@ def get_loss_fn(sde: SDE, model: nn.Module, kind: str = "dsm", continuous: bool 
   if kind_out != sde.network_output and kind not in ("dsm", "ssm"):
     raise ValueError(f"parameterization {kind_out!r} is trained with the continuous losses "
                      f"['dsm', 'ssm'], not {kind!r}")
-  if time_sampling not in TIME_SAMPLINGS:
-    raise ValueError(f"unknown time_sampling {time_sampling!r}; valid values are "
-                     f"{list(TIME_SAMPLINGS)}")
+  _check_time_sampling(time_sampling)
   if time_sampling != "uniform" and kind != "dsm":
     raise ValueError(f"time_sampling {time_sampling!r} is defined for the DSM loss only, not "
                      f"{kind!r}")

@@ -331,8 +331,8 @@ def _to_unit(x: np.ndarray, centered: bool) -> np.ndarray:
   return np.clip((x + 1.0) / 2.0 if centered else x, 0.0, 1.0)
 
 
-def _first_images(batches, count: int, centered: bool) -> np.ndarray:
-  """The first `count` images of an eval iterator, in the model's data range."""
+def _first_images(batches, count: int) -> np.ndarray:
+  """The first `count` (unpadded) images of an eval iterator."""
   out, seen = [], 0
   for batch in batches:
     images = batch["image"][batch["mask"].astype(bool)] if "mask" in batch else batch["image"]
@@ -340,8 +340,7 @@ def _first_images(batches, count: int, centered: bool) -> np.ndarray:
     seen += len(out[-1])
     if seen >= count:
       break
-  images = np.concatenate(out)
-  return images if centered else np.clip(images, 0.0, 1.0)
+  return np.concatenate(out)
 
 
 def _denoising_error(config: Any, dataset, sde, score_fn, out_dir: str, key) -> dict:
@@ -349,14 +348,12 @@ def _denoising_error(config: Any, dataset, sde, score_fn, out_dir: str, key) -> 
   level against the posterior mean of training images (evaluation.denoising)."""
   from sgm_jax.evaluation import denoising
   ev = config.eval
-  centered = bool(config.data.centered)
   n = int(_get(ev, "denoising_examples", 256))
   m = int(_get(ev, "denoising_reference", 2048))
-  test = _first_images(dataset.eval_iterator("test", uniform_dequantization=False), n, centered)
+  test = _first_images(dataset.eval_iterator("test", uniform_dequantization=False), n)
   reference = None
   if m > 0:
-    reference = _first_images(dataset.eval_iterator("train", uniform_dequantization=False), m,
-                              centered)
+    reference = _first_images(dataset.eval_iterator("train", uniform_dequantization=False), m)
   ts = denoising.noise_levels(sde, int(_get(ev, "denoising_levels", 16)))
   batch = int(_get(ev, "batch_size", 128))
   result = denoising.denoising_error(jax.random.fold_in(key, 7), score_fn, sde,

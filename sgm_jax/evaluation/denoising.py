@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgm_jax import score as score_lib
 from sgm_jax.sde_lib import SDE, batch_expand
 
 Array = jax.Array
@@ -77,8 +78,8 @@ def _errors_at(score_fn: Callable, sde: SDE, x0: Array, z: Array, t: Array,
   x_t = alpha * x0 + sigma * z
   score = score_fn(x_t, t)
   per_example = lambda v: jnp.mean(v.reshape(v.shape[0], -1) ** 2, axis=1)
-  eps_hat = -sigma * score
-  x0_hat = (x_t + sigma ** 2 * score) / alpha
+  eps_hat = score_lib.eps_from_score(sde, score, t)
+  x0_hat = score_lib.denoised_from_score(sde, x_t, score, t)  # Tweedie
   out = (per_example(eps_hat - z), per_example(x0_hat - x0))
   if reference is not None:
     x0_ref = empirical_posterior_mean(reference, x_t, alpha, sigma)
