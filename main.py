@@ -10,10 +10,14 @@ center|random|FILE.png), colorize (RGB models), interpolate (--num_points); thei
 (pc, deis, ddim, ode). Results go to workdir/controllable/ (PNG, .npz, .json).
 Config fields can be overridden on the command line, e.g. --config.training.batch_size=32.
 Sampler options: --sampler deis --num_steps 10 --sampler_option order=2 ...
+Log lines: --verbosity=-1 (warnings only), 0 (default: sgm-jax's progress), 1 (libraries' too).
+Errors: a mistake in the input is one line `error: ...` (exit code 2); a fault shows its
+traceback (exit code 1).
 """
 import json
 import logging
 import sys
+import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -30,8 +34,9 @@ flags.DEFINE_integer("num_steps", None, "sample/eval: number of sampler steps.")
 flags.DEFINE_integer("num_samples", None, "sample/eval: number of samples; inpaint/colorize: "
                      "number of images (default 8); interpolate: number of pairs (default 4).")
 flags.DEFINE_integer("checkpoint_step", None, "sample/eval: checkpoint step (default latest).")
-flags.DEFINE_multi_string("sampler_option", [], "--mode sample: KEY=VALUE sampler option "
-                          "(values parsed as JSON when possible, e.g. order=2, snr=0.16).")
+flags.DEFINE_multi_string("sampler_option", [], "sample/eval/inpaint/colorize: KEY=VALUE "
+                          "sampler option (JSON or Python values, e.g. order=2, snr=0.16, "
+                          "denoise=False); replaces that one option of the config's.")
 flags.DEFINE_string("class_label", None, "--mode sample: class to sample (an integer, or 'all' "
                     "to cycle through the classes); needs --mode train_classifier first.")
 flags.DEFINE_float("classifier_scale", None, "--mode sample --class_label: classifier weight "
@@ -44,12 +49,21 @@ flags.DEFINE_integer("num_points", 8, "--mode interpolate: images per interpolat
 flags.mark_flags_as_required(["config", "workdir", "mode"])
 
 
+PYTHON_CONSTANTS = {"True": True, "False": False, "None": None}
+
+
 def _parse_options(items):
+  """KEY=VALUE strings -> {KEY: value}: JSON values (2, 0.16, true, "x", [1, 2]), Python's True,
+  False and None, anything else as a string."""
+  from sgm_jax.errors import InvalidValueError
   options = {}
   for item in items:
     if "=" not in item:
-      raise ValueError(f"--sampler_option must look like KEY=VALUE, got {item!r}")
+      raise InvalidValueError(f"--sampler_option must look like KEY=VALUE, got {item!r}")
     key, value = item.split("=", 1)
+    if value in PYTHON_CONSTANTS:
+      options[key] = PYTHON_CONSTANTS[value]
+      continue
     try:
       options[key] = json.loads(value)
     except json.JSONDecodeError:
@@ -57,9 +71,30 @@ def _parse_options(items):
   return options
 
 
+class _ProjectRecords(logging.Filter):
+  """Passes sgm-jax's own records and every library's warnings and errors; keeps out the
+  libraries' INFO lines (Orbax writes hundreds per training run)."""
+
+  def filter(self, record):
+    return (record.levelno >= logging.WARNING or record.name in ("root", "__main__")
+            or record.name.startswith("sgm_jax"))
+
+
+def _configure_logging():
+  """--verbosity (absl's flag): -1 warnings and errors only; 0 (default) also sgm-jax's progress
+  lines; 1 everything, the libraries' INFO and DEBUG lines included."""
+  root = logging.getLogger()
+  if FLAGS.verbosity >= 1:
+    root.setLevel(logging.DEBUG)
+    return
+  root.setLevel(logging.INFO if FLAGS.verbosity == 0 else logging.WARNING)
+  for handler in root.handlers:
+    handler.addFilter(_ProjectRecords())
+
+
 def main(argv):
   del argv
-  logging.getLogger().setLevel(logging.INFO)
+  _configure_logging()
   from sgm_jax import run_lib
   config, workdir = FLAGS.config, FLAGS.workdir
   mode = FLAGS.mode
@@ -135,14 +170,22 @@ def _parse_flags(argv):
 
 
 def run():
-  """Entry point: clear one-line errors for user mistakes, non-zero exit."""
+  """Entry point: a mistake in the input (sgm_jax.errors.UserError) is one line `error: ...` and
+  exit code 2; anything else is a fault, shown with its traceback and exit code 1."""
+  from sgm_jax.errors import UserError
   try:
     app.run(main, flags_parser=_parse_flags)
   except SystemExit:
     raise
-  except (ValueError, FileNotFoundError, RuntimeError, ImportError, KeyError) as e:
+  except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except Exception:  # pylint: disable=broad-except
+    traceback.print_exc()
+    print("error: the traceback above is not a problem with the config, flags or files given; it "
+          "is a fault in sgm-jax or a library it uses, or a machine limit (e.g. out of memory). "
+          "Please report it with the traceback.", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ def get_config():
   config.model.num_blocks = 4
   config.model.embedding_type = 'positional'
   config.training.n_iters = 5000
+  # The splits hold 1,618 training and 179 test images.
   config.eval.bpd_num_examples = 179
+  config.eval.denoising_examples = 179
+  config.eval.denoising_reference = 1618
+  config.eval.reference_examples = 1618
   use_few_step_parameterization(config)
   return config

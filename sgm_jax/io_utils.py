@@ -1,12 +1,16 @@
-"""Small file helpers: atomic writes and PNG image grids."""
+"""Small file helpers: atomic writes, crash-safe line appends and PNG image grids."""
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import math
 import os
 import tempfile
 
 import numpy as np
+
+from sgm_jax.errors import InvalidValueError
 
 
 @contextlib.contextmanager
@@ -33,12 +37,81 @@ def atomic_write(path: str, mode: str = "wb"):
     raise
 
 
+def _torn_tail_start(f) -> int | None:
+  """Where the torn last line of binary file `f` starts (the byte after its last newline), or
+  None when the file is empty or ends with a newline."""
+  end = f.seek(0, os.SEEK_END)
+  if end == 0:
+    return None
+  f.seek(end - 1)
+  if f.read(1) == b"\n":
+    return None
+  pos = end
+  while pos > 0:
+    block = min(pos, 1 << 14)
+    pos -= block
+    f.seek(pos)
+    newline = f.read(block).rfind(b"\n")
+    if newline >= 0:
+      return pos + newline + 1
+  return 0
+
+
+def append_line(path: str, line: str) -> None:
+  """Append `line` and a newline to `path` as one write, flushed and fsynced.
+
+  A torn last line left by a process killed mid-append (text after the last newline) is dropped
+  first, so every line in the file is whole.
+  """
+  if "\n" in line or "\r" in line:
+    raise InvalidValueError(f"append_line writes one line; got text with a newline: {line[:80]!r}")
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  with open(path, "ab+") as f:  # append mode: every write goes to the end, even after truncate
+    torn = _torn_tail_start(f)
+    if torn is not None:
+      f.seek(torn)
+      logging.warning("%s: dropping a torn last line (%r); a previous writer was interrupted",
+                      path, f.read(80))
+      f.truncate(torn)
+    f.write((line + "\n").encode("utf-8"))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """The JSON objects of a file written by `append_line`, one a line; blank lines are skipped.
+
+  A torn last line (no final newline: its writer was killed mid-append) is skipped with a
+  warning; a bad line anywhere else is a ValueError naming the file and line.
+  """
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  lines = text.split("\n")
+  if lines[-1]:
+    logging.warning("%s: skipping a torn last line (%r); its writer was interrupted", path,
+                    lines[-1][:80])
+  records = []
+  for number, line in enumerate(lines[:-1], 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise InvalidValueError(f"{path}:{number} is not valid JSON ({e}): {line[:80]!r}. Delete or fix "
+                       "that line (an interrupted write by an older version?)") from None
+    if not isinstance(record, dict):
+      raise InvalidValueError(f"{path}:{number} is not a JSON object: {line[:80]!r}")
+    records.append(record)
+  return records
+
+
 def image_grid(images, nrow: int | None = None, padding: int = 2,
                data_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
   """Tile (N, H, W, C) images into one uint8 (rows*H', cols*W', C) array, C in {1, 3}."""
   images = np.asarray(images, dtype=np.float32)
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(f"images must have shape (N, H, W, C) with C in (1, 3), got {images.shape}")
+    raise InvalidValueError(f"images must have shape (N, H, W, C) with C in (1, 3), got {images.shape}")
   lo, hi = data_range
   images = np.clip((images - lo) / (hi - lo), 0.0, 1.0)
   n, h, w, c = images.shape
@@ -73,7 +146,7 @@ def save_scatter(points, path: str, title: str | None = None) -> str:
   import matplotlib.pyplot as plt
   points = np.asarray(points)
   if points.ndim != 2 or points.shape[1] != 2:
-    raise ValueError(f"points must have shape (N, 2), got {points.shape}")
+    raise InvalidValueError(f"points must have shape (N, 2), got {points.shape}")
   fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
   ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.5)
   ax.set_aspect("equal")

@@ -22,7 +22,9 @@ import numpy as np
 
 from sgm_jax import controllable, datasets, io_utils, sde_lib
 from sgm_jax.checkpoints import CheckpointError, CheckpointStore, has_checkpoints
-from sgm_jax.run_lib import _get, build, restore_ema_params, score_fn_for, sde_from_config
+from sgm_jax.errors import InvalidValueError, MissingFileError, TrainingDiverged
+from sgm_jax.run_lib import (_get, build, restore_ema_params, sampler_options_from_config,
+                             score_fn_for, sde_from_config)
 from sgm_jax.workdir import WorkdirLock, check_or_record_config
 
 CLASSIFIER_DIR = "classifier"
@@ -57,10 +59,10 @@ class ClassifierSpec:
       value = getattr(spec, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "num_classes"
                                                                          else 1):
-        raise ValueError(f"config.classifier.{name} must be a positive integer"
+        raise InvalidValueError(f"config.classifier.{name} must be a positive integer"
                          f"{' >= 2' if name == 'num_classes' else ''}, got {value!r}")
     if not spec.lr > 0:
-      raise ValueError(f"config.classifier.lr must be > 0, got {spec.lr!r}")
+      raise InvalidValueError(f"config.classifier.lr must be > 0, got {spec.lr!r}")
     return spec
 
 
@@ -69,7 +71,7 @@ def _classifier_parts(config: Any, sde: sde_lib.SDE, image_shape: tuple):
   import optax
   from sgm_jax.models.wideresnet import create_classifier
   if len(image_shape) != 3:
-    raise ValueError(f"the noise-conditional classifier needs image data (H, W, C); dataset "
+    raise InvalidValueError(f"the noise-conditional classifier needs image data (H, W, C); dataset "
                      f"{config.data.dataset!r} gives examples of shape {tuple(image_shape)}")
   spec = ClassifierSpec.from_config(config)
   model = create_classifier(spec.num_classes, spec.blocks_per_group, spec.channel_multiplier)
@@ -85,7 +87,7 @@ def _classifier_state(params, opt_state, step: int) -> dict:
 def _labelled_batch(dataset: datasets.Dataset, step: int, split: str = "train") -> dict:
   batch = dataset.train_batch(step, split=split)
   if "label" not in batch:
-    raise ValueError(f"dataset {dataset.spec.dataset!r} has no class labels; the classifier needs "
+    raise InvalidValueError(f"dataset {dataset.spec.dataset!r} has no class labels; the classifier needs "
                      "a labelled dataset (FashionMNIST, MNIST5k, digits, CIFAR-10, an .npz with "
                      "'labels', or a folder with class subfolders)")
   return {"image": batch["image"], "label": batch["label"]}
@@ -135,7 +137,7 @@ def run_train_classifier(config: Any, workdir: str) -> dict:
     _, logits_fn, params, optimizer = _classifier_parts(config, sde, first["image"].shape[1:])
     num_classes = int(dataset.labels("train").max()) + 1
     if num_classes > spec.num_classes:
-      raise ValueError(f"dataset {config.data.dataset!r} has labels up to {num_classes - 1}, but "
+      raise InvalidValueError(f"dataset {config.data.dataset!r} has labels up to {num_classes - 1}, but "
                        f"config.classifier.num_classes = {spec.num_classes}")
     check_or_record_config(workdir, config)
     store = CheckpointStore(out_dir, keep=2)
@@ -176,7 +178,7 @@ def _train_classifier_loop(store, state, dataset, sde, logits_fn, optimizer, spe
       # Checked before every save too, so a NaN state never replaces the last good checkpoint.
       loss = float(loss)
       if not np.isfinite(loss):
-        raise RuntimeError(f"classifier loss became {loss} at step {step}; the last good "
+        raise TrainingDiverged(f"classifier loss became {loss} at step {step}; the last good "
                            f"checkpoint is kept in {store.workdir}")
       bar.set_postfix(loss=f"{loss:.4f}")
       logging.info("classifier step %d: loss %.5f", step, loss)
@@ -215,7 +217,7 @@ def parse_class_label(value: Any, num_classes: int) -> Optional[str | int]:
   except ValueError:
     label = -1
   if not 0 <= label < num_classes:
-    raise ValueError(f"--class_label must be an integer in [0, {num_classes}) or 'all', got "
+    raise InvalidValueError(f"--class_label must be an integer in [0, {num_classes}) or 'all', got "
                      f"{value!r}")
   return label
 
@@ -229,13 +231,15 @@ def class_labels_for(label: str | int, start: int, batch: int, num_classes: int)
 
 # --- input images -------------------------------------------------------------------------------
 def load_input_images(config: Any, dataset: datasets.Dataset, input_path: Optional[str],
-                      count: int) -> np.ndarray:
+                      count: Optional[int], default_count: int = 8) -> np.ndarray:
   """`count` images in model space: from --input (an .npz with 'images' uint8 (N, H, W[, C]), or
-  an image file), fitted to the config's size and channels; else the first test images."""
-  if count < 1:
-    raise ValueError(f"the number of images must be >= 1, got {count}")
+  an image file), fitted to the config's size and channels; else the first test images.
+  count None: every image of --input (one for an image file), or `default_count` test images."""
+  if count is not None and count < 1:
+    raise InvalidValueError(f"the number of images must be >= 1, got {count}")
   spec = dataset.spec
   if input_path is None:
+    count = default_count if count is None else count
     out, i = [], 0
     while sum(len(b) for b in out) < count and i < dataset.num_eval_batches("test"):
       batch = dataset.eval_batch(i, split="test", uniform_dequantization=False)
@@ -246,26 +250,27 @@ def load_input_images(config: Any, dataset: datasets.Dataset, input_path: Option
     images = _read_image_file(input_path)
     images = datasets.fit_images(images, spec.image_size, spec.num_channels).astype(np.float32)
     images = datasets.data_scaler(spec.centered)(images / np.float32(255.0))
+    count = len(images) if count is None else count
   if images.ndim != 4:
-    raise ValueError(f"this mode needs image data; dataset {spec.dataset!r} has examples of shape "
+    raise InvalidValueError(f"this mode needs image data; dataset {spec.dataset!r} has examples of shape "
                      f"{images.shape[1:]}")
   if len(images) < count:
-    raise ValueError(f"needed {count} input images, found {len(images)} in "
+    raise InvalidValueError(f"needed {count} input images, found {len(images)} in "
                      f"{input_path or 'the test split'}")
   return np.asarray(images[:count], np.float32)
 
 
 def _read_image_file(path: str) -> np.ndarray:
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"--input file {path!r} not found")
+    raise MissingFileError(f"--input file {path!r} not found")
   if path.lower().endswith(".npz"):
     with np.load(path, allow_pickle=False) as f:
       if "images" not in f:
-        raise ValueError(f"{path} has arrays {sorted(f.files)}; --input needs 'images' "
+        raise InvalidValueError(f"{path} has arrays {sorted(f.files)}; --input needs 'images' "
                          "(N, H, W[, C]) uint8")
       images = f["images"]
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
-      raise ValueError(f"{path}: 'images' must be uint8 of shape (N, H, W[, C]), got "
+      raise InvalidValueError(f"{path}: 'images' must be uint8 of shape (N, H, W[, C]), got "
                        f"{images.dtype} {images.shape}")
     return images
   from PIL import Image, UnidentifiedImageError
@@ -273,7 +278,7 @@ def _read_image_file(path: str) -> np.ndarray:
     with Image.open(path) as image:
       pixels = np.asarray(image.convert(image.mode if image.mode in ("L", "RGB") else "RGB"))
   except UnidentifiedImageError as e:
-    raise ValueError(f"--input {path!r} is neither an .npz nor an image file Pillow can read") from e
+    raise InvalidValueError(f"--input {path!r} is neither an .npz nor an image file Pillow can read") from e
   return (pixels[..., None] if pixels.ndim == 2 else pixels)[None]  # (1, H, W, C)
 
 
@@ -297,11 +302,11 @@ def make_mask(name: str, image_shape: tuple, seed: int = 0) -> np.ndarray:
   elif os.path.isfile(name):
     image = _read_image_file(name)[0].astype(np.float32)
     if image.shape[:2] != (h, w):
-      raise ValueError(f"mask file {name!r} is {image.shape[1]}x{image.shape[0]}; the model's "
+      raise InvalidValueError(f"mask file {name!r} is {image.shape[1]}x{image.shape[0]}; the model's "
                        f"images are {w}x{h}")
     known = image.mean(axis=-1) / 255.0 > 0.5
   else:
-    raise ValueError(f"unknown --mask {name!r}: use one of {list(MASKS)} (the region to fill in) "
+    raise InvalidValueError(f"unknown --mask {name!r}: use one of {list(MASKS)} (the region to fill in) "
                      "or the path of a mask image (white = known)")
   return known[..., None].astype(np.float32)
 
@@ -309,7 +314,7 @@ def make_mask(name: str, image_shape: tuple, seed: int = 0) -> np.ndarray:
 # --- the modes ----------------------------------------------------------------------------------
 def _setup(config: Any, workdir: str, checkpoint_step: Any):
   sde, model, dataset = build(config)
-  image_shape = dataset.train_batch(0)["image"].shape[1:]
+  image_shape = datasets.example_shape(dataset.spec)  # from the config: no data is loaded
   params, step = restore_ema_params(config, workdir, model, image_shape, checkpoint_step)
   return sde, dataset, image_shape, score_fn_for(config, sde, model, params), step
 
@@ -319,10 +324,7 @@ def _method_options(config: Any, sde: sde_lib.SDE, method: str, num_steps: Optio
   s = config.sampling
   if num_steps is None:
     num_steps = int(_get(s, "pc_num_steps", sde.N) if method == "pc" else _get(s, "num_steps", 10))
-  if method == "pc" and not options:
-    options = dict(predictor=str(s.predictor), corrector=str(s.corrector), snr=float(s.snr),
-                   n_steps_each=int(s.n_steps_each), denoise=bool(_get(s, "noise_removal", True)))
-  return int(num_steps), options
+  return int(num_steps), sampler_options_from_config(config, method, options)
 
 
 def _write_outputs(workdir: str, stem: str, grid: np.ndarray, nrow: int, arrays: dict,
@@ -351,8 +353,8 @@ def run_inpaint(config: Any, workdir: str, method: Optional[str] = None,
   method = method or "pc"
   sde, dataset, image_shape, score_fn, step = _setup(config, workdir, checkpoint_step)
   num_steps, options = _method_options(config, sde, method, num_steps, options)
-  n = int(num_images or 8)
-  images = load_input_images(config, dataset, input_path, n)
+  images = load_input_images(config, dataset, input_path, num_images)
+  n = len(images)
   known = make_mask(mask, image_shape, int(config.seed))
   inpainter = controllable.get_inpainter(method, sde, images.shape, num_steps, **options)
   x, nfe = inpainter(jax.random.PRNGKey(int(config.seed) + 3), score_fn, images, known)
@@ -376,13 +378,13 @@ def run_colorize(config: Any, workdir: str, method: Optional[str] = None,
   """`main.py --mode colorize`: colorize the gray version of input images (RGB models only).
   PNG rows: inputs, gray, colorized."""
   if int(config.data.num_channels) != 3:
-    raise ValueError(f"colorization needs an RGB model (config.data.num_channels = 3); this config "
+    raise InvalidValueError(f"colorization needs an RGB model (config.data.num_channels = 3); this config "
                      f"has num_channels = {config.data.num_channels}")
   method = method or "pc"
   sde, dataset, _, score_fn, step = _setup(config, workdir, checkpoint_step)
   num_steps, options = _method_options(config, sde, method, num_steps, options)
-  n = int(num_images or 8)
-  images = load_input_images(config, dataset, input_path, n)
+  images = load_input_images(config, dataset, input_path, num_images)
+  n = len(images)
   colorizer = controllable.get_colorizer(method, sde, images.shape, num_steps, **options)
   gray = np.asarray(controllable.to_gray(jnp.asarray(images)))
   x, nfe = colorizer(jax.random.PRNGKey(int(config.seed) + 4), score_fn, gray)
@@ -401,8 +403,12 @@ def run_interpolate(config: Any, workdir: str, num_pairs: Optional[int] = None,
   """`main.py --mode interpolate`: encode pairs of input images (2i, 2i+1) with the probability-
   flow ODE, slerp their latents, decode; one PNG row per pair. Reports the round-trip error."""
   sde, dataset, _, score_fn, step = _setup(config, workdir, checkpoint_step)
-  pairs = int(num_pairs or 4)
-  images = load_input_images(config, dataset, input_path, 2 * pairs)
+  images = load_input_images(config, dataset, input_path,
+                             None if num_pairs is None else 2 * int(num_pairs), default_count=8)
+  if len(images) < 2:
+    raise InvalidValueError(f"interpolation needs pairs of images; {input_path} has {len(images)}")
+  pairs = len(images) // 2
+  images = images[: 2 * pairs]
   ev = config.eval
   interp = controllable.get_interpolator(sde, int(num_points), float(_get(ev, "rtol", 1e-5)),
                                          float(_get(ev, "atol", 1e-5)))

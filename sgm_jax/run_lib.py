@@ -14,6 +14,7 @@ import numpy as np
 
 from sgm_jax import datasets, io_utils, losses, models, parallel, sampling, score, sde_lib, train
 from sgm_jax.checkpoints import CheckpointError, CheckpointStore, has_checkpoints
+from sgm_jax.errors import InvalidValueError
 from sgm_jax.workdir import WorkdirLock, check_or_record_config
 
 
@@ -33,7 +34,7 @@ def sde_from_config(config: Any) -> sde_lib.SDE:
     return cls(beta_min=float(m.beta_min), beta_max=float(m.beta_max), N=n)
   if name == "tutorial":
     return sde_lib.TutorialSDE(sigma_base=float(_get(m, "sigma_base", 25.0)), N=n)
-  raise ValueError(f"unknown SDE {config.training.sde!r} (config.training.sde); valid values are "
+  raise InvalidValueError(f"unknown SDE {config.training.sde!r} (config.training.sde); valid values are "
                    f"{sorted(sde_lib.SDES)}")
 
 
@@ -49,7 +50,7 @@ def loss_kind(config: Any, sde: sde_lib.SDE) -> str:
     return "smld"
   if type(sde) is sde_lib.VPSDE:
     return "ddpm"
-  raise ValueError(f"discrete training (training.continuous=False) is defined for VESDE and VPSDE "
+  raise InvalidValueError(f"discrete training (training.continuous=False) is defined for VESDE and VPSDE "
                    f"only, got {type(sde).__name__}")
 
 
@@ -68,11 +69,12 @@ def loss_weighting(config: Any) -> str:
   return "g2" if bool(_get(t, "likelihood_weighting", False)) else "sigma2"
 
 
-def loss_fn_from_config(config: Any, sde: sde_lib.SDE, model) -> Any:
+def loss_fn_from_config(config: Any, sde: sde_lib.SDE, model, train: bool = True) -> Any:
+  """The training loss of config.training; train=False: without dropout (evaluation)."""
   t = config.training
   parameterization, sigma_data = parameterization_from_config(config)
   return losses.get_loss_fn(
-      sde, model, kind=loss_kind(config, sde), continuous=bool(t.continuous), train=True,
+      sde, model, kind=loss_kind(config, sde), continuous=bool(t.continuous), train=train,
       reduce_mean=bool(_get(t, "reduce_mean", False)), weighting=loss_weighting(config),
       eps=float(_get(t, "eps", 1e-5)),
       importance_sampling=bool(_get(t, "importance_sampling", False)),
@@ -84,7 +86,7 @@ def optimizer_from_config(config: Any) -> train.OptimizerSpec:
   o = config.optim
   name = str(_get(o, "optimizer", "Adam"))
   if name.lower() != "adam":
-    raise ValueError(f"unknown optimizer {name!r} (config.optim.optimizer); valid values are "
+    raise InvalidValueError(f"unknown optimizer {name!r} (config.optim.optimizer); valid values are "
                      "['Adam']")
   return train.OptimizerSpec(lr=float(o.lr), warmup=int(_get(o, "warmup", 5000)),
                              grad_clip=float(_get(o, "grad_clip", 1.0)),
@@ -169,6 +171,24 @@ def restore_ema_params(config: Any, workdir: str, model, example_shape: tuple,
   return state.params_ema, int(state.step)
 
 
+# config.sampling fields of score_sde's PC sampler -> the pc sampler's options
+PC_CONFIG_OPTIONS = {"predictor": "predictor", "corrector": "corrector", "snr": "snr",
+                     "n_steps_each": "n_steps_each", "noise_removal": "denoise",
+                     "probability_flow": "probability_flow"}
+
+
+def sampler_options_from_config(config: Any, sampler_name: str, overrides: dict) -> dict:
+  """The options of `sampler_name`: for 'pc', the config's predictor-corrector settings
+  (config.sampling.predictor, corrector, snr, n_steps_each, noise_removal, probability_flow);
+  `overrides` (--sampler_option) replace single entries and keep the rest."""
+  options = {}
+  if sampler_name == "pc":
+    s = config.sampling
+    options = {option: _get(s, field, None) for field, option in PC_CONFIG_OPTIONS.items()}
+    options = {k: v for k, v in options.items() if v is not None}
+  return dict(options, **overrides)
+
+
 def score_fn_for(config: Any, sde: sde_lib.SDE, model, params: Any):
   """The score of a trained network (EMA params), ready for samplers and likelihoods."""
   parameterization, sigma_data = parameterization_from_config(config)
@@ -214,11 +234,8 @@ def run_sample(config: Any, workdir: str, sampler_name: str | None = None,
   num_steps = int(num_steps if num_steps is not None else _get(s, "num_steps", sde.N))
   num_samples = int(num_samples if num_samples is not None else _get(s, "num_samples", 64))
   if num_samples < 1:
-    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-  if sampler_name == "pc" and not sampler_options:
-    sampler_options = dict(predictor=str(s.predictor), corrector=str(s.corrector),
-                           snr=float(s.snr), n_steps_each=int(s.n_steps_each),
-                           denoise=bool(_get(s, "noise_removal", True)))
+    raise InvalidValueError(f"num_samples must be >= 1, got {num_samples}")
+  sampler_options = sampler_options_from_config(config, sampler_name, sampler_options)
   batch = min(int(_get(s, "batch_size", 64)), num_samples)
   sampler = sampling.get_sampler(sampler_name, sde, (batch,) + tuple(example_shape),
                                  num_steps=num_steps, **sampler_options)
@@ -242,7 +259,7 @@ def run_sample(config: Any, workdir: str, sampler_name: str | None = None,
   stem = os.path.join(workdir, "samples", f"{sampler_name}_{num_steps}steps_ckpt{ckpt_step}{suffix}")
   paths = save_samples(samples, config, stem)
   result = dict(paths, nfe=float(np.mean(nfes)), checkpoint_step=ckpt_step,
-                num_samples=num_samples,
+                num_samples=num_samples, sampler_options=sampler_options,
                 out_of_range=(out_of_range_share(samples, bool(config.data.centered))
                               if samples.ndim == 4 else None))
   if conditional is not None:
@@ -292,26 +309,29 @@ class _ClassConditional:
 
 
 class _Progress:
-  """Per-batch results of one evaluation, saved after every batch so a rerun skips them."""
+  """Per-batch results of one evaluation: one small .npz per finished batch in `directory`
+  (written atomically), so an interrupted evaluation resumes where it stopped and each save costs
+  one batch, not everything so far."""
 
-  def __init__(self, path: str):
-    self.path = path
+  def __init__(self, directory: str):
+    self.directory = directory
     self.done: dict[int, dict[str, np.ndarray]] = {}
-    if os.path.exists(path):
+    os.makedirs(directory, exist_ok=True)
+    for name in sorted(os.listdir(directory)):
+      if not (name.startswith("batch_") and name.endswith(".npz")):
+        continue
+      path = os.path.join(directory, name)
       try:
         with np.load(path) as f:
-          for name in f.files:
-            i, key = name.split("/", 1)
-            self.done.setdefault(int(i), {})[key] = f[name]
-      except (ValueError, OSError, KeyError) as e:
-        raise CheckpointError(f"evaluation progress file {path} is unreadable ({e}); delete it "
-                              "to recompute") from e
+          self.done[int(name[len("batch_"):-len(".npz")])] = {k: f[k] for k in f.files}
+      except (ValueError, OSError, KeyError) as e:  # not written by atomic_write: recompute it
+        logging.warning("evaluation progress file %s is unreadable (%s); recomputing that batch",
+                        path, e)
 
   def add(self, i: int, **arrays) -> None:
     self.done[i] = {k: np.atleast_1d(np.asarray(v)) for k, v in arrays.items()}
-    flat = {f"{j}/{k}": v for j, d in self.done.items() for k, v in d.items()}
-    with io_utils.atomic_write(self.path) as f:
-      np.savez(f, **flat)
+    with io_utils.atomic_write(os.path.join(self.directory, f"batch_{i:06d}.npz")) as f:
+      np.savez(f, **self.done[i])
 
   def gather(self, key: str) -> np.ndarray:
     return np.concatenate([np.atleast_1d(self.done[i][key]) for i in sorted(self.done)])
@@ -367,112 +387,193 @@ def _denoising_error(config: Any, dataset, sde, score_fn, out_dir: str, key) -> 
   return dict(result.as_dict(), png=path)
 
 
-def run_eval(config: Any, workdir: str, checkpoint_step: Any = None,
-             sampler_name: str | None = None, num_steps: int | None = None,
-             num_samples: int | None = None, **sampler_options) -> dict:
-  """`main.py --mode eval`: test-set bits/dim, the denoising error per noise level and FD
-  (FD-EffNet offline, or FID with Inception weights), IS and the out-of-range share of samples
-  from the EMA parameters. Each finished batch is saved under workdir/eval/ckpt_<step>/, so an
-  interrupted evaluation resumes where it stopped; the summary is appended to
-  workdir/eval/results.jsonl."""
-  import json
-  import time as time_lib
+# config.eval switches of run_eval's parts, and whether a part needs image data
+EVAL_PARTS = {"loss": ("enable_loss", False), "bpd": ("enable_bpd", True),
+              "denoising_error": ("enable_denoising_error", True),
+              "sampling": ("enable_sampling", True)}
+
+
+def _eval_parts(config: Any, images: bool) -> list[str]:
+  """The parts of run_eval that config.eval enables and the data allows; an error if none is."""
+  ev = config.eval
+  enabled = [p for p, (flag, _) in EVAL_PARTS.items() if bool(_get(ev, flag, False))]
+  parts = [p for p in enabled if images or not EVAL_PARTS[p][1]]
+  if not parts:
+    flags = ", ".join(f"eval.{flag}" for flag, _ in EVAL_PARTS.values())
+    why = (f" ({', '.join(enabled)} need image data; dataset {config.data.dataset!r} has none)"
+           if enabled else "")
+    raise InvalidValueError(f"--mode eval has nothing to compute: config.eval enables none of {flags}"
+                     f"{why}. Enable one, e.g. --config.eval.enable_loss=True")
+  return parts
+
+
+def _check_eval_sizes(config: Any, dataset, parts: list[str]) -> None:
+  """Fail before any work when config.eval asks for more images than a split holds."""
+  ev = config.eval
+  needs = []
+  if "denoising_error" in parts:
+    needs += [("denoising_examples", 256, "test"), ("denoising_reference", 2048, "train")]
+  if "sampling" in parts:
+    needs += [("reference_examples", 2048, "train")]
+  for field, default, split in needs:
+    wanted, available = int(_get(ev, field, default)), dataset.num_examples(split)
+    if wanted > available:
+      raise InvalidValueError(f"eval.{field}={wanted} is more than the {available} images of the "
+                       f"{split} split of {config.data.dataset!r}; set "
+                       f"--config.eval.{field}={available} or less")
+
+
+def _eval_loss(config: Any, dataset, sde, model, params, out_dir: str, key) -> dict:
+  """The training loss (without dropout) on the test split, as score_sde's evaluation reports:
+  the mean over every test example, padding excluded."""
+  from tqdm import tqdm
+  ev = config.eval
+  loss_fn = jax.jit(loss_fn_from_config(config, sde, model, train=False))
+  limit = int(_get(ev, "loss_num_examples", 10 ** 9))
+  progress = _Progress(os.path.join(out_dir, "loss_test"))
+  total = min(limit, dataset.num_examples("test"))
+  bar = tqdm(total=total, desc="eval loss (test)", unit="img", dynamic_ncols=True)
+  seen = 0
+  for i, batch in enumerate(dataset.eval_iterator("test")):
+    if seen >= limit:
+      break
+    images = batch["image"][batch["mask"].astype(bool)][: limit - seen]
+    seen += len(images)
+    if i not in progress.done:
+      loss = loss_fn(params, jax.numpy.asarray(images), jax.random.fold_in(key, i))
+      progress.add(i, loss=np.float64(loss), count=len(images))
+    bar.update(len(images))
+  bar.close()
+  counts = progress.gather("count")
+  return dict(loss=float(np.sum(progress.gather("loss") * counts) / np.sum(counts)),
+              loss_examples=int(np.sum(counts)))
+
+
+def _eval_bpd(config: Any, dataset, sde, score_fn, out_dir: str, key) -> dict:
+  """Bits/dim of the split eval.bpd_dataset through the probability-flow ODE."""
   from tqdm import tqdm
   from sgm_jax import likelihood
-  from sgm_jax.evaluation import features, metrics
-
   ev = config.eval
-  sde, model, dataset = build(config)
-  example_shape = dataset.train_batch(0)["image"].shape[1:]
-  params, step = restore_ema_params(config, workdir, model, example_shape, checkpoint_step)
-  score_fn = score_fn_for(config, sde, model, params)
   centered = bool(config.data.centered)
-  out_dir = os.path.join(workdir, "eval", f"ckpt_{step}")
-  os.makedirs(out_dir, exist_ok=True)
-  result: dict[str, Any] = dict(checkpoint_step=step, time=time_lib.strftime("%Y-%m-%d %H:%M:%S"))
-  key = jax.random.PRNGKey(int(config.seed) + 2)
-
-  if bool(_get(ev, "enable_bpd", False)) and len(example_shape) == 3:
-    split = str(_get(ev, "bpd_dataset", "test"))
-    limit = int(_get(ev, "bpd_num_examples", 10 ** 9))
-    ll_fn = likelihood.get_likelihood_fn(
-        sde, divergence=str(_get(ev, "divergence", "rademacher")),
-        num_probes=int(_get(ev, "num_probes", 1)), rtol=float(_get(ev, "rtol", 1e-5)),
-        atol=float(_get(ev, "atol", 1e-5)), eps=float(_get(ev, "likelihood_eps", 1e-5)))
-    progress = _Progress(os.path.join(out_dir, f"bpd_{split}.npz"))
-    seen = 0
-    bar = tqdm(desc=f"bits/dim ({split})", unit="batch")
-    for i, batch in enumerate(dataset.eval_iterator(split, uniform_dequantization=False)):
-      if seen >= limit:
-        break
-      mask = batch["mask"][: limit - seen]
-      seen += int(mask.sum())
-      if i in progress.done:
-        continue
+  split = str(_get(ev, "bpd_dataset", "test"))
+  limit = int(_get(ev, "bpd_num_examples", 10 ** 9))
+  ll_fn = likelihood.get_likelihood_fn(
+      sde, divergence=str(_get(ev, "divergence", "rademacher")),
+      num_probes=int(_get(ev, "num_probes", 1)), rtol=float(_get(ev, "rtol", 1e-5)),
+      atol=float(_get(ev, "atol", 1e-5)), eps=float(_get(ev, "likelihood_eps", 1e-5)))
+  progress = _Progress(os.path.join(out_dir, f"bpd_{split}"))
+  total = min(limit, dataset.num_examples(split))
+  bar = tqdm(total=total, desc=f"bits/dim ({split})", unit="img", dynamic_ncols=True)
+  seen = 0
+  for i, batch in enumerate(dataset.eval_iterator(split, uniform_dequantization=False)):
+    if seen >= limit:
+      break
+    mask = batch["mask"][: limit - seen].astype(bool)
+    seen += int(mask.sum())
+    if i not in progress.done:
       x01 = _to_unit(batch["image"][: len(mask)], centered)
       bpd, nfe = likelihood.bits_per_dim(jax.random.fold_in(key, i), ll_fn, score_fn, x01,
                                          centered, uniform_dequantization=True)
       progress.add(i, bpd=np.asarray(bpd)[mask], nfe=np.asarray(nfe))
-      bar.update(1)
-      bar.set_postfix(bpd=f"{float(progress.gather('bpd').mean()):.3f}")
-    bar.close()
-    values = progress.gather("bpd")
-    result.update(bpd=float(values.mean()), bpd_stderr=float(values.std() / np.sqrt(len(values))),
-                  bpd_examples=int(len(values)), bpd_split=split)
+    bar.update(int(mask.sum()))
+    bar.set_postfix(bpd=f"{float(progress.gather('bpd').mean()):.3f}", refresh=False)
+  bar.close()
+  values = progress.gather("bpd")
+  return dict(bpd=float(values.mean()), bpd_stderr=float(values.std() / np.sqrt(len(values))),
+              bpd_examples=int(len(values)), bpd_split=split)
 
-  if bool(_get(ev, "enable_denoising_error", False)) and len(example_shape) == 3:
+
+def _eval_samples(config: Any, workdir: str, dataset, sde, score_fn, out_dir: str, key,
+                  sampler_name: str | None, num_steps: int | None, num_samples: int | None,
+                  overrides: dict) -> dict:
+  """FD (FD-EffNet, or FID with Inception weights), IS and the out-of-range share of samples."""
+  from tqdm import tqdm
+  from sgm_jax.evaluation import features, metrics
+  ev = config.eval
+  centered = bool(config.data.centered)
+  example_shape = datasets.example_shape(dataset.spec)
+  name = str(_get(ev, "feature_extractor", "effnet"))
+  extractor = features.get_feature_extractor(name, _get(ev, "inception_weights", None) or None)
+  sampler_name = sampler_name or str(_get(ev, "sampler", "deis"))
+  num_steps = int(num_steps or _get(ev, "num_steps", 10))
+  n = int(num_samples or _get(ev, "num_samples", 1024))
+  if n < 1:
+    raise InvalidValueError(f"num_samples must be >= 1, got {n}")
+  options = sampler_options_from_config(config, sampler_name, overrides)
+  batch = min(int(_get(config.sampling, "batch_size", 64)), n)
+  sampler = sampling.get_sampler(sampler_name, sde, (batch,) + tuple(example_shape),
+                                 num_steps=num_steps, **options)
+  tag = f"{sampler_name}_{num_steps}" + "".join(f"_{k}-{v}" for k, v in sorted(options.items()))
+  progress = _Progress(os.path.join(out_dir, f"samples_{tag}"))
+  for i in tqdm(range(-(-n // batch)), desc=f"samples ({sampler_name})", unit="batch",
+                dynamic_ncols=True):
+    if i in progress.done:
+      continue
+    x, nfe = sampler(jax.random.fold_in(key, 10 ** 6 + i), score_fn)
+    x = np.asarray(x)
+    x01 = _to_unit(x, centered)
+    feats = extractor(x01)
+    progress.add(i, features=feats["features"], logits=feats["logits"], nfe=np.asarray(nfe),
+                 out_of_range=out_of_range_share(x, centered), max_abs=np.abs(x).max(),
+                 first=x01[:0] if i else x01)
+  sample_features = progress.gather("features")[:n]
+  png = os.path.join(out_dir, f"samples_{tag}.png")
+  io_utils.save_image_grid(progress.done[0]["first"], png, data_range=(0.0, 1.0),
+                           upscale=max(1, 128 // example_shape[0]))
+  ref_count = int(_get(ev, "reference_examples", 2048))
+  ref_batches = (dict(image=_to_unit(b["image"], centered), mask=b["mask"])
+                 for b in dataset.eval_iterator("train", uniform_dequantization=False))
+  cache = features.default_cache_path(os.path.join(workdir, "eval"), name,
+                                      str(config.data.dataset), "train",
+                                      int(config.data.image_size), ref_count)
+  ref = features.dataset_statistics(extractor, ref_batches, cache,
+                                    dataset=str(config.data.dataset), split="train",
+                                    image_size=int(config.data.image_size), count=ref_count,
+                                    available=dataset.num_examples("train"))
+  mu, cov = metrics.gaussian_statistics(sample_features)
+  fd = metrics.frechet_distance(mu, cov, ref.mean, ref.cov)
+  probs = metrics.softmax(progress.gather("logits")[:n])
+  is_mean, is_std = metrics.inception_score(probs, splits=min(10, n))
+  return {features.METRIC_NAMES[name]: fd, f"IS ({name})": is_mean, f"IS ({name}) std": is_std,
+          "num_samples": n, "reference_examples": ref_count, "sampler": sampler_name,
+          "num_steps": num_steps, "nfe": float(progress.gather("nfe").mean()),
+          "sampler_options": options,
+          "out_of_range": float(progress.gather("out_of_range").mean()),
+          "max_abs": float(progress.gather("max_abs").max()), "samples_png": png}
+
+
+def run_eval(config: Any, workdir: str, checkpoint_step: Any = None,
+             sampler_name: str | None = None, num_steps: int | None = None,
+             num_samples: int | None = None, **sampler_options) -> dict:
+  """`main.py --mode eval`: what config.eval enables of the test loss, test-set bits/dim, the
+  denoising error per noise level and FD (FD-EffNet offline, or FID with Inception weights), IS
+  and the out-of-range share of samples from the EMA parameters. The sampler is eval.sampler with
+  the config's options (as --mode sample); `sampler_options` replace single ones. Each finished
+  batch is saved under workdir/eval/ckpt_<step>/, so an interrupted evaluation resumes where it
+  stopped; the summary is appended to workdir/eval/results.jsonl."""
+  import json
+  import time as time_lib
+
+  sde, model, dataset = build(config)
+  example_shape = datasets.example_shape(dataset.spec)
+  parts = _eval_parts(config, images=len(example_shape) == 3)
+  _check_eval_sizes(config, dataset, parts)
+  params, step = restore_ema_params(config, workdir, model, example_shape, checkpoint_step)
+  score_fn = score_fn_for(config, sde, model, params)
+  out_dir = os.path.join(workdir, "eval", f"ckpt_{step}")
+  os.makedirs(out_dir, exist_ok=True)
+  result: dict[str, Any] = dict(checkpoint_step=step, time=time_lib.strftime("%Y-%m-%d %H:%M:%S"))
+  key = jax.random.PRNGKey(int(config.seed) + 2)
+  if "loss" in parts:
+    result.update(_eval_loss(config, dataset, sde, model, params, out_dir, key))
+  if "bpd" in parts:
+    result.update(_eval_bpd(config, dataset, sde, score_fn, out_dir, key))
+  if "denoising_error" in parts:
     result["denoising_error"] = _denoising_error(config, dataset, sde, score_fn, out_dir, key)
-
-  if bool(_get(ev, "enable_sampling", False)) and len(example_shape) == 3:
-    name = str(_get(ev, "feature_extractor", "effnet"))
-    extractor = features.get_feature_extractor(name, _get(ev, "inception_weights", None) or None)
-    sampler_name = sampler_name or str(_get(ev, "sampler", "deis"))
-    num_steps = int(num_steps or _get(ev, "num_steps", 10))
-    n = int(num_samples or _get(ev, "num_samples", 1024))
-    batch = min(int(_get(config.sampling, "batch_size", 64)), n)
-    sampler = sampling.get_sampler(sampler_name, sde, (batch,) + tuple(example_shape),
-                                   num_steps=num_steps, **sampler_options)
-    tag = f"{sampler_name}_{num_steps}" + "".join(
-        f"_{k}-{v}" for k, v in sorted(sampler_options.items()))
-    progress = _Progress(os.path.join(out_dir, f"samples_{tag}.npz"))
-    for i in tqdm(range(-(-n // batch)), desc=f"samples ({sampler_name})", unit="batch"):
-      if i in progress.done:
-        continue
-      x, nfe = sampler(jax.random.fold_in(key, 10 ** 6 + i), score_fn)
-      x = np.asarray(x)
-      x01 = _to_unit(x, centered)
-      feats = extractor(x01)
-      progress.add(i, features=feats["features"], logits=feats["logits"], nfe=np.asarray(nfe),
-                   out_of_range=out_of_range_share(x, centered), max_abs=np.abs(x).max(),
-                   first=x01[:0] if i else x01)
-    sample_features = progress.gather("features")[:n]
-    io_utils.save_image_grid(progress.done[0]["first"], os.path.join(
-        out_dir, f"samples_{tag}.png"), data_range=(0.0, 1.0),
-        upscale=max(1, 128 // example_shape[0]))
-    ref_count = int(_get(ev, "reference_examples", 2048))
-    ref_batches = (_to_unit(b["image"], centered) for b in dataset.eval_iterator(
-        "train", uniform_dequantization=False))
-    cache = features.default_cache_path(os.path.join(workdir, "eval"), name,
-                                        str(config.data.dataset), "train",
-                                        int(config.data.image_size), ref_count)
-    ref = features.dataset_statistics(extractor, ref_batches, cache,
-                                      dataset=str(config.data.dataset), split="train",
-                                      image_size=int(config.data.image_size), count=ref_count)
-    mu, cov = metrics.gaussian_statistics(sample_features)
-    fd = metrics.frechet_distance(mu, cov, ref.mean, ref.cov)
-    probs = metrics.softmax(progress.gather("logits")[:n])
-    is_mean, is_std = metrics.inception_score(probs, splits=min(10, n))
-    metric = features.METRIC_NAMES[name]
-    result.update({metric: fd, f"IS ({name})": is_mean, f"IS ({name}) std": is_std,
-                   "num_samples": n, "reference_examples": ref_count, "sampler": sampler_name,
-                   "num_steps": num_steps, "nfe": float(progress.gather("nfe").mean()),
-                   "sampler_options": dict(sampler_options),
-                   "out_of_range": float(progress.gather("out_of_range").mean()),
-                   "max_abs": float(progress.gather("max_abs").max()),
-                   "samples_png": os.path.join(out_dir, f"samples_{tag}.png")})
-
+  if "sampling" in parts:
+    result.update(_eval_samples(config, workdir, dataset, sde, score_fn, out_dir, key,
+                                sampler_name, num_steps, num_samples, sampler_options))
   path = os.path.join(workdir, "eval", "results.jsonl")
-  with open(path, "a") as f:
-    f.write(json.dumps(result) + "\n")
+  io_utils.append_line(path, json.dumps(result))
   result["results_file"] = path
   return result

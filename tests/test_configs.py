@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import sys
 
+import jax
 import ml_collections
 import pytest
 from ml_collections.config_flags import config_flags
@@ -19,6 +21,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from reference_data import PARAM_TREES  # noqa: E402
+from sgm_jax import datasets, models, run_lib, sampling  # noqa: E402
 from sgm_jax.models import ncsnpp  # noqa: E402
 
 CONFIGS = os.path.join(ROOT, "configs")
@@ -200,3 +203,60 @@ def test_reference_covers_every_buildable_original_config():
   with open(os.path.join(REF, "failures.json")) as f:
     unbuildable = {"configs/" + path for path in json.load(f)}
   assert configs | unbuildable == set(ORIGINAL)
+
+
+def _has_get_config(relpath: str) -> bool:
+  with open(os.path.join(ROOT, relpath)) as f:
+    return "def get_config(" in f.read()
+
+
+WITH_GET_CONFIG = [p for p in ALL if _has_get_config(p)]
+# score_sde read these from TFRecords: the config names a dataset that needs exporting first.
+TFRECORD_DATASETS = ("FFHQ", "CelebAHQ")
+
+
+def test_every_experiment_config_has_get_config():
+  assert [p for p in EXPERIMENTS if p not in WITH_GET_CONFIG] == []
+  assert len(WITH_GET_CONFIG) >= len(ORIGINAL) + len(SHORT_NAMES)
+
+
+# (network, example shape, optimizer) -> abstract train state: configs that differ only in their
+# SDE or sampling settings (vp/ and subvp/, the short names) trace their network once.
+_ABSTRACT_STATES = {}
+
+
+@pytest.mark.parametrize("relpath", WITH_GET_CONFIG)
+def test_config_builds_its_model_and_default_sampler(relpath):
+  """What `main.py --mode sample` builds from each config, without data or running anything:
+  the SDE, the network's train state (shapes only: jax.eval_shape traces model.init) for the
+  image shape of the config's dataset spec, and the sampler of config.sampling.method with its
+  options (the PC predictor, corrector, snr, n_steps_each, ... of config.sampling)."""
+  config = load_config(relpath)
+  sde = run_lib.sde_from_config(config)
+  if config.data.dataset in TFRECORD_DATASETS:
+    with pytest.raises(ValueError, match="'folder' or 'npz'"):
+      datasets.example_shape(datasets.from_config(config))
+    config.data.dataset = "folder"  # what the error tells the user to do
+  shape = datasets.example_shape(datasets.from_config(config))  # loads no data
+  assert shape in ((2,), (config.data.image_size, config.data.image_size, config.data.num_channels))
+  if config.model.name == "ncsn":
+    with pytest.raises(ValueError, match="NCSN v1"):
+      models.create_model(config, sde)
+  else:
+    model = models.create_model(config, sde)
+    optimizer = run_lib.optimizer_from_config(config)
+    key = (model, shape, optimizer)
+    if key not in _ABSTRACT_STATES:  # the checkpoint restore target of run_sample
+      _ABSTRACT_STATES[key] = run_lib.abstract_initial_state(config, model, shape,
+                                                             optimizer.build())
+    params = _ABSTRACT_STATES[key].params_ema
+    leaves = jax.tree_util.tree_leaves(params)
+    assert leaves and all(isinstance(v, jax.ShapeDtypeStruct) for v in leaves)
+    assert sum(math.prod(v.shape) for v in leaves) > 10_000
+  method = str(config.sampling.get("method", "pc"))
+  num_steps = int(config.sampling.get("num_steps", sde.N))
+  options = run_lib.sampler_options_from_config(config, method, {})
+  sampler = sampling.get_sampler(method, sde, (2,) + shape, num_steps=num_steps, **options)
+  assert sampler.shape == (2,) + shape
+  if method == "pc":
+    assert set(options) >= {"predictor", "corrector", "snr", "n_steps_each"}

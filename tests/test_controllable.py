@@ -93,11 +93,12 @@ def test_pc_inpainting_matches_exact_conditional():
 def test_deterministic_inpainting(method, steps, options):
   """Known pixels exact; unknown ones only approximately right. Replacement inside a deterministic
   sampler is a heuristic: nothing re-equilibrates the unknown coordinates (PC's Langevin corrector
-  does), and here the unknown means move only ~10-30% of the way from the prior to the exact
-  conditional. The test checks the component weights loosely (measured error ~0.04) and that the
-  known pixels steer the unknown ones in the right direction."""
+  does), and here the unknown means move only ~24% of the way from the prior to the exact
+  conditional. The test checks the component weights loosely (measured error ~0.04) and how far
+  the known pixels steer the unknown ones (40000 samples a condition, so that fraction is measured
+  to +-0.011)."""
   mix = toy.GaussianMixture.create(MEANS, STDS, WEIGHTS)
-  n, half = 4000, 2000
+  n, half = 80000, 40000
   cs = np.concatenate([np.tile(C, (half, 1)), np.tile(-C, (half, 1))])  # two conditions, one batch
   images = jnp.zeros((n, 5), jnp.float32).at[:, np.where(KNOWN)[0]].set(
       jnp.asarray(cs, jnp.float32))
@@ -114,7 +115,9 @@ def test_deterministic_inpainting(method, steps, options):
     np.testing.assert_allclose(weights, pi, atol=0.07)
   shift = x[halves[0]][:, ~KNOWN].mean(0) - x[halves[1]][:, ~KNOWN].mean(0)
   ratio = np.mean(shift / (exact[0][1] - exact[1][1]))  # 1 for exact sampling, ~0 if ignored
-  assert 0.05 < ratio < 1.2, ratio
+  # The replacement heuristic's bias: ratio 0.243 (deis, ddim) and 0.231 (ode) averaged over 8
+  # keys, seed-to-seed sd 0.011; without replacement -0.007 +- 0.016. Bounds: ~5 sd either side.
+  assert 0.18 < ratio < 0.30, ratio
   # Deterministic given the key.
   x2, _ = inpaint(jax.random.PRNGKey(1), mix.score_fn(VP), images, jnp.asarray(KNOWN))
   np.testing.assert_array_equal(x, np.asarray(x2))

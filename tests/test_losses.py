@@ -134,6 +134,129 @@ def test_network_loss_is_minimal_at_the_exact_network(mixture, kind, sde):
       {"c": jnp.asarray(0.7)})["c"]))
 
 
+# --- values against score_sde's losses.py (get_sde_loss_fn, get_smld_loss_fn, get_ddpm_loss_fn) ---
+_CALLS = []  # (x, labels) of every call of _LinearNet, to recover the t and noise a loss drew
+
+
+class _LinearNet(nn.Module):
+  """out = x W + (labels / label_scale) v + c on the last axis: a 'network' whose output is easy
+  to compute by hand; records its inputs."""
+  label_scale: float
+
+  @nn.compact
+  def __call__(self, x, labels, train=False):
+    jax.debug.callback(lambda a, b: _CALLS.append((np.asarray(a, np.float64),
+                                                   np.asarray(b, np.float64))), x, labels)
+    w = self.param("w", nn.initializers.zeros, (3, 3))
+    v = self.param("v", nn.initializers.zeros, (1, 1, 3))
+    c = self.param("c", nn.initializers.zeros, (1, 1, 3))
+    return x @ w + (labels / self.label_scale)[:, None, None] * v + c
+
+
+_LINEAR_PARAMS = {"w": jnp.array([[0.5, -0.2, 0.1], [0.3, 0.8, -0.4], [-0.6, 0.2, 0.7]]),
+                  "v": jnp.array([[[0.3, -0.5, 0.2]]]), "c": jnp.array([[[0.1, 0.0, -0.2]]])}
+
+
+def _linear_net_np(x, labels, label_scale):
+  p = {k: np.asarray(a, np.float64) for k, a in _LINEAR_PARAMS.items()}
+  return x @ p["w"] + (labels / label_scale)[:, None, None] * p["v"] + p["c"]
+
+
+def _reduce_np(v, reduce_mean):
+  """score_sde's reduce_op: mean over dimensions, or 0.5 * their sum."""
+  v = v.reshape(v.shape[0], -1)
+  return v.mean(-1) if reduce_mean else 0.5 * v.sum(-1)
+
+
+def _score_sde_kernel(sde, labels):
+  """score_sde's sde_lib in float64: (t, mean coefficient, std, g) of a continuous model's time
+  labels (VE: the std itself; VP and sub-VP: 999 t)."""
+  if isinstance(sde, sde_lib.VESDE):
+    log_ratio = np.log(sde.sigma_max / sde.sigma_min)
+    std, g = labels, labels * np.sqrt(2 * log_ratio)
+    return np.log(std / sde.sigma_min) / log_ratio, np.ones_like(std), std, g
+  t = labels / 999.0
+  b0, b1 = sde.beta_min, sde.beta_max
+  log_mean_coeff = -0.25 * t ** 2 * (b1 - b0) - 0.5 * t * b0
+  beta = b0 + t * (b1 - b0)
+  if isinstance(sde, sde_lib.subVPSDE):
+    std = 1.0 - np.exp(2.0 * log_mean_coeff)
+    g = np.sqrt(beta * (1.0 - np.exp(-2.0 * b0 * t - (b1 - b0) * t ** 2)))
+  else:
+    std, g = np.sqrt(1.0 - np.exp(2.0 * log_mean_coeff)), np.sqrt(beta)
+  return t, np.exp(log_mean_coeff), std, g
+
+
+_X = np.random.default_rng(0).normal(size=(6, 4, 3)).astype(np.float32)  # B = 6, D = 12
+
+
+def _loss_and_inputs(sde, kind, label_scale, **kwargs):
+  """sgm_jax's loss of _LinearNet on _X, and the (x_t, labels) it evaluated the network on."""
+  model = _LinearNet(label_scale)
+  loss_fn = losses.get_loss_fn(sde, model, kind=kind, continuous=kind == "dsm", **kwargs)
+  _CALLS.clear()
+  value = float(loss_fn(_LINEAR_PARAMS, jnp.asarray(_X), jax.random.PRNGKey(7)))
+  assert len(_CALLS) == 1 and np.isfinite(value)  # one network evaluation per loss
+  return value, _CALLS[0]
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+@pytest.mark.parametrize("likelihood_weighting", [False, True])
+@pytest.mark.parametrize("reduce_mean", [False, True])
+def test_dsm_loss_equals_score_sde_sde_loss(sde, likelihood_weighting, reduce_mean):
+  """get_sde_loss_fn: losses = (score std + z)^2 (sigma2), or g^2 (score + z / std)^2 with
+  likelihood weighting, reduced by 0.5 * sum (or mean) over dimensions, averaged over the batch;
+  score = -net / std for VP / sub-VP (labels 999 t), net itself for VE (labels std)."""
+  label_scale = 50.0 if isinstance(sde, sde_lib.VESDE) else 999.0
+  value, (x_t, labels) = _loss_and_inputs(
+      sde, "dsm", label_scale, reduce_mean=reduce_mean, eps=1e-3,
+      weighting="g2" if likelihood_weighting else "sigma2")
+  x = _X.astype(np.float64)
+  t, mean_coeff, std, g = _score_sde_kernel(sde, labels)
+  assert np.all((t > 1e-3 - 1e-6) & (t < 1.0 + 1e-6)) and len(np.unique(t)) == len(t)
+  z = (x_t - mean_coeff[:, None, None] * x) / std[:, None, None]  # the noise the loss drew
+  assert 0.5 < z.std() < 2.0
+  out = _linear_net_np(x_t, labels, label_scale)
+  score = out if isinstance(sde, sde_lib.VESDE) else -out / std[:, None, None]
+  if likelihood_weighting:
+    per_example = _reduce_np((score + z / std[:, None, None]) ** 2, reduce_mean) * g ** 2
+  else:
+    per_example = _reduce_np((score * std[:, None, None] + z) ** 2, reduce_mean)
+  np.testing.assert_allclose(value, per_example.mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("reduce_mean", [False, True])
+def test_smld_loss_equals_score_sde_smld_loss(reduce_mean):
+  """get_smld_loss_fn: labels index sigma_max .. sigma_min; sigma^2 (score + noise / sigma^2)^2."""
+  sde = sde_lib.VESDE(sigma_min=0.05, sigma_max=5.0, N=10)
+  value, (x_t, labels) = _loss_and_inputs(sde, "smld", 10.0, reduce_mean=reduce_mean)
+  x = _X.astype(np.float64)
+  assert np.all(labels == np.round(labels)) and np.all((labels >= 0) & (labels < sde.N))
+  assert len(np.unique(labels)) > 2
+  sigmas = np.exp(np.linspace(np.log(sde.sigma_min), np.log(sde.sigma_max), sde.N))[::-1]
+  sigmas = sigmas[labels.astype(int)]
+  noise = x_t - x
+  target = -noise / sigmas[:, None, None] ** 2
+  per_example = _reduce_np((_linear_net_np(x_t, labels, 10.0) - target) ** 2,
+                           reduce_mean) * sigmas ** 2
+  np.testing.assert_allclose(value, per_example.mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("reduce_mean", [False, True])
+def test_ddpm_loss_equals_score_sde_ddpm_loss(reduce_mean):
+  """get_ddpm_loss_fn: x_i = sqrt(abar_i) x + sqrt(1 - abar_i) noise; (net - noise)^2."""
+  sde = sde_lib.VPSDE(N=100)  # betas up to beta_max / N = 0.2
+  value, (x_t, labels) = _loss_and_inputs(sde, "ddpm", 100.0, reduce_mean=reduce_mean)
+  x = _X.astype(np.float64)
+  assert np.all(labels == np.round(labels)) and np.all((labels >= 0) & (labels < sde.N))
+  assert len(np.unique(labels)) > 2
+  abar = np.cumprod(1.0 - np.linspace(sde.beta_min / sde.N, sde.beta_max / sde.N, sde.N))
+  abar = abar[labels.astype(int)][:, None, None]
+  noise = (x_t - np.sqrt(abar) * x) / np.sqrt(1.0 - abar)
+  per_example = _reduce_np((_linear_net_np(x_t, labels, 100.0) - noise) ** 2, reduce_mean)
+  np.testing.assert_allclose(value, per_example.mean(), rtol=1e-5)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(kind="nope"), "unknown loss 'nope'; valid losses are"),
     (dict(kind="smld", sde=sde_lib.VPSDE()), "SMLD loss is defined for VESDE only"),

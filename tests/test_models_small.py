@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from sgm_jax import sde_lib
+from sgm_jax import models, score, sde_lib
 from sgm_jax.models import small
 
 
@@ -102,6 +102,41 @@ def test_scorenet_output_scales_as_inverse_std():
   assert scaled.sde == sde_lib.TutorialSDE() and hash(scaled.sde) == hash(sde_lib.TutorialSDE())
 
 
+@pytest.mark.parametrize("sde, continuous, parameterization", [
+    (sde_lib.VESDE(), True, None),  # labels sigma(t)
+    (sde_lib.VESDE(N=100), False, None),  # labels: index of the noise level from sigma_max
+    (sde_lib.TutorialSDE(), True, None),  # labels t
+    (sde_lib.VPSDE(), True, "score"),  # labels 999 t
+    (sde_lib.subVPSDE(), True, "score"),
+], ids=["ve", "ve_discrete", "tutorial", "vp_score", "subvp_score"])
+def test_scorenet_divides_by_the_std_at_the_time_of_its_label(sde, continuous, parameterization):
+  """Through create_model and score.py's time labels, the unet_small score at t is the unscaled
+  output over the kernel std sigma(t) computed directly: 0.71 and 50 at t = 0.5, 1 under VE (not
+  sigma(sigma(t)): 4.13 and inf)."""
+  config = ml_collections.ConfigDict()
+  config.model = ml_collections.ConfigDict(dict(
+      name="unet_small", channels=(4, 8, 8, 8), embed_dim=8, padding="SAME",
+      parameterization=parameterization))
+  net = models.create_model(config, sde)
+  assert net.sde == sde
+  raw = net.clone(sde=None)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1))
+  t = jnp.array([0.5, 1.0])
+  labels = sde.time_label(t, continuous)
+  params = _random_params(net, x, labels)
+  score_fn = score.get_score_fn(sde, net, params, continuous, parameterization=parameterization)
+  got = jax.jit(score_fn)(x, t)
+  out_raw = jax.jit(raw.apply)(params, x, labels)
+  if continuous:
+    std = sde.sigma(t)
+  else:  # the discrete noise level nearest to sigma(t)
+    std = jnp.flip(sde.discrete_sigmas)[labels]
+    np.testing.assert_allclose(std, sde.sigma(t), rtol=0.05)
+  assert bool(jnp.all(jnp.isfinite(got))) and float(jnp.min(jnp.abs(got))) > 0.0
+  # rtol: float32 rounding of sigma(t) labels, amplified by the Fourier features of large labels
+  np.testing.assert_allclose(got, out_raw / std[:, None, None, None], rtol=1e-3, atol=1e-7)
+
+
 @pytest.mark.parametrize("shape", [(2, 28, 28, 1), (2, 32, 32, 3)])
 def test_mixer_parameter_count(shape):
   _, height, width, channels = shape
@@ -156,9 +191,20 @@ def test_from_config_builds_each_model():
     c.model = ml_collections.ConfigDict(dict(name=name, **model))
     return c
 
-  net = small.from_config(config("unet_small"))
-  assert isinstance(net, small.ScoreNet) and net.sde == sde_lib.TutorialSDE()
-  assert isinstance(small.from_config(config("scorenet")), small.ScoreNet)
+  tutorial = sde_lib.TutorialSDE()
+  net = small.from_config(config("unet_small"), sde=tutorial)
+  assert isinstance(net, small.ScoreNet) and net.sde == tutorial
+  assert isinstance(small.from_config(config("scorenet"), sde=tutorial), small.ScoreNet)
+  # Without the SDE the score's scaling is unknown: no silent default SDE.
+  for name in ("unet_small", "scorenet"):
+    with pytest.raises(ValueError, match="pass that SDE"):
+      small.from_config(config(name))
+    with pytest.raises(ValueError, match="pass that SDE"):
+      models.create_model(config(name))
+    with pytest.raises(ValueError, match="pass that SDE"):
+      small.from_config(config(name, parameterization="score"))
+  # An output other than the score is never scaled, so it needs no SDE.
+  assert small.from_config(config("unet_small", parameterization="edm")).sde is None
   # Under VP the network predicts the noise (score.py divides by the std), so no scaling inside;
   # under a score-output SDE it divides by that SDE's std.
   assert small.from_config(config("scorenet"), sde=sde_lib.VPSDE()).sde is None

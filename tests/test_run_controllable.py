@@ -161,6 +161,9 @@ def test_colorize_keeps_gray_values(tmp_path):
   assert result["gray_max_abs_change"] < tolerance
   np.testing.assert_allclose(x.mean(axis=-1, keepdims=True), gray, atol=tolerance)
   assert np.abs(x - x.mean(axis=-1, keepdims=True)).max() > 1e-3  # it is not gray any more
+  Image.fromarray(images[0]).save(tmp_path / "photo.png")  # one image: no count needed
+  single = rc.run_colorize(config, workdir, "deis", 3, input_path=str(tmp_path / "photo.png"))
+  assert single["num_images"] == 1
 
 
 def test_interpolation_from_an_input_file(trained, tmp_path):
@@ -176,6 +179,15 @@ def test_interpolation_from_an_input_file(trained, tmp_path):
   assert 0.0 <= result["reconstruction_rms_error"] <= result["reconstruction_max_abs_error"]
   width, height = Image.open(result["png"]).size
   assert width > 2 * height  # 2 rows of 5
+
+
+def test_a_single_input_image_needs_no_count(trained, tmp_path):
+  config, workdir, _ = trained
+  Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tmp_path / "digit.png")
+  result = rc.run_inpaint(config, workdir, "ddim", 2, input_path=str(tmp_path / "digit.png"))
+  assert result["num_images"] == 1
+  with np.load(result["npz"]) as f:
+    assert f["result"].shape == (1, 8, 8, 1)
 
 
 def test_input_file_errors(trained, tmp_path):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sgm_jax import datasets, models, run_lib
+from sgm_jax import datasets, models, run_lib, train
 from sgm_jax.workdir import WorkdirError, WorkdirLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,12 +59,28 @@ def test_small_config_trains_and_samples(name, tmp_path):
   assert os.path.getsize(result["png"]) > 0
 
 
-def test_training_resumes_instead_of_restarting(tmp_path):
+def test_training_resumes_instead_of_restarting(tmp_path, monkeypatch):
+  """Training is deterministic, so a restart would end in the same state as a resume: what shows
+  the resume is which steps run, counted from the batches that train_loop asks for."""
+  requested = []
+  plain_loop = train.train_loop
+
+  def counting_loop(workdir, state, step_fn, batches, *args, **kwargs):
+    def counted(start):
+      for i, batch in enumerate(batches(start)):
+        requested.append(start + i)
+        yield batch
+    return plain_loop(workdir, state, step_fn, counted, *args, **kwargs)
+
+  monkeypatch.setattr(train, "train_loop", counting_loop)
   config = _config("toy_2d")
   run_lib.run_train(config, str(tmp_path))
+  assert requested == [0, 1]
+  requested.clear()
   config.training.n_iters = 3
   state = run_lib.run_train(config, str(tmp_path))
   assert int(state.step) == 3
+  assert requested == [2]  # only the step after the checkpoint of step 2
 
 
 def test_workdir_of_another_config_is_refused_and_kept(tmp_path):
@@ -92,10 +108,10 @@ def test_second_process_on_the_same_workdir_is_refused(tmp_path):
                                          "configs/vp/ddpm/cifar10.py", "configs/ve/ncsnv2/cifar10.py",
                                          "configs/fashion_mnist.py"])
 def test_create_model_contract(config_file):
-  """models.create_model(config); model.init({'params', 'dropout'}, x, t) with float (B,) t."""
+  """models.create_model(config, sde); model.init({'params', 'dropout'}, x, t) with float (B,) t."""
   module = config_file[:-3].replace("/", ".")
   config = importlib.import_module(module).get_config()
-  model = models.create_model(config)
+  model = models.create_model(config, run_lib.sde_from_config(config))
   size, channels = config.data.image_size, config.data.num_channels
   x = jax.ShapeDtypeStruct((2, size, size, channels), jnp.float32)
   t = jax.ShapeDtypeStruct((2,), jnp.float32)
@@ -163,7 +179,8 @@ def test_eval_writes_metrics_and_resumes_without_redoing_batches(tmp_path):
   first = run_lib.run_eval(config, str(tmp_path))
   assert np.isfinite(first["bpd"]) and first["bpd_examples"] == 8
   assert np.isfinite(first["FD-EffNet"]) and first["num_samples"] == 8
-  progress = sorted((tmp_path / "eval" / "ckpt_2").glob("*.npz"))
+  progress = sorted((tmp_path / "eval" / "ckpt_2").rglob("batch_*.npz"))
+  assert len(progress) == 2 + 2  # bits/dim: 8 examples in batches of 4; samples: 8 in 4
   stamps = [p.stat().st_mtime_ns for p in progress]
   second = run_lib.run_eval(config, str(tmp_path))
   assert [p.stat().st_mtime_ns for p in progress] == stamps  # nothing recomputed

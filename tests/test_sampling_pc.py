@@ -160,6 +160,50 @@ def test_bad_options_raise_listing_valid_ones(options, match):
     sampling.get_sampler("pc", VP, (3, 2), num_steps=4, **options)
 
 
+# score_sde's sampling.py names -> this project's (the same otherwise)
+SCORE_SDE_PREDICTORS = {"euler_maruyama": "euler_maruyama", "ancestral_sampling": "ancestral",
+                        "reverse_diffusion": "reverse_diffusion", "none": "none"}
+SCORE_SDE_CORRECTORS = ("langevin", "ald", "none")
+
+
+@pytest.mark.parametrize("sde_name", ["ve", "vp"])
+def test_score_sde_names_are_the_same_updates(sde_name):
+  """score_sde's predictor and corrector names (sampling.py) build the update of the same math
+  here: the same samples from the same key as this project's name."""
+  sde = SDES[sde_name]
+  score_fn = GM.score_fn(sde)
+  for predictor in SCORE_SDE_PREDICTORS:
+    for corrector in SCORE_SDE_CORRECTORS:
+      if predictor == corrector == "none":
+        continue
+      alias = sampling.get_sampler("pc", sde, (3, 2), num_steps=3, predictor=predictor,
+                                   corrector=corrector)
+      name = SCORE_SDE_PREDICTORS[predictor]
+      assert alias.info["predictor"] == name and name in pc.PREDICTORS
+      assert alias.info["corrector"] == corrector and corrector in pc.CORRECTORS
+      if name == predictor or corrector != "none":
+        continue
+      same = sampling.get_sampler("pc", sde, (3, 2), num_steps=3, predictor=name,
+                                  corrector=corrector)
+      a, nfe_a = alias(jax.random.PRNGKey(0), score_fn)
+      b, nfe_b = same(jax.random.PRNGKey(0), score_fn)
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+      assert int(nfe_a) == int(nfe_b)
+
+
+def test_unknown_names_list_the_aliases_too():
+  with pytest.raises(ValueError, match=r"unknown predictor 'ancestral_samples'; valid values are "
+                                       r"\['ancestral', 'ancestral_sampling', 'euler_maruyama', "
+                                       r"'none', 'reverse_diffusion'\]"):
+    sampling.get_sampler("pc", VP, (3, 2), num_steps=4, predictor="ancestral_samples")
+  with pytest.raises(ValueError, match=r"unknown corrector 'Langevin'; valid values are "
+                                       r"\['ald', 'langevin', 'none'\]"):
+    sampling.get_sampler("pc", VP, (3, 2), num_steps=4, corrector="Langevin")
+  with pytest.raises(ValueError, match="probability_flow"):
+    sampling.get_sampler("pc", VP, (3, 2), num_steps=4, predictor="ancestral_sampling",
+                         probability_flow=True)
+
+
 def test_ancestral_is_undefined_for_sub_vp():
   with pytest.raises(ValueError, match="undefined for subVPSDE"):
     sampling.get_sampler("pc", SUBVP, (3, 2), num_steps=4, predictor="ancestral")

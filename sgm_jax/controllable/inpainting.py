@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from sgm_jax.errors import InvalidValueError
 from sgm_jax.sampling import base, pc
 from sgm_jax.sampling import deis_coefficients as dc
 from sgm_jax.sde_lib import SDE
@@ -85,7 +86,7 @@ def to_gray(images: Array) -> Array:
   if images.shape[-1] == 1:
     return images
   if images.shape[-1] != 3:
-    raise ValueError(f"gray images must have 1 or 3 channels, got shape {images.shape}")
+    raise InvalidValueError(f"gray images must have 1 or 3 channels, got shape {images.shape}")
   return jnp.mean(images, axis=-1, keepdims=True)
 
 
@@ -120,7 +121,7 @@ def _build(method: str, sde: SDE, shape: tuple, num_steps: int, options: dict,
   base.check_choice("inpainting method", method, METHODS)
   base.check_options(f"inpaint/{method}", options, _OPTIONS[method])
   if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
-    raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    raise InvalidValueError(f"num_steps must be a positive integer, got {num_steps!r}")
   noise_mode = _known_noise(method, options)
   repl = _Replacement(basis)
   builder = {"pc": _pc_steps, "deis": _deis_steps, "ddim": _deis_steps, "ode": _ode_steps}[method]
@@ -161,18 +162,17 @@ def _pc_steps(method, sde, shape, num_steps, options):
   corrector = options.get("corrector", "langevin")
   snr = options.get("snr", 0.16)
   n_each = options.get("n_steps_each", 1)
-  probability_flow = bool(options.get("probability_flow", False))
-  denoise = bool(options.get("denoise", False))
-  base.check_choice("predictor", predictor, pc.PREDICTORS)
-  base.check_choice("corrector", corrector, pc.CORRECTORS)
+  probability_flow = base.bool_option(options, "probability_flow")
+  denoise = base.bool_option(options, "denoise")
+  predictor, corrector = pc.predictor_corrector_names(predictor, corrector)
   if predictor == "none" and corrector == "none":
-    raise ValueError("predictor and corrector cannot both be 'none'")
+    raise InvalidValueError("predictor and corrector cannot both be 'none'")
   if isinstance(snr, bool) or not isinstance(snr, (int, float)) or not snr > 0:
-    raise ValueError(f"snr must be a positive float, got {snr!r}")
+    raise InvalidValueError(f"snr must be a positive float, got {snr!r}")
   if isinstance(n_each, bool) or not isinstance(n_each, (int, np.integer)) or n_each < 1:
-    raise ValueError(f"n_steps_each must be a positive integer, got {n_each!r}")
+    raise InvalidValueError(f"n_steps_each must be a positive integer, got {n_each!r}")
   if predictor == "ancestral" and probability_flow:
-    raise ValueError("probability_flow is not defined for the 'ancestral' predictor")
+    raise InvalidValueError("probability_flow is not defined for the 'ancestral' predictor")
   ts = _grid(sde, options, "uniform", num_steps)
   alpha, sigma = base.on_host(sde.alpha, ts), base.on_host(sde.sigma, ts)
   coeffs = pc._step_coefficients(alpha, sigma, base.on_host(sde.log_snr, ts))
@@ -237,7 +237,7 @@ def _deis_steps(method, sde, shape, num_steps, options):
     base.check_choice("DEIS method", kind, ("tab", "rhoab"))
     order = options.get("order", 3)
     if not dc.order_is_valid(order, 0, 3):
-      raise ValueError(f"order of DEIS {kind!r} must be one of [0, 1, 2, 3], got {order!r}")
+      raise InvalidValueError(f"order of DEIS {kind!r} must be one of [0, 1, 2, 3], got {order!r}")
     from sgm_jax.sampling import deis
     ts = deis._time_grid(sde, num_steps, options.get("time_grid", deis.DEFAULT_TIME_GRID),
                          options.get("grid_order"), options.get("eps", sde.default_sampling_eps))
@@ -271,7 +271,7 @@ def _deis_steps(method, sde, shape, num_steps, options):
 def _ode_steps(method, sde, shape, num_steps, options):
   solver = options.get("solver", "euler")
   base.check_choice("solver", solver, ODE_SOLVERS)
-  denoise = bool(options.get("denoise", False))
+  denoise = base.bool_option(options, "denoise")
   ts = _grid(sde, options, "uniform", num_steps)
   per_step = 1 if solver == "euler" else 2
   nfe = per_step * num_steps + int(denoise)
@@ -312,7 +312,7 @@ class Inpainter:
   def __init__(self, method: str, sde: SDE, shape: tuple, num_steps: int, /, **options: Any):
     self.shape = tuple(int(d) for d in shape)
     if len(self.shape) < 2 or any(d < 1 for d in self.shape):
-      raise ValueError(f"shape must be a batch shape (B, ...) of positive sizes, got {shape!r}")
+      raise InvalidValueError(f"shape must be a batch shape (B, ...) of positive sizes, got {shape!r}")
     run, self.info = _build(method, sde, self.shape, num_steps, options, None)
     self.method = method
     self._run = jax.jit(run)
@@ -320,7 +320,7 @@ class Inpainter:
   def __call__(self, key: Array, score_fn: Callable, images: Array, mask: Array):
     images = jnp.asarray(images)
     if tuple(images.shape) != self.shape:
-      raise ValueError(f"images have shape {tuple(images.shape)}, but this inpainter was built "
+      raise InvalidValueError(f"images have shape {tuple(images.shape)}, but this inpainter was built "
                        f"for shape {self.shape}")
     mask = jnp.broadcast_to(jnp.asarray(mask) > 0.5, self.shape)
     return self._run(key, base.as_traceable(score_fn), images, mask)
@@ -339,7 +339,7 @@ class Colorizer:
   def __init__(self, method: str, sde: SDE, shape: tuple, num_steps: int, /, **options: Any):
     self.shape = tuple(int(d) for d in shape)
     if len(self.shape) < 2 or self.shape[-1] != 3:
-      raise ValueError(f"colorization needs RGB batch shape (B, ..., 3), got {shape!r}")
+      raise InvalidValueError(f"colorization needs RGB batch shape (B, ..., 3), got {shape!r}")
     run, self.info = _build(method, sde, self.shape, num_steps, options, COLOR_BASIS)
     self.method = method
     mask = np.zeros(self.shape, bool)
@@ -355,7 +355,7 @@ class Colorizer:
   def __call__(self, key: Array, score_fn: Callable, gray_images: Array):
     gray_images = jnp.asarray(gray_images)
     if tuple(gray_images.shape[:-1]) != self.shape[:-1] or gray_images.shape[-1] not in (1, 3):
-      raise ValueError(f"gray_images have shape {tuple(gray_images.shape)}; expected "
+      raise InvalidValueError(f"gray_images have shape {tuple(gray_images.shape)}; expected "
                        f"{self.shape[:-1] + (1,)} or {self.shape}")
     return self._run(key, base.as_traceable(score_fn), gray_images)
 

@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sgm_jax.errors import MissingFileError
 from sgm_jax.evaluation import inception
 
 Array = jax.Array
@@ -156,7 +157,7 @@ def load_variables(path: Optional[str] = None) -> dict[str, Any]:
   """Flax variables of `EfficientNetLite0` from the package's .pth (or `path`), checked."""
   path = path or default_weights_path()
   if path is None or not os.path.exists(path):
-    raise FileNotFoundError(missing_weights_message(path))
+    raise MissingFileError(missing_weights_message(path))
   layout = expected_layout()
   state = inception.load_torch_state_dict(path)
   inception.check_state_dict(state, {k: v[2] for k, v in layout.items()}, path,

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgm_jax.errors import InvalidValueError, MissingFileError
 from sgm_jax.evaluation import efficientnet, inception
 from sgm_jax.evaluation.metrics import RunningStatistics
 
@@ -54,9 +55,9 @@ class FeatureExtractor:
   def __call__(self, images) -> dict[str, np.ndarray]:
     images = images if isinstance(images, jax.Array) else np.asarray(images)
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-      raise ValueError(f"images must be (B, H, W, 1 or 3), got shape {images.shape}")
+      raise InvalidValueError(f"images must be (B, H, W, 1 or 3), got shape {images.shape}")
     if images.dtype != np.uint8 and images.size and float(images.min()) < -0.5:
-      raise ValueError("float images must be in [0, 1] (got values below -0.5: data in [-1, 1]?"
+      raise InvalidValueError("float images must be in [0, 1] (got values below -0.5: data in [-1, 1]?"
                        " map it with (x + 1) / 2)")
     n = images.shape[0]
     chunk = min(self.batch_size, 1 << max(n - 1, 0).bit_length())
@@ -90,14 +91,14 @@ def resolve_weights(name: str, weights_path: Optional[str] = None) -> str:
   """The weights file an extractor would load; FileNotFoundError telling how to get it."""
   if name == "inception":
     if not weights_path or not os.path.exists(weights_path):
-      raise FileNotFoundError(inception.missing_weights_message(weights_path))
+      raise MissingFileError(inception.missing_weights_message(weights_path))
     return weights_path
   if name == "effnet":
     path = weights_path or efficientnet.default_weights_path()
     if not path or not os.path.exists(path):
-      raise FileNotFoundError(efficientnet.missing_weights_message(path))
+      raise MissingFileError(efficientnet.missing_weights_message(path))
     return path
-  raise ValueError(f"unknown feature extractor {name!r}; choose from {sorted(METRIC_NAMES)}")
+  raise InvalidValueError(f"unknown feature extractor {name!r}; choose from {sorted(METRIC_NAMES)}")
 
 
 def get_feature_extractor(name: str, weights_path: Optional[str] = None, batch_size: int = 50,
@@ -134,13 +135,22 @@ class FeatureStatistics:
   logits: Optional[np.ndarray] = None
 
 
+class ImagesRanOut(ValueError):
+  """The images ran out before the count asked for."""
+
+  def __init__(self, found: int, count: int):
+    super().__init__(f"the images ran out after {found} of the {count} asked for")
+    self.found, self.count = found, count
+
+
 def feature_statistics(extractor: FeatureExtractor, images: Iterable, count: Optional[int] = None,
-                       keep_features: bool = False, keep_logits: bool = False
-                       ) -> FeatureStatistics:
+                       keep_features: bool = False, keep_logits: bool = False,
+                       progress: Optional[Callable[[int], Any]] = None) -> FeatureStatistics:
   """Stream batches of images through `extractor`, accumulating mean and covariance.
 
-  Stops after `count` images (ValueError if the iterator holds fewer); keeps all features
-  (for KID) or logits (for the Inception Score) only when asked.
+  Stops after `count` images (ImagesRanOut, a ValueError, if the iterator holds fewer); keeps
+  all features (for KID) or logits (for the Inception Score) only when asked. `progress(n)` is
+  called with the number of images of each batch done (a tqdm bar's `update`).
   """
   stats = RunningStatistics(extractor.feature_dim)
   kept_features, kept_logits = [], []
@@ -155,10 +165,12 @@ def feature_statistics(extractor: FeatureExtractor, images: Iterable, count: Opt
       kept_features.append(out["features"])
     if keep_logits:
       kept_logits.append(out["logits"])
+    if progress is not None:
+      progress(len(batch))
     if count is not None and stats.count >= count:
       break
   if count is not None and stats.count < count:
-    raise ValueError(f"the images ran out after {stats.count} of the {count} asked for")
+    raise ImagesRanOut(stats.count, count)
   return FeatureStatistics(
       stats.mean, stats.covariance, stats.count,
       np.concatenate(kept_features) if keep_features else None,
@@ -203,17 +215,36 @@ def _read_cache(path: str, key: dict[str, Any], feature_dim: Optional[int]
   return FeatureStatistics(mean.astype(np.float64), cov.astype(np.float64), key["count"])
 
 
+def _masked_images(batch) -> np.ndarray:
+  """The images of a batch: an array, or a dict whose 'image' rows count where 'mask' is 1."""
+  if not isinstance(batch, dict):
+    return batch
+  images, mask = batch["image"], np.asarray(batch["mask"])
+  if mask.shape != np.shape(images)[:1]:
+    raise InvalidValueError(f"batch mask of shape {mask.shape} does not match images of shape "
+                     f"{np.shape(images)}")
+  keep = mask == 1
+  return images if keep.all() else np.asarray(images)[keep]
+
+
 def dataset_statistics(extractor: Union[str, FeatureExtractor], images: Iterable,
                        cache_path: str, *, dataset: str, split: str, image_size: int, count: int,
-                       weights_path: Optional[str] = None, batch_size: int = 50
-                       ) -> FeatureStatistics:
+                       weights_path: Optional[str] = None, batch_size: int = 50,
+                       available: Optional[int] = None) -> FeatureStatistics:
   """Mean and covariance of a dataset's features, computed once and cached as .npz.
 
   The cache records extractor, weights (name, size, hash), dataset, split, image size and count;
   a cache written for anything else (or unreadable) is recomputed and replaced, never reused.
-  `images` (batches of images, see the module docstring) is only iterated when computing; its
-  images must be image_size x image_size. The file is written atomically.
+  `images` yields batches, each an array of images (see the module docstring) or a dict with
+  'image' and 'mask' (padded eval batches: only rows where mask is 1 count); it is only iterated
+  when computing, with a progress bar, and its images must be image_size x image_size.
+  `available`, the number of images `images` holds when known, is checked against `count`
+  before anything else. The file is written atomically.
   """
+  if available is not None and available < count:
+    raise InvalidValueError(f"the {dataset} {split} split has only {available} images, fewer than the "
+                     f"{count} asked for its reference statistics; set eval.reference_examples "
+                     f"(count) to at most {available}")
   name = extractor if isinstance(extractor, str) else extractor.name
   if isinstance(extractor, str):
     weights_id = _file_id(resolve_weights(name, weights_path))
@@ -229,12 +260,23 @@ def dataset_statistics(extractor: Union[str, FeatureExtractor], images: Iterable
 
   def checked(batches):
     for batch in batches:
+      batch = _masked_images(batch)
       if tuple(np.shape(batch)[1:3]) != (image_size, image_size):
-        raise ValueError(f"dataset images are {np.shape(batch)[1:3]}, but the statistics are "
+        raise InvalidValueError(f"dataset images are {np.shape(batch)[1:3]}, but the statistics are "
                          f"keyed as {image_size}x{image_size}")
-      yield batch
+      if len(batch):  # an all-padding batch is skipped, not the end
+        yield batch
 
-  stats = feature_statistics(extractor, checked(images), count)
+  from tqdm import tqdm
+  bar = tqdm(total=count, desc=f"reference statistics ({dataset} {split})", unit="img")
+  try:
+    stats = feature_statistics(extractor, checked(images), count, progress=bar.update)
+  except ImagesRanOut as e:
+    raise InvalidValueError(f"the {dataset} {split} images ran out after {e.found} of the {count} asked "
+                     f"for its reference statistics; set eval.reference_examples (count) to at "
+                     f"most {e.found}") from None
+  finally:
+    bar.close()
   arrays = {k: np.asarray(v) for k, v in key.items()}
   inception.save_npz_atomic(cache_path, {"mean": stats.mean, "cov": stats.cov, **arrays})
   return stats

@@ -12,13 +12,14 @@ import jax
 import jax.numpy as jnp
 
 from sgm_jax import sde_lib
+from sgm_jax.errors import InvalidValueError
 from sgm_jax.models import ddpm, ncsnpp, ncsnv2, small, wideresnet
 from sgm_jax.score import train_kwargs
 
 Array = jax.Array
 
 # config.model.name -> constructor(config). The small models take the SDE too: ScoreNet divides
-# its output by sde.sigma(t), as the score-SDE tutorial's network does.
+# its output by the SDE's std sigma(t), as the score-SDE tutorial's network does.
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "ncsnpp": ncsnpp.from_config,
     "ddpm": ddpm.from_config,
@@ -37,16 +38,21 @@ CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {"wideresnet": wideresnet.fro
 
 
 def create_model(config: Any, sde: Optional[sde_lib.SDE] = None) -> nn.Module:
-  """The score network named by config.model.name, built from the config."""
+  """The score network named by config.model.name, built from the config.
+
+  `sde` is the SDE the network is trained with (run_lib.sde_from_config(config)); the small
+  'unet_small' / 'scorenet' needs it (a ValueError says so) unless config.model.parameterization
+  names an output other than the score. The other networks read what they need from config.model.
+  """
   name = config.model.name
   if name == "ncsn":
-    raise ValueError("NCSN v1 (config.model.name 'ncsn') is not provided: the original score_sde "
+    raise InvalidValueError("NCSN v1 (config.model.name 'ncsn') is not provided: the original score_sde "
                      "code cannot build it either; use NCSNv2 ('ncsnv2_64', configs/ve/ncsnv2/) "
                      "or NCSN++")
   if name not in MODELS:
-    raise ValueError(f"unknown model {name!r} (config.model.name); valid names are "
+    raise InvalidValueError(f"unknown model {name!r} (config.model.name); valid names are "
                      f"{sorted(MODELS)}")
-  if name in _TAKES_SDE and sde is not None:
+  if name in _TAKES_SDE:
     return MODELS[name](config, sde=sde)
   return MODELS[name](config)
 

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sgm_jax.errors import InvalidValueError
+
 Array = jax.Array
 Activation = Callable[[Array], Array]
 
@@ -27,7 +29,7 @@ def get_timestep_embedding(timesteps: jax.Array, embedding_dim: int,
                            max_positions: int = 10000) -> jax.Array:
   """Sinusoidal embedding of (B,) time labels as in DDPM/Transformer: (B, embedding_dim)."""
   if timesteps.ndim != 1:
-    raise ValueError(f"timesteps must be a (B,) array, got shape {timesteps.shape}")
+    raise InvalidValueError(f"timesteps must be a (B,) array, got shape {timesteps.shape}")
   half_dim = embedding_dim // 2
   scale = math.log(max_positions) / (half_dim - 1)
   freqs = jnp.exp(jnp.arange(half_dim, dtype=jnp.float32) * -scale)
@@ -51,7 +53,7 @@ def get_act(name: str) -> Activation:
   try:
     return _ACTIVATIONS[name.lower()]
   except KeyError:
-    raise ValueError(
+    raise InvalidValueError(
         f"unknown nonlinearity {name!r}; expected one of {sorted(_ACTIVATIONS)}") from None
 
 

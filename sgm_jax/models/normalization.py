@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sgm_jax.errors import InvalidValueError
+
 _EPS = 1e-5
 
 
@@ -72,5 +74,5 @@ NORMALIZATIONS: dict[str, Callable[[], nn.Module]] = {
 def get_normalization(name: str) -> Callable[[], nn.Module]:
   """Norm-layer constructor for score_sde's `config.model.normalization` name."""
   if name not in NORMALIZATIONS:
-    raise ValueError(f"unknown normalization {name!r}; valid names are {sorted(NORMALIZATIONS)}")
+    raise InvalidValueError(f"unknown normalization {name!r}; valid names are {sorted(NORMALIZATIONS)}")
   return NORMALIZATIONS[name]

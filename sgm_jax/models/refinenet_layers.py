@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sgm_jax.errors import InvalidValueError
+
 Array = jax.Array
 Activation = Callable[[Array], Array]
 
@@ -66,7 +68,7 @@ class ResidualBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     if self.resample not in (None, "down"):
-      raise ValueError(f"resample must be None or 'down', got {self.resample!r}")
+      raise InvalidValueError(f"resample must be None or 'down', got {self.resample!r}")
     d = self.dilation
     h = self.act(self.normalization()(x))
     if self.resample == "down":
@@ -139,7 +141,7 @@ class MSFBlock(nn.Module):
   def __call__(self, xs: Sequence[Array]) -> Array:
     methods = {"bilinear": "bilinear", "nearest_neighbor": "nearest"}
     if self.interpolation not in methods:
-      raise ValueError(
+      raise InvalidValueError(
           f"interpolation must be one of {sorted(methods)}, got {self.interpolation!r}")
     total = None
     for x in xs:

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from sgm_jax import sde_lib
-from sgm_jax.models.ddpm import get_act
+from sgm_jax.errors import InvalidValueError
+from sgm_jax.models.ddpm import get_act, noise_level
 from sgm_jax.models.layers import get_timestep_embedding
 from sgm_jax.models.wideresnet import GaussianFourierProjection
 
@@ -40,9 +41,19 @@ class TimeEmbedding(nn.Module):
     elif self.kind == "positional":
       features = get_timestep_embedding(time_cond, self.dim)
     else:
-      raise ValueError(f"time embedding must be 'fourier' or 'positional', got {self.kind!r}")
+      raise InvalidValueError(f"time embedding must be 'fourier' or 'positional', got {self.kind!r}")
     h = nn.Dense(self.dim)(features)
     return nn.Dense(self.dim)(nn.swish(h))
+
+
+def label_std(sde: sde_lib.SDE, time_cond: Array) -> Array:
+  """The std sigma(t) of p_{0t} for the time labels `sde.time_label(t, continuous)` a network is
+  fed (sgm_jax/score.py): under the VE SDE the label is that std itself, or in discrete time the
+  integer index of the noise level counted from sigma_max (`ddpm.noise_level`); under the others
+  it is t times a constant (tutorial: 1, VP / sub-VP in continuous time: 999)."""
+  if isinstance(sde, sde_lib.VESDE):
+    return noise_level(time_cond, sde.sigma_min, sde.sigma_max, sde.N)
+  return sde.sigma(time_cond / sde.time_label(1.0, continuous=True))
 
 
 def _up_conv(h: Array, features: int, target: tuple[int, int], same: bool = False) -> Array:
@@ -68,12 +79,13 @@ class ScoreNet(nn.Module):
   connections (`padding='SAME'`: SAME convolutions, 28 -> 28, 14, 7, 4, so border pixels are
   computed like the others instead of from the zero padding of a 26x26 map); after every convolution a Dense projection of the time embedding is added, then
   GroupNorm (4 groups first, then min(32, C)) and swish. The embedding is Gaussian random Fourier
-  features of t (`embed_dim // 2` frequencies of scale `fourier_scale`, stored as the param `W`
-  but frozen by stop_gradient) through Dense + swish. The output is divided by `sde.sigma(t)`, the
-  std of p_{0t} (the tutorial uses `sde_lib.TutorialSDE()`), so the network models the score
-  directly; `sde=None` leaves the output unscaled. The SDE is a frozen dataclass, so the field is
-  hashable and compares by value. `time_cond` is t itself. Any image of at
-  least 17x17 works (28x28 is the tutorial's MNIST).
+  features of the time label (`embed_dim // 2` frequencies of scale `fourier_scale`, stored as the
+  param `W` but frozen by stop_gradient) through Dense + swish. With an `sde`, the output is
+  divided by the std of p_{0t} at the time of the label, `label_std(sde, time_cond)` (the
+  tutorial uses `sde_lib.TutorialSDE()`), so the network models the score directly; `sde=None`
+  leaves the output unscaled. The SDE is a frozen dataclass, so the field is hashable and compares
+  by value. `time_cond` is the SDE's `time_label(t)` (t itself for the tutorial SDE, sigma(t) for
+  VE). Any image of at least 17x17 works (28x28 is the tutorial's MNIST).
   """
 
   channels: tuple[int, ...] = (32, 64, 128, 256)
@@ -86,9 +98,9 @@ class ScoreNet(nn.Module):
   @nn.compact
   def __call__(self, x: Array, time_cond: Array, train: bool = False) -> Array:
     if len(self.channels) != 4:
-      raise ValueError(f"ScoreNet needs 4 channel counts, got {self.channels}")
+      raise InvalidValueError(f"ScoreNet needs 4 channel counts, got {self.channels}")
     if self.padding not in ("VALID", "SAME"):
-      raise ValueError(f"padding must be 'VALID' (the tutorial's) or 'SAME', got {self.padding!r}")
+      raise InvalidValueError(f"padding must be 'VALID' (the tutorial's) or 'SAME', got {self.padding!r}")
     same = self.padding == "SAME"
     act = nn.swish
     if self.embedding_type == "fourier":
@@ -96,7 +108,7 @@ class ScoreNet(nn.Module):
     elif self.embedding_type == "positional":  # DDPM's sinusoids, for labels like 999 t
       embed = get_timestep_embedding(time_cond, self.embed_dim)
     else:
-      raise ValueError(f"embedding_type must be 'fourier' or 'positional', got "
+      raise InvalidValueError(f"embedding_type must be 'fourier' or 'positional', got "
                        f"{self.embedding_type!r}")
     embed = act(nn.Dense(self.embed_dim)(embed))
 
@@ -117,7 +129,7 @@ class ScoreNet(nn.Module):
     out_pad = "SAME" if same else ((2, 2), (2, 2))
     h = nn.Conv(x.shape[-1], (3, 3), padding=out_pad)(jnp.concatenate([h, h1], axis=-1))
     if self.sde is not None:
-      h = h / self.sde.sigma(time_cond).reshape((-1,) + (1,) * (h.ndim - 1))
+      h = h / label_std(self.sde, time_cond).reshape((-1,) + (1,) * (h.ndim - 1))
     return h
 
 
@@ -166,7 +178,7 @@ class Mixer(nn.Module):
     B, H, W, C = x.shape
     p = self.patch_size
     if H % p or W % p:
-      raise ValueError(f"image size {H}x{W} is not divisible by patch_size={p}")
+      raise InvalidValueError(f"image size {H}x{W} is not divisible by patch_size={p}")
     temb = TimeEmbedding(self.embed_dim, self.time_embedding, self.fourier_scale)(time_cond)
     y = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID")(x)
     y = y.reshape(B, (H // p) * (W // p), self.hidden_size)
@@ -189,7 +201,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: Array, time_cond: Array, train: bool = False) -> Array:
     if x.ndim != 2:
-      raise ValueError(f"MLP expects x of shape (B, D), got {x.shape}")
+      raise InvalidValueError(f"MLP expects x of shape (B, D), got {x.shape}")
     act = get_act(self.nonlinearity)
     temb = act(TimeEmbedding(self.embed_dim, self.time_embedding, self.fourier_scale)(time_cond))
     h = x
@@ -201,14 +213,20 @@ class MLP(nn.Module):
 
 def from_config(config, sde: Optional[sde_lib.SDE] = None) -> nn.Module:
   """Build 'unet_small' / 'scorenet', 'mixer' or 'mlp' from config.model.* (absent keys take the
-  defaults above). ScoreNet divides by `sde.sigma`, by default the tutorial's SDE."""
+  defaults above). ScoreNet needs the SDE it is trained with unless config.model.parameterization
+  names an output other than the score: it divides the score by that SDE's std."""
   m = config.model
   name = m.name
   if name in ("unet_small", "scorenet"):
-    # The output is divided by sigma only when it is the score (the tutorial SDE, VE); under the
-    # VP SDE's eps or a chosen parameterization (model.parameterization) it stays unscaled.
-    sde = sde if sde is not None else sde_lib.TutorialSDE()
-    output = m.get("parameterization", None) or sde.network_output
+    # The output is divided by the std only when it is the score (the tutorial SDE, VE); under
+    # the VP SDE's eps or a chosen parameterization (model.parameterization) it stays unscaled.
+    output = m.get("parameterization", None)
+    if sde is None and output in (None, "score"):
+      raise InvalidValueError(f"model {name!r} divides its output by the std of the SDE it is trained "
+                       "with when it outputs the score (model.parameterization "
+                       f"{output!r}): pass that SDE, models.create_model(config, sde) with "
+                       "sde = run_lib.sde_from_config(config)")
+    output = output or sde.network_output
     return ScoreNet(channels=tuple(m.get("channels", (32, 64, 128, 256))),
                     embed_dim=m.get("embed_dim", 256), fourier_scale=m.get("fourier_scale", 30.0),
                     sde=sde if output == "score" else None,
@@ -226,7 +244,7 @@ def from_config(config, sde: Optional[sde_lib.SDE] = None) -> nn.Module:
                time_embedding=m.get("embedding_type", "fourier"),
                fourier_scale=m.get("fourier_scale", 16.0),
                nonlinearity=m.get("nonlinearity", "swish"), dropout=m.get("dropout", 0.0))
-  raise ValueError(f"unknown small model {name!r}; valid names are {sorted(MODELS)}")
+  raise InvalidValueError(f"unknown small model {name!r}; valid names are {sorted(MODELS)}")
 
 
 MODELS = {name: from_config for name in ("unet_small", "scorenet", "mixer", "mlp")}

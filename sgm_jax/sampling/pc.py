@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from sgm_jax.errors import InvalidValueError
 from sgm_jax.sampling import base, data_prediction
 from sgm_jax.sde_lib import SDE, batch_expand
 
@@ -26,6 +27,23 @@ Array = jax.Array
 
 PREDICTORS = ("euler_maruyama", "reverse_diffusion", "ancestral", "none")
 CORRECTORS = ("langevin", "ald", "none")
+# score_sde's names (its config.sampling.predictor / corrector) that differ from the ones here, for
+# the same update; its other names ('euler_maruyama', 'reverse_diffusion', 'none'; 'langevin',
+# 'ald', 'none') are the same.
+PREDICTOR_ALIASES = {"ancestral_sampling": "ancestral"}
+CORRECTOR_ALIASES: dict[str, str] = {}
+
+
+def predictor_corrector_names(predictor: str, corrector: str) -> tuple[str, str]:
+  """The names in PREDICTORS and CORRECTORS of a predictor and corrector named here or by
+  score_sde; a ValueError lists the valid names (aliases included) for any other."""
+  if isinstance(predictor, str):
+    predictor = PREDICTOR_ALIASES.get(predictor, predictor)
+  if isinstance(corrector, str):
+    corrector = CORRECTOR_ALIASES.get(corrector, corrector)
+  base.check_choice("predictor", predictor, PREDICTORS + tuple(PREDICTOR_ALIASES))
+  base.check_choice("corrector", corrector, CORRECTORS + tuple(CORRECTOR_ALIASES))
+  return predictor, corrector
 
 
 # --- predictors: one step from t to s = t - h (h > 0) ------------------------------------------
@@ -97,7 +115,7 @@ def _ancestral_form(sde: SDE, alpha: np.ndarray, sigma: np.ndarray) -> str:
     return "smld"
   if np.allclose(alpha ** 2 + sigma ** 2, 1.0, rtol=0.0, atol=1e-9):
     return "ddpm"
-  raise ValueError(f"predictor 'ancestral' is undefined for {type(sde).__name__}: ancestral "
+  raise InvalidValueError(f"predictor 'ancestral' is undefined for {type(sde).__name__}: ancestral "
                    "sampling exists for alpha(t) = 1 (VE/SMLD) or alpha^2 + sigma^2 = 1 (VP/DDPM); "
                    "use 'reverse_diffusion' or 'euler_maruyama'")
 
@@ -118,6 +136,7 @@ def build_pc_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> base.
   """Predictor-corrector sampler (Song et al. 2021, Algorithms 2-3).
 
   Options: predictor in PREDICTORS ('reverse_diffusion'), corrector in CORRECTORS ('langevin'),
+  or score_sde's name for either (PREDICTOR_ALIASES: 'ancestral_sampling' is 'ancestral'),
   snr (0.16), n_steps_each (1), probability_flow (False), denoise (False: final Tweedie step),
   eps (sde.default_sampling_eps), time_grid ('uniform'). nfe = n [predictor] +
   n * n_steps_each [corrector] + [denoise].
@@ -131,16 +150,15 @@ def build_pc_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> base.
   n_each = options.get("n_steps_each", 1)
   probability_flow = bool(options.get("probability_flow", False))
   denoise = base.bool_option(options, "denoise")
-  base.check_choice("predictor", predictor, PREDICTORS)
-  base.check_choice("corrector", corrector, CORRECTORS)
+  predictor, corrector = predictor_corrector_names(predictor, corrector)
   if predictor == "none" and corrector == "none":
-    raise ValueError("predictor and corrector cannot both be 'none'")
+    raise InvalidValueError("predictor and corrector cannot both be 'none'")
   if isinstance(snr, bool) or not isinstance(snr, (int, float)) or not snr > 0:
-    raise ValueError(f"snr must be a positive float, got {snr!r}")
+    raise InvalidValueError(f"snr must be a positive float, got {snr!r}")
   if isinstance(n_each, bool) or not isinstance(n_each, (int, np.integer)) or n_each < 1:
-    raise ValueError(f"n_steps_each must be a positive integer, got {n_each!r}")
+    raise InvalidValueError(f"n_steps_each must be a positive integer, got {n_each!r}")
   if predictor == "ancestral" and probability_flow:
-    raise ValueError("probability_flow is not defined for the 'ancestral' predictor; "
+    raise InvalidValueError("probability_flow is not defined for the 'ancestral' predictor; "
                      "use 'euler_maruyama' or 'reverse_diffusion'")
   ts = base.sampling_grid(sde, options.get("time_grid", "uniform"), num_steps, options.get("eps"))
   alpha, sigma = base.on_host(sde.alpha, ts), base.on_host(sde.sigma, ts)

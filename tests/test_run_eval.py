@@ -1,0 +1,118 @@
+"""--mode eval and the sampler options of the command line: the config's PC settings survive a
+single --sampler_option, eval computes what config.eval enables (the test loss too) or says that
+nothing is enabled, checks its sizes before any work, and saves its progress per batch."""
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sgm_jax import run_lib
+from sgm_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _config(name="digits"):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  config.training.n_iters = 2
+  config.training.batch_size = 4
+  config.training.snapshot_freq = 2
+  config.sampling.batch_size = 4
+  config.eval.batch_size = 4
+  config.eval.enable_bpd = False
+  config.eval.enable_denoising_error = False
+  config.eval.enable_sampling = False
+  return config
+
+
+@pytest.fixture(scope="module")
+def digits_workdir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("digits"))
+  run_lib.run_train(_config(), workdir)
+  return workdir
+
+
+def test_one_sampler_option_keeps_the_configs_other_pc_settings():
+  config = _config()
+  config.sampling.predictor, config.sampling.snr = "euler_maruyama", 0.07
+  options = run_lib.sampler_options_from_config(config, "pc", {"n_steps_each": 2})
+  assert options == dict(predictor="euler_maruyama", corrector=config.sampling.corrector,
+                         snr=0.07, n_steps_each=2, denoise=config.sampling.noise_removal,
+                         probability_flow=config.sampling.probability_flow)
+  assert run_lib.sampler_options_from_config(config, "deis", {"order": 2}) == {"order": 2}
+
+
+def test_sample_and_eval_use_the_same_sampler_settings(digits_workdir):
+  config = _config()
+  config.sampling.snr = 0.05
+  config.eval.enable_sampling = True
+  config.eval.sampler, config.eval.num_steps, config.eval.num_samples = "pc", 2, 4
+  config.eval.reference_examples = 8
+  sampled = run_lib.run_sample(config, digits_workdir, "pc", 2, 4, denoise=False)
+  evaluated = run_lib.run_eval(config, digits_workdir, denoise=False)
+  assert sampled["sampler_options"]["snr"] == 0.05 and sampled["sampler_options"]["denoise"] is False
+  assert evaluated["sampler_options"] == sampled["sampler_options"]
+  # Eval draws its own keys, so the settings are compared, and the nfe they imply: 2 steps of
+  # predictor + corrector, no final denoising step.
+  assert evaluated["nfe"] == sampled["nfe"] == 4
+
+
+def test_eval_loss_is_the_test_mean_without_padding(digits_workdir):
+  config = _config()
+  config.eval.enable_loss = True
+  result = run_lib.run_eval(config, digits_workdir)
+  assert result["loss_examples"] == 179  # the digits test split; 179 = 44 * 4 + 3 (one padded)
+  assert np.isfinite(result["loss"]) and result["loss"] > 0
+  again = run_lib.run_eval(config, digits_workdir)  # resumed from the per-batch files
+  assert again["loss"] == result["loss"]
+  files = sorted(os.listdir(os.path.join(digits_workdir, "eval", "ckpt_2", "loss_test")))
+  assert len(files) == 45 and files[0] == "batch_000000.npz"
+
+
+def test_eval_with_nothing_enabled_says_so_and_writes_nothing(digits_workdir):
+  with pytest.raises(UserError, match="nothing to compute.*eval.enable_loss"):
+    run_lib.run_eval(_config(), digits_workdir)
+  results = os.path.join(digits_workdir, "eval", "results.jsonl")
+  before = open(results).read() if os.path.exists(results) else ""
+  with pytest.raises(UserError):
+    run_lib.run_eval(_config(), digits_workdir)
+  assert (open(results).read() if os.path.exists(results) else "") == before
+
+
+def test_eval_sizes_are_checked_before_any_work(digits_workdir):
+  config = _config()
+  config.eval.enable_sampling = True
+  config.eval.reference_examples = 2048  # the digits training split has 1618
+  with pytest.raises(UserError, match=r"eval.reference_examples=2048 is more than the 1618 images"):
+    run_lib.run_eval(config, digits_workdir)
+  assert not os.path.exists(os.path.join(digits_workdir, "eval", "ckpt_2", "samples_deis_10"))
+
+
+def test_shipped_digits_config_fits_its_data():
+  from sgm_jax import datasets
+  config = importlib.import_module("configs.digits").get_config()
+  dataset = datasets.get_dataset(datasets.from_config(config))
+  parts = run_lib._eval_parts(config, images=True)
+  run_lib._check_eval_sizes(config, dataset, parts)  # raises if the defaults ask for too much
+
+
+def _main(*args):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_cli_reads_python_booleans_and_refuses_unclear_ones(digits_workdir):
+  common = ["--mode", "sample", "--config", "configs/digits.py", "--workdir", digits_workdir,
+            "--config.training.batch_size=4", "--sampler", "pc", "--num_steps", "2",
+            "--num_samples", "2"]
+  res = _main(*common, "--sampler_option", "denoise=False")
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert "(4 score evaluations per batch)" in res.stdout  # 2 x (predictor + corrector), no denoise
+  res = _main(*common, "--sampler_option", "denoise=maybe")
+  assert res.returncode == 2 and "denoise must be true or false, got 'maybe'" in res.stderr
+  assert "Traceback" not in res.stderr
