@@ -55,11 +55,11 @@ PYTHON_CONSTANTS = {"True": True, "False": False, "None": None}
 def _parse_options(items):
   """KEY=VALUE strings -> {KEY: value}: JSON values (2, 0.16, true, "x", [1, 2]), Python's True,
   False and None, anything else as a string."""
-  from sgm_jax.errors import InvalidValueError
+  from sgm_jax.errors import InputError
   options = {}
   for item in items:
     if "=" not in item:
-      raise InvalidValueError(f"--sampler_option must look like KEY=VALUE, got {item!r}")
+      raise InputError(f"--sampler_option must look like KEY=VALUE, got {item!r}")
     key, value = item.split("=", 1)
     if value in PYTHON_CONSTANTS:
       options[key] = PYTHON_CONSTANTS[value]

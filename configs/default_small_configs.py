@@ -45,6 +45,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
 
   config.eval = evaluate = ml_collections.ConfigDict()
   evaluate.batch_size = 128
+  evaluate.enable_loss = True  # the training loss on test images (without dropout)
+  evaluate.loss_num_examples = 2048
   evaluate.enable_bpd = True
   evaluate.bpd_dataset = 'test'
   evaluate.bpd_num_examples = 128

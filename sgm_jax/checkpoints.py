@@ -1,41 +1,112 @@
-"""Orbax checkpoints of the train state that survive preemption.
+"""Orbax checkpoints of the train state that survive preemption and damaged files.
 
 Two Orbax managers under the workdir:
 - `checkpoints/`: periodic checkpoints, the newest `keep` kept (score_sde's `checkpoints`);
 - `checkpoints-meta/`: one frequent preemption snapshot (score_sde's `checkpoints-meta`).
-Saving is synchronous and atomic (Orbax writes a temporary directory and renames it once complete),
-so a process killed mid-save leaves the previous checkpoints readable. `latest_step` and `restore`
-look at both, so a restart resumes from whichever is newer.
+Saving is synchronous and atomic (Orbax writes `<step>.orbax-checkpoint-tmp` and renames it to
+`<step>` once complete), so a process killed mid-save leaves the previous checkpoints readable;
+the store of the training process deletes such leftovers when it starts (`writer=True`).
+`latest_step` and `restore` look at both managers, and `restore` falls back from a damaged newest
+checkpoint to the newest readable one, with a warning; training later saves a complete checkpoint
+over the damaged one when it reaches that step again.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
+import re
+import shutil
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
+from sgm_jax.errors import InputError, UserError
+
 PERIODIC_DIR = "checkpoints"
 SNAPSHOT_DIR = "checkpoints-meta"
+# Orbax writes step N to "N" + this suffix (+ "-<timestamp>" in some versions), then renames it.
+_TMP_SUFFIX = ocp.path.atomicity_types.TMP_DIR_SUFFIX
+_UNFINISHED = re.compile(r"\d+" + re.escape(_TMP_SUFFIX) + r".*")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
   """A checkpoint that cannot be read into the expected train state."""
 
 
+class _Unreadable(Exception):
+  """A checkpoint whose files cannot be read (corrupt, truncated, missing)."""
+
+
 def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
-  # No background clean-up of temporary directories left by killed saves: Orbax ignores them
-  # when listing steps, and its clean-up thread can outlive a process that exits on an error.
+  # Orbax's own clean-up of temporary directories runs in a thread that can outlive a process that
+  # exits on an error; the writer store does it synchronously instead (_remove_unfinished_saves).
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          enable_async_checkpointing=False,
                                          cleanup_tmp_directories=False)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_handlers=ocp.StandardCheckpointHandler())
 
 
 def has_checkpoints(workdir: str) -> bool:
   """Whether `workdir` has checkpoint folders at all (without creating anything)."""
   return any(os.path.isdir(os.path.join(workdir, d)) and os.listdir(os.path.join(workdir, d))
              for d in (PERIODIC_DIR, SNAPSHOT_DIR))
+
+
+def _remove_unfinished_saves(directory: str) -> None:
+  """Delete the temporary directories that killed saves left in a manager's `directory`."""
+  if not os.path.isdir(directory):
+    return
+  for name in sorted(os.listdir(directory)):
+    if _UNFINISHED.fullmatch(name):
+      logging.info("removing %s, left by a checkpoint save that did not finish",
+                   os.path.join(directory, name))
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+class _LoopThatFinishesItsTasks(asyncio.SelectorEventLoop):
+  """An event loop whose close() first cancels and awaits the tasks still pending on it (as
+  asyncio.run does), and which ignores what other threads schedule on it once closed: the end of
+  a TensorStore read whose task is gone (a read that completed while the loop was closing)."""
+
+  def close(self):
+    if not self.is_running() and not self.is_closed():
+      pending = [t for t in asyncio.all_tasks(self) if not t.done()]
+      for task in pending:
+        task.cancel()
+      if pending:
+        self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    super().close()
+
+  def call_soon_threadsafe(self, callback, *args, context=None):
+    try:
+      return super().call_soon_threadsafe(callback, *args, context=context)
+    except RuntimeError:
+      if self.is_closed():
+        return None
+      raise
+
+
+class _PolicyOfLoopsThatFinishTheirTasks(asyncio.DefaultEventLoopPolicy):
+  _loop_factory = _LoopThatFinishesItsTasks
+
+
+@contextlib.contextmanager
+def _orbax_loops_finish_their_tasks():
+  """Orbax runs each save and restore in a fresh event loop (asyncio_utils.run_sync) that it
+  closes as soon as one array fails to read, with the other reads still pending on it. TensorStore
+  reports their end to the closed loop later, from its own threads: "RuntimeError: Event loop is
+  closed" tracebacks at exit (or in the middle of training, after a fallback). The loops created
+  meanwhile cancel what is pending before they close, and drop such late reports."""
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_PolicyOfLoopsThatFinishTheirTasks())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)
 
 
 def _restore_struct(leaf: Any) -> Any:
@@ -51,30 +122,99 @@ def _restore_struct(leaf: Any) -> Any:
   return ocp.utils.to_shape_dtype_struct(leaf)
 
 
-class CheckpointStore:
-  """Periodic checkpoints (keep-N) plus one preemption snapshot, in one workdir."""
+def _leaf_shapes(tree: Any) -> dict[str, tuple]:
+  """{'opt_state/1/0/mu/w': shape} of every leaf; dict keys, attribute names and sequence indices
+  alike, so a train state and Orbax's tree metadata of it (nested dicts and lists) compare."""
+  def name(key):
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(name(k) for k in path): tuple(getattr(leaf, "shape", ()))
+          for path, leaf in leaves}
 
-  def __init__(self, workdir: str, keep: int = 5):
+
+def _structure_differences(stored_tree: Any, target: Any) -> list[str]:
+  stored, wanted = _leaf_shapes(stored_tree), _leaf_shapes(target)
+  diffs = [f"{p} is not in the checkpoint" for p in sorted(wanted.keys() - stored.keys())]
+  diffs += [f"{p} is only in the checkpoint" for p in sorted(stored.keys() - wanted.keys())]
+  diffs += [f"{p} has shape {stored[p]} in the checkpoint, {wanted[p]} now"
+            for p in sorted(wanted.keys() & stored.keys()) if stored[p] != wanted[p]]
+  return diffs
+
+
+class CheckpointStore:
+  """Periodic checkpoints (keep-N) plus one preemption snapshot, in one workdir.
+
+  `writer=True` is for the process that trains (and holds the workdir lock): it deletes what
+  killed saves left behind, which a process that only reads must not do while another one saves.
+  """
+
+  def __init__(self, workdir: str, keep: int = 5, writer: bool = False):
     if keep < 1:
-      raise ValueError(f"keep (number of periodic checkpoints kept) must be >= 1, got {keep}")
+      raise InputError(f"keep (number of periodic checkpoints kept) must be >= 1, got {keep}")
     self.workdir = workdir
+    if writer and jax.process_index() == 0:
+      for d in (PERIODIC_DIR, SNAPSHOT_DIR):
+        _remove_unfinished_saves(os.path.join(workdir, d))
     self.periodic = _manager(os.path.join(workdir, PERIODIC_DIR), keep)
     self.snapshot = _manager(os.path.join(workdir, SNAPSHOT_DIR), 1)
+    self._unreadable: set[tuple[str, int]] = set()  # (kind, step) that restore could not read
 
   def _managers(self):
     return {"periodic": self.periodic, "snapshot": self.snapshot}
 
+  def _path(self, kind: str, step: int) -> str:
+    return os.path.join(str(self._managers()[kind].directory), str(step))
+
   def save(self, step: int, state: Any, kind: str = "periodic") -> None:
-    """Save `state` (an unreplicated pytree of arrays) as step `step`."""
+    """Save `state` (an unreplicated pytree of arrays) as step `step`.
+
+    A step that exists already is kept, unless `restore` found it unreadable: then it is replaced
+    by a complete checkpoint of `state` (see _replace)."""
     managers = self._managers()
     if kind not in managers:
-      raise ValueError(f"unknown checkpoint kind {kind!r}; valid kinds are {sorted(managers)}")
+      raise InputError(f"unknown checkpoint kind {kind!r}; valid kinds are {sorted(managers)}")
     manager = managers[kind]
-    if manager.latest_step() == step:
+    exists = step in manager.all_steps()
+    if exists and (kind, step) not in self._unreadable:
       return
     state = jax.device_get(state)
-    manager.save(step, args=ocp.args.StandardSave(state), force=True)
-    manager.wait_until_finished()
+    with _orbax_loops_finish_their_tasks():
+      if exists:
+        self._replace(kind, step, state)
+      else:
+        manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        manager.wait_until_finished()
+
+  def _replace(self, kind: str, step: int, state: Any) -> None:
+    """Save step `step` over an unreadable checkpoint of that step. The damaged one is set aside
+    under a temporary name (which Orbax and restore ignore) while the new one is written, and put
+    back if that fails; it is deleted only once the new one is complete. Orbax makes the new one
+    appear at once (by renaming its temporary directory), so a reader finds either the damaged
+    checkpoint, no checkpoint of this step (it falls back, as for the damaged one), or the
+    complete new one; a kill in between leaves the damaged one as an unfinished save, deleted by
+    the next writer."""
+    manager = self._managers()[kind]
+    final = self._path(kind, step)
+    aside = f"{final}{_TMP_SUFFIX}-unreadable"
+    if jax.process_index() == 0:
+      os.rename(final, aside)
+    _sync_processes(f"sgm_jax_replace_{kind}_{step}_aside")
+    manager.reload()
+    try:
+      manager.save(step, args=ocp.args.StandardSave(state), force=True)
+      manager.wait_until_finished()
+    except BaseException:
+      if jax.process_index() == 0 and not os.path.exists(final):
+        os.rename(aside, final)
+      manager.reload()
+      raise
+    if jax.process_index() == 0:
+      shutil.rmtree(aside, ignore_errors=True)
+    self._unreadable.discard((kind, step))
+    logging.warning("replaced the unreadable checkpoint %s by a complete one", final)
 
   def all_steps(self) -> list[tuple[int, str]]:
     """(step, kind) of every finished checkpoint, newest first."""
@@ -86,30 +226,82 @@ class CheckpointStore:
     return steps[0][0] if steps else None
 
   def restore(self, target: Any, step: Optional[int] = None) -> Any:
-    """Restore into the structure, shapes and dtypes of `target` (the newest step by default).
+    """Restore into the structure, shapes and dtypes of `target`: step `step`, or by default the
+    newest checkpoint that can be read.
 
     `target` may be concrete arrays or jax.ShapeDtypeStruct leaves (train.abstract_train_state),
-    so restoring never needs a materialized state."""
-    steps = self.all_steps()
+    so restoring never needs a materialized state. An unreadable (corrupt, truncated) newest
+    checkpoint is skipped with a warning and left in place. CheckpointError when nothing can be
+    read, when the asked-for `step` cannot, or when a checkpoint is readable but holds a different
+    structure than `target` (another model or optimizer)."""
+    candidates = self.all_steps()
     if step is not None:
-      steps = [(s, k) for s, k in steps if s == step]
-      if not steps:
+      candidates = [(s, k) for s, k in candidates if s == step]
+      if not candidates:
         raise CheckpointError(f"no checkpoint for step {step} in {self.workdir}; available steps: "
                               f"{sorted({s for s, _ in self.all_steps()})}")
-    if not steps:
+    if not candidates:
       raise CheckpointError(f"no checkpoint in {self.workdir}")
-    s, kind = steps[0]
-    manager = self._managers()[kind]
     abstract = jax.tree_util.tree_map(_restore_struct, target)
-    try:
-      return manager.restore(s, args=ocp.args.StandardRestore(abstract))
-    except Exception as e:  # Orbax raises many types for unreadable or mismatched files.
-      path = os.path.join(manager.directory, str(s))
+    failures = []
+    for s, kind in candidates:
+      try:
+        restored = self._restore_one(kind, s, abstract)
+      except _Unreadable as e:
+        self._unreadable.add((kind, s))
+        failures.append(f"{self._path(kind, s)} could not be read ({e})")
+        continue
+      if failures:
+        logging.warning("restored step %d from %s instead of the newer checkpoint(s) that "
+                        "cannot be read, which are left in place: %s", s, self._path(kind, s),
+                        "; ".join(failures))
+      return restored
+    if step is not None:
       raise CheckpointError(
-          f"checkpoint {path} could not be read into the train state of this config ({type(e).__name__}: "
-          f"{str(e)[:300]}). It is corrupt, truncated, or from a different model; move it away to "
-          "resume from an earlier checkpoint.") from e
+          f"{'; '.join(failures)}. It is corrupt or truncated; choose another --checkpoint_step "
+          f"(available: {sorted({s for s, _ in self.all_steps()})}) or leave it out to use the "
+          "newest readable one.")
+    raise CheckpointError(
+        f"no readable checkpoint in {self.workdir}: {'; '.join(failures)}. They are corrupt or "
+        "truncated: restore them from a copy, or train in a new --workdir.")
+
+  def _restore_one(self, kind: str, step: int, abstract: Any) -> Any:
+    manager = self._managers()[kind]
+    with _orbax_loops_finish_their_tasks():
+      try:
+        metadata = manager.item_metadata(step)
+      except Exception as e:  # an unreadable or truncated metadata file
+        raise _Unreadable(_reason(e)) from None
+      if metadata is not None:
+        diffs = _structure_differences(getattr(metadata, "tree", metadata), abstract)
+        if diffs:
+          shown = "; ".join(diffs[:6]) + ("; ..." if len(diffs) > 6 else "")
+          raise CheckpointError(
+              f"checkpoint {self._path(kind, step)} is readable but does not fit the train state "
+              f"of this config (a structure mismatch: {shown}). It was written for another model "
+              "or optimizer; use the config it was trained with.")
+      try:
+        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+      except Exception as e:  # Orbax raises many types for unreadable files.
+        raise _Unreadable(_reason(e)) from None
 
   def close(self) -> None:
     self.periodic.close()
     self.snapshot.close()
+
+
+def _reason(error: BaseException) -> str:
+  """The first line of the innermost cause of `error`: Orbax wraps TensorStore's message (e.g.
+  'OUT_OF_RANGE: ... Requested byte range [212628, 243034) is not valid for value of size 155247')
+  in its own, followed by pages of TensorStore spec."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def _sync_processes(name: str) -> None:
+  """Wait for every process (multi-host) to get here; nothing to do for one process."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from sgm_jax.errors import InvalidValueError, MissingFileError
+from sgm_jax.errors import InputError, MissingFileError
 from sgm_jax.score import train_kwargs
 
 Tree = dict
@@ -76,15 +76,15 @@ def _check_tree(tree: Any, where: str, source: str) -> None:
   if isinstance(tree, dict):
     for key, value in tree.items():
       if not isinstance(key, str):
-        raise InvalidValueError(f"{source}: unexpected non-string key {key!r} under {where or '/'}")
+        raise InputError(f"{source}: unexpected non-string key {key!r} under {where or '/'}")
       _check_tree(value, f"{where}/{key}" if where else key, source)
     return
   if isinstance(tree, (np.ndarray, np.generic, int, float, bool)):
     if isinstance(tree, (np.ndarray, np.generic)) and not (
         np.issubdtype(tree.dtype, np.number) or tree.dtype == np.bool_):
-      raise InvalidValueError(f"{source}: leaf {where} has non-numeric dtype {tree.dtype}")
+      raise InputError(f"{source}: leaf {where} has non-numeric dtype {tree.dtype}")
     return
-  raise InvalidValueError(f"{source}: leaf {where or '/'} is a {type(tree).__name__}, not an array")
+  raise InputError(f"{source}: leaf {where or '/'} is a {type(tree).__name__}, not an array")
 
 
 def read_msgpack(path: str) -> Tree:
@@ -93,14 +93,14 @@ def read_msgpack(path: str) -> Tree:
   with open(path, "rb") as f:
     data = f.read()
   if not data:
-    raise InvalidValueError(f"checkpoint {path!r} is empty")
+    raise InputError(f"checkpoint {path!r} is empty")
   try:
     tree = serialization.msgpack_restore(data)
   except Exception as e:  # msgpack raises several types for truncated or foreign bytes
-    raise InvalidValueError(f"checkpoint {path!r} is not a readable flax msgpack file (truncated or "
+    raise InputError(f"checkpoint {path!r} is not a readable flax msgpack file (truncated or "
                      f"corrupt?): {type(e).__name__}: {e}") from e
   if not isinstance(tree, dict):
-    raise InvalidValueError(f"checkpoint {path!r} does not hold a tree of arrays (decoded a "
+    raise InputError(f"checkpoint {path!r} does not hold a tree of arrays (decoded a "
                      f"{type(tree).__name__})")
   _check_tree(tree, "", repr(path))
   return tree
@@ -117,7 +117,7 @@ def _get(tree: Mapping, path: Path) -> Any:
 def check_training_state(state: Any, source: str = "checkpoint") -> None:
   """Raise a ValueError unless `state` has the score_sde training-state layout."""
   if not isinstance(state, Mapping):
-    raise InvalidValueError(f"{source} is not a score_sde training state (got {type(state).__name__})")
+    raise InputError(f"{source} is not a score_sde training state (got {type(state).__name__})")
   missing = []
   for path in _REQUIRED_PATHS:
     try:
@@ -125,7 +125,7 @@ def check_training_state(state: Any, source: str = "checkpoint") -> None:
     except KeyError:
       missing.append("/".join(path))
   if missing:
-    raise InvalidValueError(f"{source} is not a score_sde training-state checkpoint: missing "
+    raise InputError(f"{source} is not a score_sde training-state checkpoint: missing "
                      f"{missing}; top-level keys are {sorted(state)} (expected "
                      f"{list(TRAINING_STATE_KEYS)}). A classifier checkpoint is a bare parameter "
                      "tree: use load_classifier_variables / --classifier.")
@@ -206,7 +206,7 @@ def check_tree_shapes(tree: Mapping, expected: Mapping, what: str = "parameters"
     lines += _listing("missing from the checkpoint", missing)
     lines += _listing("unexpected in the checkpoint", unexpected)
     lines += _listing("wrong shape", misshaped)
-    raise InvalidValueError("\n".join(lines))
+    raise InputError("\n".join(lines))
 
 
 def abstract_variables(model: nn.Module, input_shape: Sequence[int],
@@ -228,7 +228,7 @@ def abstract_variables(model: nn.Module, input_shape: Sequence[int],
 
 def _expected_variables(model, input_shape, label_dtype) -> Optional[Tree]:
   if (model is None) != (input_shape is None):
-    raise InvalidValueError("pass both model and input_shape to validate against a model, or neither")
+    raise InputError("pass both model and input_shape to validate against a model, or neither")
   return None if model is None else abstract_variables(model, input_shape, label_dtype)
 
 
@@ -262,7 +262,7 @@ def to_training_dict(state: Mapping, expected: Optional[Mapping] = None,
   moments = {"mu": {}, "nu": {}}
   for path, value in flatten(state["optimizer"]["state"]["param_states"]).items():
     if path[-1] not in _ADAM_MOMENTS:
-      raise InvalidValueError(f"{source}: optimizer state leaf {'/'.join(path)} is not an Adam moment "
+      raise InputError(f"{source}: optimizer state leaf {'/'.join(path)} is not an Adam moment "
                        f"(expected {sorted(_ADAM_MOMENTS)}); only flax.optim.Adam is supported")
     moments[_ADAM_MOMENTS[path[-1]]][path[:-1]] = value
   out = {
@@ -313,7 +313,7 @@ def load_classifier_variables(path: str, model: Optional[nn.Module] = None,
   path = resolve_checkpoint(path)
   tree = read_msgpack(path)
   if "params_ema" in tree and "optimizer" in tree:
-    raise InvalidValueError(f"{path!r} is a training-state checkpoint, not a bare classifier parameter "
+    raise InputError(f"{path!r} is a training-state checkpoint, not a bare classifier parameter "
                      "tree: use load_sampling_variables")
   if set(tree) == {"params"}:
     tree = tree["params"]
@@ -362,7 +362,7 @@ def save_variables(variables: Mapping, path: str, overwrite: bool = False) -> st
   path = os.fspath(path)
   ext = os.path.splitext(path)[1]
   if ext not in _FORMATS:
-    raise InvalidValueError(f"unknown output format {ext!r} for {path!r}; valid extensions are "
+    raise InputError(f"unknown output format {ext!r} for {path!r}; valid extensions are "
                      f"{list(_FORMATS)}")
   flat = {p: np.asarray(v) for p, v in flatten(variables).items()}
   if ext == ".npz":
@@ -384,7 +384,7 @@ def load_variables(path: str) -> Tree:
     except (ValueError, OSError, EOFError) as e:
       if isinstance(e, FileNotFoundError):
         raise
-      raise InvalidValueError(f"{path!r} is not a readable .npz file: {e}") from e
+      raise InputError(f"{path!r} is not a readable .npz file: {e}") from e
   return read_msgpack(path)
 
 
@@ -395,7 +395,7 @@ def load_config(path: str):
     sys.path.insert(0, os.getcwd())
   spec = importlib.util.spec_from_file_location("_sgm_jax_config", path)
   if spec is None or spec.loader is None:
-    raise InvalidValueError(f"cannot load config file {path!r}")
+    raise InputError(f"cannot load config file {path!r}")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()

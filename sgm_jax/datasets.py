@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
-from sgm_jax.errors import InvalidValueError, MissingDependencyError, MissingFileError
+from sgm_jax.errors import InputError, MissingDependencyError, MissingFileError
 
 Batch = dict[str, np.ndarray]
 
@@ -156,7 +156,7 @@ def convert_channels(image: np.ndarray, num_channels: int) -> np.ndarray:
   if c == 3 and num_channels == 1:
     luma = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     return np.clip(np.round(luma), 0, 255).astype(np.uint8)[..., None]
-  raise InvalidValueError(f"cannot convert {c}-channel images to num_channels={num_channels}")
+  raise InputError(f"cannot convert {c}-channel images to num_channels={num_channels}")
 
 
 def fit_image(image: np.ndarray, image_size: int, num_channels: int,
@@ -171,7 +171,7 @@ def fit_image(image: np.ndarray, image_size: int, num_channels: int,
   if image.ndim == 2:
     image = image[..., None]
   if image.dtype != np.uint8:
-    raise InvalidValueError(f"expected uint8 images, got {image.dtype}")
+    raise InputError(f"expected uint8 images, got {image.dtype}")
   image = convert_channels(image, num_channels)
   if crop is not None or image.shape[0] != image.shape[1]:
     image = center_crop(image, crop)
@@ -210,13 +210,13 @@ def read_idx(path: str) -> np.ndarray:
   if raw[:2] == b"\x1f\x8b":
     raw = gzip.decompress(raw)
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-    raise InvalidValueError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
+    raise InputError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
   dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
   header = 4 + 4 * ndim
   shape = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">u4"))
   expected = math.prod(shape) * dtype.itemsize
   if len(raw) - header != expected:
-    raise InvalidValueError(f"{path}: header says shape {shape} ({expected} bytes of data), "
+    raise InputError(f"{path}: header says shape {shape} ({expected} bytes of data), "
                      f"file has {len(raw) - header}")
   data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
   return data.astype(dtype.newbyteorder("="))
@@ -323,7 +323,7 @@ def _canonical_split(split: str) -> str:
     return split
   if split in ("eval", "validation"):
     return "test"
-  raise InvalidValueError(f"split must be 'train' or 'test' (alias 'eval') for this dataset, "
+  raise InputError(f"split must be 'train' or 'test' (alias 'eval') for this dataset, "
                    f"got {split!r}")
 
 
@@ -339,7 +339,7 @@ def _load_idx_dir(spec: DataSpec, split: str, directory: str, how_to_get: str) -
   images = read_idx(image_path)
   labels = None if label_path is None else read_idx(label_path).astype(np.int32)
   if labels is not None and labels.shape[0] != images.shape[0]:
-    raise InvalidValueError(f"{label_path} has {labels.shape[0]} labels for {images.shape[0]} images")
+    raise InputError(f"{label_path} has {labels.shape[0]} labels for {images.shape[0]} images")
   images = fit_images(images.astype(np.uint8), spec.image_size, spec.num_channels)
   return ArraySource(images, labels)
 
@@ -411,10 +411,10 @@ def _load_npz(spec: DataSpec, split: str) -> Source:
                                "labels=...)")
   with np.load(path, allow_pickle=False) as f:
     if "images" not in f:
-      raise InvalidValueError(f"{path} has arrays {sorted(f.files)}; it needs 'images' (N, H, W, C) uint8")
+      raise InputError(f"{path} has arrays {sorted(f.files)}; it needs 'images' (N, H, W, C) uint8")
     images, labels = f["images"], (f["labels"] if "labels" in f else None)
   if images.dtype != np.uint8:
-    raise InvalidValueError(f"{path}: 'images' must be uint8 in [0, 255], got {images.dtype}")
+    raise InputError(f"{path}: 'images' must be uint8 in [0, 255], got {images.dtype}")
   images = fit_images(images, spec.image_size, spec.num_channels)
   return ArraySource(images, None if labels is None else labels.astype(np.int32))
 
@@ -494,7 +494,7 @@ def _tfds_fallback(tfds, spec: DataSpec, builder_name: str, split: str, fit: Cal
   try:
     builder = tfds.builder(builder_name, data_dir=spec.data_dir)
   except Exception as e:
-    raise InvalidValueError(f"tensorflow-datasets has no dataset {builder_name!r} "
+    raise InputError(f"tensorflow-datasets has no dataset {builder_name!r} "
                      f"(config.data.dataset={spec.dataset!r}): {str(e).splitlines()[0]}") from e
   where = spec.data_dir or "tfds' default data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
   if not builder.is_prepared():
@@ -505,7 +505,7 @@ def _tfds_fallback(tfds, spec: DataSpec, builder_name: str, split: str, fit: Cal
         "config.data.data_dir), or set config.data.download=True") from error
   splits = list(builder.info.splits)
   if splits and split.split("[")[0] not in splits:
-    raise InvalidValueError(f"tfds dataset {builder_name!r} has no split {split!r}; it has {splits}")
+    raise InputError(f"tfds dataset {builder_name!r} has no split {split!r}; it has {splits}")
   try:
     import tensorflow  # noqa: F401  (only for data prepared as TFRecord)
   except ImportError:
@@ -528,7 +528,7 @@ def _load_tfds_named(spec: DataSpec, split: str) -> Source:
   builder, eval_split, crop = _TFDS[name]
   if name == "lsun":
     if not spec.category:
-      raise InvalidValueError("dataset 'LSUN' needs config.data.category, e.g. 'church_outdoor' or "
+      raise InputError("dataset 'LSUN' needs config.data.category, e.g. 'church_outdoor' or "
                        "'bedroom'")
     builder = builder.format(category=spec.category)
   return _load_tfds(spec, split, builder, eval_split, crop)
@@ -571,7 +571,7 @@ def sample_toy(name: str, n: int,
     c = cells[rng.integers(len(cells), size=n)]
     x = c - 2.0 + rng.uniform(size=(n, 2))
     return x.astype(np.float32), None
-  raise InvalidValueError(f"unknown toy dataset {name!r}")
+  raise InputError(f"unknown toy dataset {name!r}")
 
 
 def _load_toy(spec: DataSpec, split: str) -> Source:
@@ -631,11 +631,11 @@ def example_shape(spec: DataSpec) -> tuple[int, ...]:
 def _loader(spec: DataSpec) -> Callable[[DataSpec, str], Source]:
   loader = _LOADERS.get(_normalize(spec.dataset))
   if loader is None and _normalize(spec.dataset) in ("ffhq", "celebahq"):
-    raise InvalidValueError(f"dataset {spec.dataset!r}: score_sde read it from TFRecords, which needs "
+    raise InputError(f"dataset {spec.dataset!r}: score_sde read it from TFRecords, which needs "
                      "TensorFlow; export the images to a folder or an .npz file and use "
                      "dataset 'folder' or 'npz' with config.data.data_dir")
   if loader is None:
-    raise InvalidValueError(f"unknown dataset {spec.dataset!r}; valid names: {', '.join(DATASETS)}, "
+    raise InputError(f"unknown dataset {spec.dataset!r}; valid names: {', '.join(DATASETS)}, "
                      "or 'tfds:<builder>' for any tensorflow-datasets image dataset")
   return loader
 
@@ -673,7 +673,7 @@ def _device_layout(batch: Batch, num_devices: int) -> Batch:
   out = {}
   for k, v in batch.items():
     if v.shape[0] % num_devices:
-      raise InvalidValueError(f"local batch of {v.shape[0]} is not divisible by {num_devices} devices")
+      raise InputError(f"local batch of {v.shape[0]} is not divisible by {num_devices} devices")
     out[k] = v.reshape((num_devices, v.shape[0] // num_devices) + v.shape[1:])
   return out
 
@@ -690,9 +690,9 @@ def _host_slice(global_batch: int, process_index: Optional[int],
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
-    raise InvalidValueError(f"process_index={process_index} out of range for {process_count} processes")
+    raise InputError(f"process_index={process_index} out of range for {process_count} processes")
   if global_batch % process_count:
-    raise InvalidValueError(f"batch size {global_batch} is not divisible by {process_count} processes")
+    raise InputError(f"batch size {global_batch} is not divisible by {process_count} processes")
   size = global_batch // process_count
   return process_index * size, size
 

@@ -11,8 +11,8 @@ class UserError(Exception):
   and what is allowed."""
 
 
-class InvalidValueError(UserError, ValueError):
-  """A value (config field, option, argument) outside what is allowed."""
+class InputError(UserError, ValueError):
+  """A value (config field, flag, sampler option, argument) outside what is allowed."""
 
 
 class MissingFileError(UserError, FileNotFoundError):

@@ -10,7 +10,7 @@ import tempfile
 
 import numpy as np
 
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 
 
 @contextlib.contextmanager
@@ -64,7 +64,7 @@ def append_line(path: str, line: str) -> None:
   first, so every line in the file is whole.
   """
   if "\n" in line or "\r" in line:
-    raise InvalidValueError(f"append_line writes one line; got text with a newline: {line[:80]!r}")
+    raise InputError(f"append_line writes one line; got text with a newline: {line[:80]!r}")
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   with open(path, "ab+") as f:  # append mode: every write goes to the end, even after truncate
@@ -98,10 +98,10 @@ def read_jsonl(path: str) -> list[dict]:
     try:
       record = json.loads(line)
     except json.JSONDecodeError as e:
-      raise InvalidValueError(f"{path}:{number} is not valid JSON ({e}): {line[:80]!r}. Delete or fix "
+      raise InputError(f"{path}:{number} is not valid JSON ({e}): {line[:80]!r}. Delete or fix "
                        "that line (an interrupted write by an older version?)") from None
     if not isinstance(record, dict):
-      raise InvalidValueError(f"{path}:{number} is not a JSON object: {line[:80]!r}")
+      raise InputError(f"{path}:{number} is not a JSON object: {line[:80]!r}")
     records.append(record)
   return records
 
@@ -111,7 +111,7 @@ def image_grid(images, nrow: int | None = None, padding: int = 2,
   """Tile (N, H, W, C) images into one uint8 (rows*H', cols*W', C) array, C in {1, 3}."""
   images = np.asarray(images, dtype=np.float32)
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise InvalidValueError(f"images must have shape (N, H, W, C) with C in (1, 3), got {images.shape}")
+    raise InputError(f"images must have shape (N, H, W, C) with C in (1, 3), got {images.shape}")
   lo, hi = data_range
   images = np.clip((images - lo) / (hi - lo), 0.0, 1.0)
   n, h, w, c = images.shape
@@ -146,7 +146,7 @@ def save_scatter(points, path: str, title: str | None = None) -> str:
   import matplotlib.pyplot as plt
   points = np.asarray(points)
   if points.ndim != 2 or points.shape[1] != 2:
-    raise InvalidValueError(f"points must have shape (N, 2), got {points.shape}")
+    raise InputError(f"points must have shape (N, 2), got {points.shape}")
   fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
   ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.5)
   ax.set_aspect("equal")

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 from sgm_jax.sampling import base
 from sgm_jax.sampling.ode import SOLVERS, solver_evaluations
 from sgm_jax.sde_lib import SDE
@@ -35,7 +35,7 @@ _FIRST_STEP_FRACTION = 0.01
 
 def _check_positive(name: str, value) -> float:
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-    raise InvalidValueError(f"{name} must be a positive number, got {value!r}")
+    raise InputError(f"{name} must be a positive number, got {value!r}")
   return float(value)
 
 
@@ -87,7 +87,7 @@ def _solve(vector_field, y0, t0: float, t1: float, solver: str, rtol: float, ato
 def _check_solver(solver: str) -> None:
   adaptive = sorted(k for k, v in SOLVERS.items() if v[1])
   if solver not in adaptive:
-    raise InvalidValueError(f"unknown or fixed-step solver {solver!r}; the probability-flow ODE is "
+    raise InputError(f"unknown or fixed-step solver {solver!r}; the probability-flow ODE is "
                      f"solved adaptively here, valid solvers are {adaptive}")
 
 
@@ -102,12 +102,12 @@ def get_likelihood_fn(sde: SDE, divergence: str = "rademacher", num_probes: int 
   `prior_logp(z)` replaces the SDE's prior density at T (e.g. an exact p_T in tests).
   """
   if divergence not in DIVERGENCES:
-    raise InvalidValueError(f"unknown divergence {divergence!r}; valid values are {list(DIVERGENCES)}")
+    raise InputError(f"unknown divergence {divergence!r}; valid values are {list(DIVERGENCES)}")
   if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
-    raise InvalidValueError(f"num_probes must be a positive integer, got {num_probes!r}")
+    raise InputError(f"num_probes must be a positive integer, got {num_probes!r}")
   rtol, atol = _check_positive("rtol", rtol), _check_positive("atol", atol)
   if not 0 < eps < sde.T:
-    raise InvalidValueError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
+    raise InputError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
   _check_solver(solver)
 
   def vector_field(t, y, args):
@@ -143,7 +143,7 @@ def _flow_fn(sde: SDE, forward: bool, rtol: float, atol: float, eps: float, solv
              max_steps: int) -> Callable:
   rtol, atol = _check_positive("rtol", rtol), _check_positive("atol", atol)
   if not 0 < eps < sde.T:
-    raise InvalidValueError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
+    raise InputError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
   _check_solver(solver)
   t0, t1 = (eps, sde.T) if forward else (sde.T, eps)
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from sgm_jax import score as score_lib
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 from sgm_jax.sde_lib import SDE, VESDE, VPSDE, batch_expand
 
 Array = jax.Array
@@ -43,7 +43,7 @@ def _reduce(v: Array, reduce_mean: bool) -> Array:
 
 def _check_weighting(weighting: Weighting) -> None:
   if not (callable(weighting) or weighting in WEIGHTINGS):
-    raise InvalidValueError(f"unknown weighting {weighting!r}; valid values are {list(WEIGHTINGS)} "
+    raise InputError(f"unknown weighting {weighting!r}; valid values are {list(WEIGHTINGS)} "
                      "or a function of t")
 
 
@@ -53,7 +53,7 @@ EDM_LOG_NORMAL = (-1.2, 1.2)  # EDM's P_mean, P_std of ln(sigma / alpha) (Karras
 
 def _check_time_sampling(time_sampling: str) -> None:
   if time_sampling not in TIME_SAMPLINGS:
-    raise InvalidValueError(f"unknown time_sampling {time_sampling!r}; valid values are "
+    raise InputError(f"unknown time_sampling {time_sampling!r}; valid values are "
                      f"{list(TIME_SAMPLINGS)}")
 
 
@@ -70,7 +70,7 @@ def sample_times(sde: SDE, key: Array, batch: int, eps: float,
   _check_time_sampling(time_sampling)
   if time_sampling == "log_normal":
     if importance_sampling:
-      raise InvalidValueError("importance_sampling draws t uniformly in log-SNR; it cannot be combined "
+      raise InputError("importance_sampling draws t uniformly in log-SNR; it cannot be combined "
                        "with time_sampling 'log_normal'")
     p_mean, p_std = log_normal
     log_rho = p_mean + p_std * jax.random.normal(key, (batch,))
@@ -99,16 +99,16 @@ def dsm_loss(score_fn: ScoreFn, sde: SDE, x: Array, key: Array, weighting: Weigh
   """
   _check_weighting(weighting)
   if (weighting == "output") != (output_weight is not None):
-    raise InvalidValueError("weighting 'output' needs output_weight(t), and output_weight needs weighting "
+    raise InputError("weighting 'output' needs output_weight(t), and output_weight needs weighting "
                      f"'output' (got weighting {weighting!r})")
   if importance_sampling and weighting != "g2":
-    raise InvalidValueError("importance_sampling is defined for the likelihood weighting 'g2' only, "
+    raise InputError("importance_sampling is defined for the likelihood weighting 'g2' only, "
                      f"got weighting {weighting!r}")
   k_t, k_z = jax.random.split(key)
   if t is None:
     t = sample_times(sde, k_t, x.shape[0], eps, importance_sampling, time_sampling)
   elif importance_sampling:
-    raise InvalidValueError("importance_sampling draws its own times; do not pass t with it")
+    raise InputError("importance_sampling draws its own times; do not pass t with it")
   z = jax.random.normal(k_z, x.shape, x.dtype)
   mean, std = sde.marginal_prob(x, t)
   x_t = mean + batch_expand(std, x) * z
@@ -164,12 +164,12 @@ def ssm_loss(score_fn: ScoreFn, sde: SDE, x: Array, key: Array, projection: str 
   evaluated at those times.
   """
   if projection not in PROJECTIONS:
-    raise InvalidValueError(f"unknown projection {projection!r}; valid values are {list(PROJECTIONS)}")
+    raise InputError(f"unknown projection {projection!r}; valid values are {list(PROJECTIONS)}")
   if num_projections < 1:
-    raise InvalidValueError(f"num_projections must be >= 1, got {num_projections}")
+    raise InputError(f"num_projections must be >= 1, got {num_projections}")
   _check_weighting(weighting)
   if weighting == "output":
-    raise InvalidValueError("weighting 'output' is defined for the DSM loss only; sliced score matching "
+    raise InputError("weighting 'output' is defined for the DSM loss only; sliced score matching "
                      "takes 'sigma2', 'g2' or a function of t")
   k_t, k_z, k_v = jax.random.split(key, 3)
   if t is None:
@@ -215,26 +215,26 @@ def get_loss_fn(sde: SDE, model: nn.Module, kind: str = "dsm", continuous: bool 
   'log_normal' (DSM only, `sample_times`).
   """
   if kind not in LOSS_KINDS:
-    raise InvalidValueError(f"unknown loss {kind!r}; valid losses are {list(LOSS_KINDS)}")
+    raise InputError(f"unknown loss {kind!r}; valid losses are {list(LOSS_KINDS)}")
   if kind == "smld" and type(sde) is not VESDE:
-    raise InvalidValueError(f"the discrete SMLD loss is defined for VESDE only, got {type(sde).__name__}; "
+    raise InputError(f"the discrete SMLD loss is defined for VESDE only, got {type(sde).__name__}; "
                      "use kind='dsm' (continuous) for other SDEs")
   if kind == "ddpm" and type(sde) is not VPSDE:
-    raise InvalidValueError(f"the discrete DDPM loss is defined for VPSDE only, got {type(sde).__name__}; "
+    raise InputError(f"the discrete DDPM loss is defined for VPSDE only, got {type(sde).__name__}; "
                      "use kind='dsm' (continuous) for other SDEs")
   _check_weighting(weighting)
   kind_out = score_lib.check_parameterization(sde, parameterization, sigma_data, continuous)
   if kind_out != sde.network_output and kind not in ("dsm", "ssm"):
-    raise InvalidValueError(f"parameterization {kind_out!r} is trained with the continuous losses "
+    raise InputError(f"parameterization {kind_out!r} is trained with the continuous losses "
                      f"['dsm', 'ssm'], not {kind!r}")
   _check_time_sampling(time_sampling)
   if time_sampling != "uniform" and kind != "dsm":
-    raise InvalidValueError(f"time_sampling {time_sampling!r} is defined for the DSM loss only, not "
+    raise InputError(f"time_sampling {time_sampling!r} is defined for the DSM loss only, not "
                      f"{kind!r}")
   output_weight = None
   if weighting == "output":
     if kind != "dsm":
-      raise InvalidValueError(f"weighting 'output' is defined for the DSM loss only, not {kind!r}")
+      raise InputError(f"weighting 'output' is defined for the DSM loss only, not {kind!r}")
     output_weight = lambda t: score_lib.output_loss_weight(sde, kind_out, sigma_data, t)
 
   def loss_fn(params, x: Array, key: Array) -> Array:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 
 AXIS_NAME = "batch"
 
@@ -59,7 +59,7 @@ def shard(batch: np.ndarray, n_devices: Optional[int] = None) -> np.ndarray:
   """Split the leading axis of a host batch into (n_devices, batch / n_devices, ...)."""
   n = n_devices or jax.local_device_count()
   if batch.shape[0] % n:
-    raise InvalidValueError(f"batch size {batch.shape[0]} is not divisible by the {n} local devices")
+    raise InputError(f"batch size {batch.shape[0]} is not divisible by the {n} local devices")
   return batch.reshape((n, batch.shape[0] // n) + batch.shape[1:])
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from sgm_jax import controllable, datasets, io_utils, sde_lib
 from sgm_jax.checkpoints import CheckpointError, CheckpointStore, has_checkpoints
-from sgm_jax.errors import InvalidValueError, MissingFileError, TrainingDiverged
+from sgm_jax.errors import InputError, MissingFileError, TrainingDiverged
 from sgm_jax.run_lib import (_get, build, restore_ema_params, sampler_options_from_config,
                              score_fn_for, sde_from_config)
 from sgm_jax.workdir import WorkdirLock, check_or_record_config
@@ -59,10 +59,10 @@ class ClassifierSpec:
       value = getattr(spec, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "num_classes"
                                                                          else 1):
-        raise InvalidValueError(f"config.classifier.{name} must be a positive integer"
+        raise InputError(f"config.classifier.{name} must be a positive integer"
                          f"{' >= 2' if name == 'num_classes' else ''}, got {value!r}")
     if not spec.lr > 0:
-      raise InvalidValueError(f"config.classifier.lr must be > 0, got {spec.lr!r}")
+      raise InputError(f"config.classifier.lr must be > 0, got {spec.lr!r}")
     return spec
 
 
@@ -71,7 +71,7 @@ def _classifier_parts(config: Any, sde: sde_lib.SDE, image_shape: tuple):
   import optax
   from sgm_jax.models.wideresnet import create_classifier
   if len(image_shape) != 3:
-    raise InvalidValueError(f"the noise-conditional classifier needs image data (H, W, C); dataset "
+    raise InputError(f"the noise-conditional classifier needs image data (H, W, C); dataset "
                      f"{config.data.dataset!r} gives examples of shape {tuple(image_shape)}")
   spec = ClassifierSpec.from_config(config)
   model = create_classifier(spec.num_classes, spec.blocks_per_group, spec.channel_multiplier)
@@ -87,7 +87,7 @@ def _classifier_state(params, opt_state, step: int) -> dict:
 def _labelled_batch(dataset: datasets.Dataset, step: int, split: str = "train") -> dict:
   batch = dataset.train_batch(step, split=split)
   if "label" not in batch:
-    raise InvalidValueError(f"dataset {dataset.spec.dataset!r} has no class labels; the classifier needs "
+    raise InputError(f"dataset {dataset.spec.dataset!r} has no class labels; the classifier needs "
                      "a labelled dataset (FashionMNIST, MNIST5k, digits, CIFAR-10, an .npz with "
                      "'labels', or a folder with class subfolders)")
   return {"image": batch["image"], "label": batch["label"]}
@@ -137,10 +137,10 @@ def run_train_classifier(config: Any, workdir: str) -> dict:
     _, logits_fn, params, optimizer = _classifier_parts(config, sde, first["image"].shape[1:])
     num_classes = int(dataset.labels("train").max()) + 1
     if num_classes > spec.num_classes:
-      raise InvalidValueError(f"dataset {config.data.dataset!r} has labels up to {num_classes - 1}, but "
+      raise InputError(f"dataset {config.data.dataset!r} has labels up to {num_classes - 1}, but "
                        f"config.classifier.num_classes = {spec.num_classes}")
     check_or_record_config(workdir, config)
-    store = CheckpointStore(out_dir, keep=2)
+    store = CheckpointStore(out_dir, keep=2, writer=True)
     try:
       state = _classifier_state(params, optimizer.init(params), 0)
       if has_checkpoints(out_dir) and store.latest_step() is not None:
@@ -217,7 +217,7 @@ def parse_class_label(value: Any, num_classes: int) -> Optional[str | int]:
   except ValueError:
     label = -1
   if not 0 <= label < num_classes:
-    raise InvalidValueError(f"--class_label must be an integer in [0, {num_classes}) or 'all', got "
+    raise InputError(f"--class_label must be an integer in [0, {num_classes}) or 'all', got "
                      f"{value!r}")
   return label
 
@@ -236,7 +236,7 @@ def load_input_images(config: Any, dataset: datasets.Dataset, input_path: Option
   an image file), fitted to the config's size and channels; else the first test images.
   count None: every image of --input (one for an image file), or `default_count` test images."""
   if count is not None and count < 1:
-    raise InvalidValueError(f"the number of images must be >= 1, got {count}")
+    raise InputError(f"the number of images must be >= 1, got {count}")
   spec = dataset.spec
   if input_path is None:
     count = default_count if count is None else count
@@ -252,10 +252,10 @@ def load_input_images(config: Any, dataset: datasets.Dataset, input_path: Option
     images = datasets.data_scaler(spec.centered)(images / np.float32(255.0))
     count = len(images) if count is None else count
   if images.ndim != 4:
-    raise InvalidValueError(f"this mode needs image data; dataset {spec.dataset!r} has examples of shape "
+    raise InputError(f"this mode needs image data; dataset {spec.dataset!r} has examples of shape "
                      f"{images.shape[1:]}")
   if len(images) < count:
-    raise InvalidValueError(f"needed {count} input images, found {len(images)} in "
+    raise InputError(f"needed {count} input images, found {len(images)} in "
                      f"{input_path or 'the test split'}")
   return np.asarray(images[:count], np.float32)
 
@@ -266,11 +266,11 @@ def _read_image_file(path: str) -> np.ndarray:
   if path.lower().endswith(".npz"):
     with np.load(path, allow_pickle=False) as f:
       if "images" not in f:
-        raise InvalidValueError(f"{path} has arrays {sorted(f.files)}; --input needs 'images' "
+        raise InputError(f"{path} has arrays {sorted(f.files)}; --input needs 'images' "
                          "(N, H, W[, C]) uint8")
       images = f["images"]
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
-      raise InvalidValueError(f"{path}: 'images' must be uint8 of shape (N, H, W[, C]), got "
+      raise InputError(f"{path}: 'images' must be uint8 of shape (N, H, W[, C]), got "
                        f"{images.dtype} {images.shape}")
     return images
   from PIL import Image, UnidentifiedImageError
@@ -278,7 +278,7 @@ def _read_image_file(path: str) -> np.ndarray:
     with Image.open(path) as image:
       pixels = np.asarray(image.convert(image.mode if image.mode in ("L", "RGB") else "RGB"))
   except UnidentifiedImageError as e:
-    raise InvalidValueError(f"--input {path!r} is neither an .npz nor an image file Pillow can read") from e
+    raise InputError(f"--input {path!r} is neither an .npz nor an image file Pillow can read") from e
   return (pixels[..., None] if pixels.ndim == 2 else pixels)[None]  # (1, H, W, C)
 
 
@@ -302,11 +302,11 @@ def make_mask(name: str, image_shape: tuple, seed: int = 0) -> np.ndarray:
   elif os.path.isfile(name):
     image = _read_image_file(name)[0].astype(np.float32)
     if image.shape[:2] != (h, w):
-      raise InvalidValueError(f"mask file {name!r} is {image.shape[1]}x{image.shape[0]}; the model's "
+      raise InputError(f"mask file {name!r} is {image.shape[1]}x{image.shape[0]}; the model's "
                        f"images are {w}x{h}")
     known = image.mean(axis=-1) / 255.0 > 0.5
   else:
-    raise InvalidValueError(f"unknown --mask {name!r}: use one of {list(MASKS)} (the region to fill in) "
+    raise InputError(f"unknown --mask {name!r}: use one of {list(MASKS)} (the region to fill in) "
                      "or the path of a mask image (white = known)")
   return known[..., None].astype(np.float32)
 
@@ -378,7 +378,7 @@ def run_colorize(config: Any, workdir: str, method: Optional[str] = None,
   """`main.py --mode colorize`: colorize the gray version of input images (RGB models only).
   PNG rows: inputs, gray, colorized."""
   if int(config.data.num_channels) != 3:
-    raise InvalidValueError(f"colorization needs an RGB model (config.data.num_channels = 3); this config "
+    raise InputError(f"colorization needs an RGB model (config.data.num_channels = 3); this config "
                      f"has num_channels = {config.data.num_channels}")
   method = method or "pc"
   sde, dataset, _, score_fn, step = _setup(config, workdir, checkpoint_step)
@@ -406,7 +406,7 @@ def run_interpolate(config: Any, workdir: str, num_pairs: Optional[int] = None,
   images = load_input_images(config, dataset, input_path,
                              None if num_pairs is None else 2 * int(num_pairs), default_count=8)
   if len(images) < 2:
-    raise InvalidValueError(f"interpolation needs pairs of images; {input_path} has {len(images)}")
+    raise InputError(f"interpolation needs pairs of images; {input_path} has {len(images)}")
   pairs = len(images) // 2
   images = images[: 2 * pairs]
   ev = config.eval

@@ -14,7 +14,7 @@ import numpy as np
 
 from sgm_jax import datasets, io_utils, losses, models, parallel, sampling, score, sde_lib, train
 from sgm_jax.checkpoints import CheckpointError, CheckpointStore, has_checkpoints
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 from sgm_jax.workdir import WorkdirLock, check_or_record_config
 
 
@@ -34,7 +34,7 @@ def sde_from_config(config: Any) -> sde_lib.SDE:
     return cls(beta_min=float(m.beta_min), beta_max=float(m.beta_max), N=n)
   if name == "tutorial":
     return sde_lib.TutorialSDE(sigma_base=float(_get(m, "sigma_base", 25.0)), N=n)
-  raise InvalidValueError(f"unknown SDE {config.training.sde!r} (config.training.sde); valid values are "
+  raise InputError(f"unknown SDE {config.training.sde!r} (config.training.sde); valid values are "
                    f"{sorted(sde_lib.SDES)}")
 
 
@@ -50,7 +50,7 @@ def loss_kind(config: Any, sde: sde_lib.SDE) -> str:
     return "smld"
   if type(sde) is sde_lib.VPSDE:
     return "ddpm"
-  raise InvalidValueError(f"discrete training (training.continuous=False) is defined for VESDE and VPSDE "
+  raise InputError(f"discrete training (training.continuous=False) is defined for VESDE and VPSDE "
                    f"only, got {type(sde).__name__}")
 
 
@@ -86,7 +86,7 @@ def optimizer_from_config(config: Any) -> train.OptimizerSpec:
   o = config.optim
   name = str(_get(o, "optimizer", "Adam"))
   if name.lower() != "adam":
-    raise InvalidValueError(f"unknown optimizer {name!r} (config.optim.optimizer); valid values are "
+    raise InputError(f"unknown optimizer {name!r} (config.optim.optimizer); valid values are "
                      "['Adam']")
   return train.OptimizerSpec(lr=float(o.lr), warmup=int(_get(o, "warmup", 5000)),
                              grad_clip=float(_get(o, "grad_clip", 1.0)),
@@ -234,7 +234,7 @@ def run_sample(config: Any, workdir: str, sampler_name: str | None = None,
   num_steps = int(num_steps if num_steps is not None else _get(s, "num_steps", sde.N))
   num_samples = int(num_samples if num_samples is not None else _get(s, "num_samples", 64))
   if num_samples < 1:
-    raise InvalidValueError(f"num_samples must be >= 1, got {num_samples}")
+    raise InputError(f"num_samples must be >= 1, got {num_samples}")
   sampler_options = sampler_options_from_config(config, sampler_name, sampler_options)
   batch = min(int(_get(s, "batch_size", 64)), num_samples)
   sampler = sampling.get_sampler(sampler_name, sde, (batch,) + tuple(example_shape),
@@ -402,7 +402,7 @@ def _eval_parts(config: Any, images: bool) -> list[str]:
     flags = ", ".join(f"eval.{flag}" for flag, _ in EVAL_PARTS.values())
     why = (f" ({', '.join(enabled)} need image data; dataset {config.data.dataset!r} has none)"
            if enabled else "")
-    raise InvalidValueError(f"--mode eval has nothing to compute: config.eval enables none of {flags}"
+    raise InputError(f"--mode eval has nothing to compute: config.eval enables none of {flags}"
                      f"{why}. Enable one, e.g. --config.eval.enable_loss=True")
   return parts
 
@@ -418,7 +418,7 @@ def _check_eval_sizes(config: Any, dataset, parts: list[str]) -> None:
   for field, default, split in needs:
     wanted, available = int(_get(ev, field, default)), dataset.num_examples(split)
     if wanted > available:
-      raise InvalidValueError(f"eval.{field}={wanted} is more than the {available} images of the "
+      raise InputError(f"eval.{field}={wanted} is more than the {available} images of the "
                        f"{split} split of {config.data.dataset!r}; set "
                        f"--config.eval.{field}={available} or less")
 
@@ -498,7 +498,7 @@ def _eval_samples(config: Any, workdir: str, dataset, sde, score_fn, out_dir: st
   num_steps = int(num_steps or _get(ev, "num_steps", 10))
   n = int(num_samples or _get(ev, "num_samples", 1024))
   if n < 1:
-    raise InvalidValueError(f"num_samples must be >= 1, got {n}")
+    raise InputError(f"num_samples must be >= 1, got {n}")
   options = sampler_options_from_config(config, sampler_name, overrides)
   batch = min(int(_get(config.sampling, "batch_size", 64)), n)
   sampler = sampling.get_sampler(sampler_name, sde, (batch,) + tuple(example_shape),

@@ -36,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 from sgm_jax.sde_lib import SDE, batch_expand
 
 Array = jax.Array
@@ -65,7 +65,7 @@ def check_variables(variables: Any) -> None:
   """Raise a ValueError unless `variables` is a Flax variables mapping with 'params'."""
   if not isinstance(variables, Mapping) or "params" not in variables:
     found = sorted(map(str, variables))[:8] if isinstance(variables, Mapping) else type(variables)
-    raise InvalidValueError("variables must be a mapping with a 'params' collection, as returned by "
+    raise InputError("variables must be a mapping with a 'params' collection, as returned by "
                      "model.init (wrap a bare parameter tree as {'params': params}); "
                      f"got {found}")
 
@@ -78,7 +78,7 @@ def _batch_times(t: Array, x: Array) -> Array:
   if t.ndim == 0:
     return jnp.broadcast_to(t, (x.shape[0],))
   if t.shape != (x.shape[0],):
-    raise InvalidValueError(f"t must be a scalar or a ({x.shape[0]},) array for x of shape {x.shape}, "
+    raise InputError(f"t must be a scalar or a ({x.shape[0]},) array for x of shape {x.shape}, "
                      f"got shape {t.shape}")
   return t
 
@@ -145,7 +145,7 @@ def score_from_output(sde: SDE, parameterization: str, sigma_data: float, out: A
   if parameterization == "edm":
     S = _edm_std(alpha, sigma, sigma_data)
     return -x / S ** 2 + alpha * sigma_data * out / (sigma * S)
-  raise InvalidValueError(f"unknown parameterization {parameterization!r}; valid values are "
+  raise InputError(f"unknown parameterization {parameterization!r}; valid values are "
                    f"{list(PARAMETERIZATIONS)}")
 
 
@@ -163,7 +163,7 @@ def output_loss_weight(sde: SDE, parameterization: str, sigma_data: float, t: Ar
     return ((alpha ** 2 + sigma ** 2) / alpha) ** 2
   if parameterization == "edm":
     return _edm_std(alpha, sigma, sigma_data) ** 2 / (alpha * sigma_data) ** 2
-  raise InvalidValueError(f"unknown parameterization {parameterization!r}; valid values are "
+  raise InputError(f"unknown parameterization {parameterization!r}; valid values are "
                    f"{list(PARAMETERIZATIONS)}")
 
 
@@ -174,15 +174,15 @@ def check_parameterization(sde: SDE, parameterization: Optional[str], sigma_data
     _check_network_output(sde)
     return sde.network_output
   if parameterization not in PARAMETERIZATIONS:
-    raise InvalidValueError(f"unknown parameterization {parameterization!r} (config.model."
+    raise InputError(f"unknown parameterization {parameterization!r} (config.model."
                      f"parameterization); valid values are {list(PARAMETERIZATIONS)} or None for "
                      f"the SDE's own ({sde.network_output!r})")
   if parameterization != sde.network_output and not continuous:
-    raise InvalidValueError(f"parameterization {parameterization!r} needs continuous-time training "
+    raise InputError(f"parameterization {parameterization!r} needs continuous-time training "
                      "(training.continuous=True); discrete models keep the SDE's "
                      f"{sde.network_output!r} output")
   if parameterization == "edm" and not (isinstance(sigma_data, (int, float)) and sigma_data > 0):
-    raise InvalidValueError(f"sigma_data must be a positive float, got {sigma_data!r}")
+    raise InputError(f"sigma_data must be a positive float, got {sigma_data!r}")
   return parameterization
 
 
@@ -208,7 +208,7 @@ class _NetworkScore:
 
 def _check_network_output(sde: SDE) -> None:
   if sde.network_output not in NETWORK_OUTPUTS:
-    raise InvalidValueError(f"{type(sde).__name__}.network_output is {sde.network_output!r}; "
+    raise InputError(f"{type(sde).__name__}.network_output is {sde.network_output!r}; "
                      f"valid values are {list(NETWORK_OUTPUTS)}")
 
 
@@ -250,7 +250,7 @@ def as_partial(fn: Callable) -> Partial:
   if isinstance(fn, Partial):
     return fn
   if not callable(fn):
-    raise InvalidValueError(f"expected a callable score_fn(x, t), got {type(fn).__name__}")
+    raise InputError(f"expected a callable score_fn(x, t), got {type(fn).__name__}")
   return Partial(fn)
 
 

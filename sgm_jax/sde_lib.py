@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
@@ -38,7 +38,7 @@ def _sum_except_batch(v: Array) -> Array:
 
 def _check(condition: bool, message: str) -> None:
   if not condition:
-    raise InvalidValueError(message)
+    raise InputError(message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,5 +413,5 @@ def get_sde(name: str, **kwargs) -> SDE:
   """Build an SDE by its score_sde config name ('vesde', 'vpsde', 'subvpsde') or 'tutorial'."""
   key = name.lower()
   if key not in SDES:
-    raise InvalidValueError(f"unknown SDE {name!r}; valid names are {sorted(SDES)}")
+    raise InputError(f"unknown SDE {name!r}; valid names are {sorted(SDES)}")
   return SDES[key](**kwargs)

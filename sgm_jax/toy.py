@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 from sgm_jax.sde_lib import SDE, batch_expand
 
 Array = jax.Array
@@ -47,15 +47,15 @@ class GaussianMixture:
       weights = jnp.full((k,), 1.0 / k, dtype=means.dtype)
     weights = jnp.asarray(weights, dtype=means.dtype)
     if weights.shape != (k,):
-      raise InvalidValueError(f"weights must have shape ({k},) to match means, got {weights.shape}")
+      raise InputError(f"weights must have shape ({k},) to match means, got {weights.shape}")
     if not np.all(np.asarray(stds) > 0):
-      raise InvalidValueError(f"component stds must all be > 0, got min {float(jnp.min(stds))}")
+      raise InputError(f"component stds must all be > 0, got min {float(jnp.min(stds))}")
     if not np.all(np.asarray(weights) >= 0) or float(weights.sum()) <= 0:
-      raise InvalidValueError("weights must be non-negative with a positive sum")
+      raise InputError("weights must be non-negative with a positive sum")
     if labels is not None:
       labels = jnp.asarray(labels, dtype=jnp.int32)
       if labels.shape != (k,):
-        raise InvalidValueError(f"labels must have shape ({k},) to match means, got {labels.shape}")
+        raise InputError(f"labels must have shape ({k},) to match means, got {labels.shape}")
     log_w = jnp.log(weights) - jnp.log(weights.sum())
     return cls(means=means, stds=stds, log_weights=log_w, labels=labels)
 

@@ -7,7 +7,6 @@ number of devices with the same global batch, draws exactly the same noise.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 import math
@@ -24,6 +23,7 @@ import optax
 
 from sgm_jax import parallel
 from sgm_jax.checkpoints import CheckpointStore
+from sgm_jax.errors import InputError, TrainingDiverged
 
 Array = jax.Array
 
@@ -50,9 +50,9 @@ class OptimizerSpec:
 
   def __post_init__(self):
     if not self.lr > 0:
-      raise ValueError(f"optim.lr must be > 0, got {self.lr!r}")
+      raise InputError(f"optim.lr must be > 0, got {self.lr!r}")
     if self.warmup < 0:
-      raise ValueError(f"optim.warmup must be >= 0, got {self.warmup!r}")
+      raise InputError(f"optim.warmup must be >= 0, got {self.warmup!r}")
 
   def schedule(self) -> optax.Schedule:
     if self.warmup == 0:
@@ -60,12 +60,13 @@ class OptimizerSpec:
     return optax.linear_schedule(0.0, self.lr, self.warmup)
 
   def build(self) -> optax.GradientTransformation:
-    parts = []
-    if self.grad_clip is not None and self.grad_clip >= 0:
-      parts.append(optax.clip_by_global_norm(self.grad_clip))
-    parts.append(optax.adamw(self.schedule(), b1=self.beta1, b2=self.beta2, eps=self.eps,
-                             weight_decay=self.weight_decay))
-    return optax.chain(*parts)
+    """Clipping (none when grad_clip is negative or None: a bound of +inf, which changes no
+    update), then AdamW. The optimizer state has the same tree with and without clipping, so a
+    run resumes after grad_clip changes."""
+    clip = self.grad_clip if self.grad_clip is not None and self.grad_clip >= 0 else math.inf
+    return optax.chain(optax.clip_by_global_norm(clip),
+                       optax.adamw(self.schedule(), b1=self.beta1, b2=self.beta2, eps=self.eps,
+                                   weight_decay=self.weight_decay))
 
 
 def init_params(model: nn.Module, key: Array, input_shape: tuple) -> Any:
@@ -143,10 +144,6 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, ema_rat
   return step
 
 
-class TrainingDiverged(RuntimeError):
-  """The loss became NaN or infinite."""
-
-
 @dataclasses.dataclass(frozen=True)
 class LoopSpec:
   """How long to train and how often to log and checkpoint."""
@@ -166,41 +163,64 @@ class LoopSpec:
                  "snapshot_freq_for_preemption", "keep_checkpoints"):
       value = getattr(self, name)
       if not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"training.{name} must be a positive integer, got {value!r}")
+        raise InputError(f"training.{name} must be a positive integer, got {value!r}")
     for name in ("snapshot_freq", "snapshot_freq_for_preemption"):
       if getattr(self, name) % self.n_jitted_steps:
-        raise ValueError(f"training.{name}={getattr(self, name)} must be a multiple of "
+        raise InputError(f"training.{name}={getattr(self, name)} must be a multiple of "
                          f"training.n_jitted_steps={self.n_jitted_steps}")
     if self.max_seconds is not None and not self.max_seconds > 0:
-      raise ValueError(f"training.max_seconds must be > 0 or None, got {self.max_seconds!r}")
+      raise InputError(f"training.max_seconds must be > 0 or None, got {self.max_seconds!r}")
 
 
 class _LossLog:
   """Append-only CSV of (step, loss, lr) that survives restarts (rows past the resume step are
-  dropped, so a resumed run's log equals an uninterrupted one's)."""
+  dropped, so a resumed run's log equals an uninterrupted one's) and crashes (a torn row left by
+  a run killed mid-append is dropped with a warning)."""
+
+  HEADER = "step,loss,lr\n"
 
   def __init__(self, path: str, resume_step: int):
     self.path = path
-    rows = []
-    if os.path.exists(path):
-      with open(path) as f:
-        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+    rows = [r for r in self._rows(path) if int(r[0]) <= resume_step]
     from sgm_jax.io_utils import atomic_write
     with atomic_write(path, "w") as f:
-      writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr"])
-      writer.writeheader()
-      writer.writerows(rows)
-    self._file = open(path, "a", newline="")
-    self._writer = csv.DictWriter(self._file, fieldnames=["step", "loss", "lr"])
+      f.write(self.HEADER + "".join(",".join(r) + "\n" for r in rows))
+    self._file = open(path, "a")
+
+  @staticmethod
+  def _rows(path: str) -> list[tuple[str, str, str]]:
+    """The whole (step, loss, lr) rows of the log at `path`, as written; torn ones are dropped."""
+    if not os.path.exists(path):
+      return []
+    with open(path) as f:
+      text = f.read()
+    lines = text.split("\n")
+    rows, dropped = [], []
+    if lines[-1]:  # no final newline: the last row was cut short
+      dropped.append(lines[-1])
+    for line in lines[1:-1]:
+      fields = line.split(",")
+      try:
+        if len(fields) != 3:
+          raise ValueError
+        int(fields[0]), float(fields[1]), float(fields[2])
+      except ValueError:
+        dropped.append(line)
+        continue
+      rows.append(tuple(fields))
+    if dropped:
+      logging.warning("%s: dropping %d torn row(s) %s (a run was killed mid-write)", path,
+                      len(dropped), ", ".join(repr(d[:40]) for d in dropped[:3]))
+    return rows
 
   def append(self, step: int, loss: float, lr: float) -> None:
-    self._writer.writerow({"step": step, "loss": repr(loss), "lr": repr(lr)})
+    self._file.write(f"{int(step)},{float(loss)!r},{float(lr)!r}\n")  # one write: no half rows
     self._file.flush()
 
   def read(self) -> tuple[np.ndarray, np.ndarray]:
-    with open(self.path) as f:
-      rows = list(csv.DictReader(f))
-    return (np.array([int(r["step"]) for r in rows]), np.array([float(r["loss"]) for r in rows]))
+    rows = self._rows(self.path)
+    return (np.array([int(r[0]) for r in rows], np.int64),
+            np.array([float(r[1]) for r in rows], np.float64))
 
   def close(self):
     self._file.close()
@@ -231,6 +251,17 @@ def plot_loss_curve(steps: np.ndarray, losses: np.ndarray, path: str) -> str:
   return path
 
 
+def _expected_end_step(step: int, n_iters: int, steps_per_call: int,
+                       max_seconds: Optional[float], elapsed: float, rate: float) -> int:
+  """The step training will stop at: n_iters, or the step where `max_seconds` run out when
+  `elapsed` of them are spent at `step` and it goes on at `rate` steps/s (each device call of
+  `steps_per_call` steps that starts in time runs to its end)."""
+  if max_seconds is None or not rate > 0:
+    return n_iters
+  calls = math.ceil(max(max_seconds - elapsed, 0.0) * rate / steps_per_call)
+  return int(min(n_iters, step + calls * steps_per_call))
+
+
 def train_loop(workdir: str, state: TrainState, step_fn: Callable,
                batches: Callable[[int], Iterator[np.ndarray]], spec: LoopSpec,
                schedule: Optional[optax.Schedule] = None,
@@ -246,25 +277,29 @@ def train_loop(workdir: str, state: TrainState, step_fn: Callable,
   end. A NaN/Inf loss stops training with TrainingDiverged and saves nothing.
   """
   from tqdm import tqdm
-  store = CheckpointStore(workdir, keep=spec.keep_checkpoints)
+  store = CheckpointStore(workdir, keep=spec.keep_checkpoints, writer=True)
   try:
-    if store.latest_step() is not None:
+    resumed = store.latest_step() is not None
+    if resumed:  # the newest readable checkpoint; a damaged newer one is replaced when saved again
       state = store.restore(state)
       logging.info("resumed from step %d", int(state.step))
     start = int(state.step)
     n_dev = jax.local_device_count()
     local_batch = spec.batch_size // jax.process_count()
     if spec.batch_size % (jax.process_count() * n_dev):
-      raise ValueError(f"training.batch_size={spec.batch_size} must be divisible by the number of "
+      raise InputError(f"training.batch_size={spec.batch_size} must be divisible by the number of "
                        f"devices ({jax.process_count() * n_dev})")
     loss_log = _LossLog(os.path.join(workdir, "train_log.csv"), start)
     writer = _summary_writer(workdir)
     p_step = parallel.fused_steps(step_fn)
     rstate = parallel.replicate(state)
     data = batches(start)
-    step, t0, last_good = start, time.time(), store.latest_step()
+    step, t0, last_good = start, time.time(), (start if resumed else None)
     first_call_done, first_call_step = None, start
-    bar = tqdm(total=spec.n_iters, initial=start, desc="train", unit="step", dynamic_ncols=True,
+    # With a time limit the bar's total is the step where it runs out, so its ETA is honest.
+    desc = "train" if spec.max_seconds is None else (
+        f"train (stops after {tqdm.format_interval(spec.max_seconds)})")
+    bar = tqdm(total=spec.n_iters, initial=start, desc=desc, unit="step", dynamic_ncols=True,
                mininterval=2.0)
     while step < spec.n_iters:
       n = min(spec.n_jitted_steps, spec.n_iters - step)
@@ -288,6 +323,12 @@ def train_loop(workdir: str, state: TrainState, step_fn: Callable,
             writer.add_scalar("loss", float(losses[i]), step + i + 1)
             writer.add_scalar("lr", float(lrs[i]), step + i + 1)
       step += n
+      if spec.max_seconds is not None:  # rate after the first (compiling) call once known
+        since_step, since = ((first_call_step, first_call_done) if step > first_call_step
+                             else (start, t0))
+        now = time.time()
+        bar.total = _expected_end_step(step, spec.n_iters, spec.n_jitted_steps, spec.max_seconds,
+                                       now - t0, (step - since_step) / max(now - since, 1e-9))
       bar.update(n)
       bar.set_postfix(loss=f"{float(losses[-1]):.4g}", refresh=False)
       out_of_time = spec.max_seconds is not None and time.time() - t0 >= spec.max_seconds
@@ -301,6 +342,7 @@ def train_loop(workdir: str, state: TrainState, step_fn: Callable,
         logging.info("stopping after %.0f s (training.max_seconds) at step %d", time.time() - t0,
                      step)
         break
+    bar.total = step  # stopped by the time limit: done, not short of n_iters
     bar.close()
     if stats is not None and first_call_done is not None:
       stats.update(steady_seconds=time.time() - first_call_done,

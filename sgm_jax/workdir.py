@@ -6,17 +6,25 @@ import json
 import os
 from typing import Any
 
+from sgm_jax.errors import UserError
 from sgm_jax.io_utils import atomic_write
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
-# Config sections that define what is trained; a workdir's checkpoints only fit the same values.
-# Training length, logging and evaluation settings may change between runs.
-IDENTITY_SECTIONS = ("model", "data")
-IDENTITY_TRAINING_KEYS = ("sde", "continuous", "loss")
+# The config fields that define the function a workdir trains; its checkpoints only continue the
+# same values. All of config.model (network, SDE constants, parameterization, EMA, dropout), the
+# data distribution and the loss. Paths (data.data_dir, data.tfrecords_path), the training length,
+# batch size, optimizer (lr, grad_clip, ...), seeds, logging and evaluation may change between runs.
+IDENTITY_FIELDS = {
+    "model": None,  # every field
+    "data": ("dataset", "image_size", "num_channels", "centered", "random_flip",
+             "uniform_dequantization", "category", "toy_num_train"),
+    "training": ("sde", "continuous", "loss", "reduce_mean", "likelihood_weighting", "weighting",
+                 "importance_sampling", "time_sampling", "eps"),
+}
 
 
-class WorkdirError(RuntimeError):
+class WorkdirError(UserError, RuntimeError):
   """The workdir is busy, or belongs to a different config."""
 
 
@@ -56,11 +64,19 @@ class WorkdirLock:
       self._file = None
 
 
+def _as_dict(config: Any) -> dict:
+  if hasattr(config, "to_json_best_effort"):
+    return json.loads(config.to_json_best_effort())
+  return dict(config)
+
+
 def _identity(config: Any) -> dict:
-  d = json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else dict(config)
-  ident = {k: d.get(k) for k in IDENTITY_SECTIONS}
-  training = d.get("training") or {}
-  ident["training"] = {k: training.get(k) for k in IDENTITY_TRAINING_KEYS}
+  """The IDENTITY_FIELDS of a ConfigDict (or of the plain dict of one, as config.json holds)."""
+  d = _as_dict(config)
+  ident = {}
+  for section, keys in IDENTITY_FIELDS.items():
+    values = d.get(section) or {}
+    ident[section] = values if keys is None else {k: values.get(k) for k in keys}
   return ident
 
 
@@ -83,12 +99,15 @@ def check_or_record_config(workdir: str, config: Any) -> None:
         saved = json.load(f)
       except json.JSONDecodeError as e:
         raise WorkdirError(f"{path} is not valid JSON ({e}); it was damaged outside sgm-jax") from e
-    diffs = _differences(current, saved.get("identity", {}))
+    # The identity of the recorded config as IDENTITY_FIELDS defines it now (config.json of an
+    # older version recorded other fields as its "identity").
+    recorded = _identity(saved["config"]) if saved.get("config") else saved.get("identity", {})
+    diffs = _differences(current, recorded)
     if diffs:
       shown = "; ".join(diffs[:8]) + ("; ..." if len(diffs) > 8 else "")
       raise WorkdirError(f"workdir {workdir} belongs to a different config ({shown}). Use a new "
                          "--workdir, or the config it was created with.")
     return
-  full = json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else {}
+  full = _as_dict(config) if hasattr(config, "to_json_best_effort") else {}
   with atomic_write(path, "w") as f:
     json.dump({"identity": current, "config": full}, f, indent=1, sort_keys=True)

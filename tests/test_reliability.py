@@ -1,6 +1,8 @@
 """Faults and bad input: samplers stay finite at extreme step counts, and every user mistake
 gives one clear error, a non-zero exit, and leaves the workdir as it was."""
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -122,3 +124,35 @@ def test_weights_file_that_is_not_what_it_claims(tmp_path):
     features.get_feature_extractor("inception", str(junk))
   with pytest.raises(FileNotFoundError, match="--convert"):
     features.get_feature_extractor("inception", str(tmp_path / "missing.npz"))
+
+
+def test_evaluation_killed_mid_way_resumes_from_its_last_batch(trained_workdir, tmp_path):
+  """kill -9 of --mode eval after a few finished batches: the rerun keeps those files, computes
+  only the rest, and reports what an uninterrupted evaluation reports."""
+  import glob
+  import signal
+  import time
+  wd = str(tmp_path / "wd")
+  shutil.copytree(trained_workdir, wd)
+  evaluate = ["--mode", "eval", "--config", "configs/toy_2d.py", "--workdir", wd,
+              "--config.eval.batch_size=4", "--config.eval.loss_num_examples=2000"]
+  pattern = os.path.join(wd, "eval", "ckpt_2", "loss_test", "batch_*.npz")
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *evaluate], cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while len(glob.glob(pattern)) < 5 and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done = {p: os.stat(p).st_mtime_ns for p in glob.glob(pattern)}
+  assert 5 <= len(done) < 500, len(done)  # killed mid-way (500 batches of 4 test points)
+  res = _main(*evaluate)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert all(os.stat(p).st_mtime_ns == t for p, t in done.items())  # not recomputed
+  assert len(glob.glob(pattern)) == 500
+  resumed = json.loads(open(os.path.join(wd, "eval", "results.jsonl")).read().splitlines()[-1])
+  shutil.rmtree(os.path.join(wd, "eval"))
+  res = _main(*evaluate)
+  assert res.returncode == 0, res.stderr[-2000:]
+  whole = json.loads(open(os.path.join(wd, "eval", "results.jsonl")).read().splitlines()[-1])
+  assert resumed["loss"] == whole["loss"] and resumed["loss_examples"] == 2000

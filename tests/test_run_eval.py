@@ -24,6 +24,7 @@ def _config(name="digits"):
   config.training.snapshot_freq = 2
   config.sampling.batch_size = 4
   config.eval.batch_size = 4
+  config.eval.enable_loss = False
   config.eval.enable_bpd = False
   config.eval.enable_denoising_error = False
   config.eval.enable_sampling = False
@@ -65,6 +66,7 @@ def test_sample_and_eval_use_the_same_sampler_settings(digits_workdir):
 def test_eval_loss_is_the_test_mean_without_padding(digits_workdir):
   config = _config()
   config.eval.enable_loss = True
+  config.eval.loss_num_examples = 10 ** 6
   result = run_lib.run_eval(config, digits_workdir)
   assert result["loss_examples"] == 179  # the digits test split; 179 = 44 * 4 + 3 (one padded)
   assert np.isfinite(result["loss"]) and result["loss"] > 0
@@ -116,3 +118,17 @@ def test_cli_reads_python_booleans_and_refuses_unclear_ones(digits_workdir):
   res = _main(*common, "--sampler_option", "denoise=maybe")
   assert res.returncode == 2 and "denoise must be true or false, got 'maybe'" in res.stderr
   assert "Traceback" not in res.stderr
+
+
+def test_score_sde_cifar10_configs_evaluate_the_test_loss():
+  """score_sde's CIFAR-10 defaults turn sampling and bits/dim off and the eval loss on."""
+  for name in ("vp_cifar10", "ve.cifar10_ncsnpp_continuous"):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    assert run_lib._eval_parts(config, images=True) == ["loss"]
+
+
+@pytest.mark.parametrize("option", ["denoise", "probability_flow"])
+def test_pc_refuses_a_boolean_option_given_as_a_string(option):
+  from sgm_jax import sampling, sde_lib
+  with pytest.raises(UserError, match=f"{option} must be true or false, got 'False'"):
+    sampling.get_sampler("pc", sde_lib.VPSDE(), (2, 2), num_steps=2, **{option: "False"})

@@ -1,4 +1,5 @@
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,28 @@ def _run(args, env_extra=None, **kwargs):
   env = dict(os.environ, **(env_extra or {}))
   return subprocess.run([sys.executable, SCRIPT] + [str(a) for a in args], env=env,
                         capture_output=True, text=True, **kwargs)
+
+
+# toy_train_run.py with its batches(start) wrapped to report the step of every batch handed out.
+_COUNTING_RUN = """import sys
+sys.path.insert(0, {tests!r})
+import toy_train_run as run
+plain = run.batches
+def batches(start, *args, **kwargs):
+  for i, x in enumerate(plain(start, *args, **kwargs)):
+    print(f"batch for step {{start + i}}", file=sys.stderr, flush=True)
+    yield x
+run.batches = batches
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+
+def _run_counting_batches(args, **kwargs):
+  """_run, and the steps whose batches the run asked for."""
+  code = _COUNTING_RUN.format(tests=os.path.dirname(SCRIPT))
+  res = subprocess.run([sys.executable, "-c", code] + [str(a) for a in args], capture_output=True,
+                       text=True, **kwargs)
+  return res, [int(s) for s in re.findall(r"batch for step (\d+)", res.stderr)]
 
 
 def _load(path):
@@ -90,9 +113,16 @@ def test_killed_and_resumed_training_is_bit_identical(tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert killed_early, "training finished before it could be killed"
-  resumed = _run([work, n_iters, "--out", tmp_path / "resumed.npz"], timeout=600)
+  store = checkpoints.CheckpointStore(str(work))
+  resume_step = store.latest_step()
+  store.close()
+  assert resume_step is not None and 6 <= resume_step < n_iters, resume_step
+  resumed, requested = _run_counting_batches([work, n_iters, "--out", tmp_path / "resumed.npz"],
+                                             timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
-  assert "resumed from step" in resumed.stderr or checkpoints.CheckpointStore(str(work)).latest_step()
+  # Training is deterministic, so a restart from step 0 would end in the same state: what shows a
+  # resume is that only the steps after the checkpoint run, on the batches of those steps.
+  assert requested == list(range(resume_step, n_iters)), (resume_step, requested)
   for a, b in zip(_load(tmp_path / "ref.npz"), _load(tmp_path / "resumed.npz")):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(_read_log(tmp_path / "ref")[1], _read_log(work)[1])
@@ -121,3 +151,88 @@ def test_nan_in_a_batch_stops_training_and_keeps_the_last_checkpoint(tmp_path):
   store = checkpoints.CheckpointStore(str(tmp_path))
   assert store.latest_step() == 8
   store.close()
+
+
+@pytest.mark.parametrize("torn", ["300,0.2", "300,0.2,", "30", "300,0.1x,0.001\n", "3x,0.2,1e-3\n",
+                                  "300,0.25,1e-", "300,0.25,0.001,7\n"])
+def test_loss_log_drops_a_torn_last_row_with_a_warning(tmp_path, caplog, torn):
+  """A run killed mid-append leaves half a row; the next run's log drops it and stays readable."""
+  path = str(tmp_path / "train_log.csv")
+  with open(path, "w") as f:
+    f.write("step,loss,lr\n100,0.5,0.001\n200,0.25,0.002\n" + torn)
+  with caplog.at_level("WARNING"):
+    log = train._LossLog(path, resume_step=1000)
+  assert "train_log.csv" in caplog.text and "dropping" in caplog.text
+  log.append(400, 0.125, 0.003)
+  log.close()
+  steps, losses = log.read()
+  np.testing.assert_array_equal(steps, [100, 200, 400])
+  np.testing.assert_array_equal(losses, [0.5, 0.25, 0.125])
+  np.testing.assert_array_equal(_read_log(tmp_path)[1], [0.5, 0.25, 0.125])
+  with open(path) as f:
+    assert f.read() == "step,loss,lr\n100,0.5,0.001\n200,0.25,0.002\n400,0.125,0.003\n"
+
+
+def test_loss_log_keeps_rows_up_to_the_resume_step_and_writes_whole_rows(tmp_path):
+  path = str(tmp_path / "train_log.csv")
+  log = train._LossLog(path, resume_step=0)
+  writes = []
+  real_write = log._file.write
+  log._file.write = lambda text: (writes.append(text), real_write(text))[1]
+  for step in (50, 100, 150):
+    log.append(step, step / 1000, 1e-4)
+  log.close()
+  assert writes == ["50,0.05,0.0001\n", "100,0.1,0.0001\n", "150,0.15,0.0001\n"]  # one write a row
+  resumed = train._LossLog(path, resume_step=100)
+  resumed.close()
+  np.testing.assert_array_equal(resumed.read()[0], [50, 100])
+
+
+def test_expected_end_step_is_where_the_time_limit_stops_training():
+  end = train._expected_end_step
+  # no time limit, or no rate yet: the run goes to n_iters
+  assert end(100, 10_000, 1, None, 60.0, 5.0) == 10_000
+  assert end(100, 10_000, 1, 900.0, 60.0, 0.0) == 10_000
+  # 15 minutes at 5 steps/s, 60 s spent at step 300: 840 s * 5 = 4200 more steps
+  assert end(300, 1_000_000, 1, 900.0, 60.0, 5.0) == 4500
+  # whole device calls of 4 steps: 4201 steps need 1051 calls
+  assert end(300, 1_000_000, 4, 900.0, 60.0, 5.0 + 1 / 840) == 300 + 4 * 1051
+  assert end(300, 4000, 1, 900.0, 60.0, 5.0) == 4000  # n_iters comes first
+  assert end(300, 4000, 1, 900.0, 900.0, 5.0) == 300  # the time is up: stops here
+  assert end(300, 4000, 1, 900.0, 950.0, 5.0) == 300
+
+
+def test_train_bar_total_follows_the_time_limit(tmp_path, monkeypatch):
+  """A run stopped by max_seconds: the bar's total (so its ETA) is the step it stops at."""
+  import tqdm
+  import optax
+  totals, bars = [], []
+
+  class Bar(tqdm.tqdm):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      bars.append(self)
+
+    def update(self, n=1):
+      totals.append(self.total)
+      return super().update(n)
+
+  monkeypatch.setattr(tqdm, "tqdm", Bar)
+
+  def step_fn(state, batch):
+    return state.replace(step=state.step + 1), {"loss": jnp.mean(batch)}
+
+  def batches(start):
+    while True:
+      time.sleep(0.02)
+      yield np.ones((2, 2), np.float32)
+
+  state = train.create_train_state({"w": jnp.zeros(2)}, optax.sgd(0.1))
+  spec = train.LoopSpec(n_iters=10 ** 6, batch_size=2, log_freq=1000, max_seconds=1.5)
+  final = train.train_loop(str(tmp_path), state, step_fn, batches, spec)
+  steps = int(final.step)
+  assert 5 < steps < 1000
+  assert "1.5" in bars[0].desc or "00:01" in bars[0].desc, bars[0].desc
+  assert max(totals[2:]) < 1000  # after a rate is known, never the 10**6 of n_iters
+  assert abs(totals[-1] - steps) <= 0.3 * steps, (totals[-5:], steps)
+  assert bars[0].total == bars[0].n == steps

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 from sgm_jax.sampling import base
 from sgm_jax.sde_lib import SDE, batch_expand
 
@@ -65,7 +65,7 @@ def conditional_score_fn(score_fn: Callable, log_prob_fn: Callable, y, scale: fl
   per-example (its gradient is taken through the batch sum).
   """
   if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, jax.Array)):
-    raise InvalidValueError(f"scale must be a number, got {scale!r}")
+    raise InputError(f"scale must be a number, got {scale!r}")
   return Partial(_ConditionalScore(), base.as_traceable(score_fn), base.as_traceable(log_prob_fn),
                  jnp.asarray(y, jnp.int32), jnp.asarray(scale, jnp.float32))
 
@@ -133,7 +133,7 @@ class _MixtureClassLogProb:
 def mixture_log_prob_fn(mixture, sde: SDE) -> Partial:
   """log_prob_fn(x, t, y) of a labelled toy.GaussianMixture: the Bayes-optimal classifier of p_t."""
   if mixture.labels is None:
-    raise InvalidValueError("the mixture has no component labels; build it with labels=... "
+    raise InputError("the mixture has no component labels; build it with labels=... "
                      "(GaussianMixture.create or from_digits)")
   return Partial(_MixtureClassLogProb(sde), mixture)
 
@@ -179,7 +179,7 @@ def get_classifier_train_step(sde: SDE, logits_fn: LogitsFn, optimizer, eps: flo
                               ) -> Callable:
   """jit-compiled step(params, opt_state, batch, key) -> (params, opt_state, loss)."""
   if not 0 < eps < sde.T:
-    raise InvalidValueError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
+    raise InputError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
 
   def step(params, opt_state, batch, key):
     return train_classifier_step(params, opt_state, batch, key, sde=sde, logits_fn=logits_fn,

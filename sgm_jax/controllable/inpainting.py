@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 from sgm_jax.sampling import base, pc
 from sgm_jax.sampling import deis_coefficients as dc
 from sgm_jax.sde_lib import SDE
@@ -86,7 +86,7 @@ def to_gray(images: Array) -> Array:
   if images.shape[-1] == 1:
     return images
   if images.shape[-1] != 3:
-    raise InvalidValueError(f"gray images must have 1 or 3 channels, got shape {images.shape}")
+    raise InputError(f"gray images must have 1 or 3 channels, got shape {images.shape}")
   return jnp.mean(images, axis=-1, keepdims=True)
 
 
@@ -121,7 +121,7 @@ def _build(method: str, sde: SDE, shape: tuple, num_steps: int, options: dict,
   base.check_choice("inpainting method", method, METHODS)
   base.check_options(f"inpaint/{method}", options, _OPTIONS[method])
   if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
-    raise InvalidValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    raise InputError(f"num_steps must be a positive integer, got {num_steps!r}")
   noise_mode = _known_noise(method, options)
   repl = _Replacement(basis)
   builder = {"pc": _pc_steps, "deis": _deis_steps, "ddim": _deis_steps, "ode": _ode_steps}[method]
@@ -166,13 +166,13 @@ def _pc_steps(method, sde, shape, num_steps, options):
   denoise = base.bool_option(options, "denoise")
   predictor, corrector = pc.predictor_corrector_names(predictor, corrector)
   if predictor == "none" and corrector == "none":
-    raise InvalidValueError("predictor and corrector cannot both be 'none'")
+    raise InputError("predictor and corrector cannot both be 'none'")
   if isinstance(snr, bool) or not isinstance(snr, (int, float)) or not snr > 0:
-    raise InvalidValueError(f"snr must be a positive float, got {snr!r}")
+    raise InputError(f"snr must be a positive float, got {snr!r}")
   if isinstance(n_each, bool) or not isinstance(n_each, (int, np.integer)) or n_each < 1:
-    raise InvalidValueError(f"n_steps_each must be a positive integer, got {n_each!r}")
+    raise InputError(f"n_steps_each must be a positive integer, got {n_each!r}")
   if predictor == "ancestral" and probability_flow:
-    raise InvalidValueError("probability_flow is not defined for the 'ancestral' predictor")
+    raise InputError("probability_flow is not defined for the 'ancestral' predictor")
   ts = _grid(sde, options, "uniform", num_steps)
   alpha, sigma = base.on_host(sde.alpha, ts), base.on_host(sde.sigma, ts)
   coeffs = pc._step_coefficients(alpha, sigma, base.on_host(sde.log_snr, ts))
@@ -237,7 +237,7 @@ def _deis_steps(method, sde, shape, num_steps, options):
     base.check_choice("DEIS method", kind, ("tab", "rhoab"))
     order = options.get("order", 3)
     if not dc.order_is_valid(order, 0, 3):
-      raise InvalidValueError(f"order of DEIS {kind!r} must be one of [0, 1, 2, 3], got {order!r}")
+      raise InputError(f"order of DEIS {kind!r} must be one of [0, 1, 2, 3], got {order!r}")
     from sgm_jax.sampling import deis
     ts = deis._time_grid(sde, num_steps, options.get("time_grid", deis.DEFAULT_TIME_GRID),
                          options.get("grid_order"), options.get("eps", sde.default_sampling_eps))
@@ -312,7 +312,7 @@ class Inpainter:
   def __init__(self, method: str, sde: SDE, shape: tuple, num_steps: int, /, **options: Any):
     self.shape = tuple(int(d) for d in shape)
     if len(self.shape) < 2 or any(d < 1 for d in self.shape):
-      raise InvalidValueError(f"shape must be a batch shape (B, ...) of positive sizes, got {shape!r}")
+      raise InputError(f"shape must be a batch shape (B, ...) of positive sizes, got {shape!r}")
     run, self.info = _build(method, sde, self.shape, num_steps, options, None)
     self.method = method
     self._run = jax.jit(run)
@@ -320,7 +320,7 @@ class Inpainter:
   def __call__(self, key: Array, score_fn: Callable, images: Array, mask: Array):
     images = jnp.asarray(images)
     if tuple(images.shape) != self.shape:
-      raise InvalidValueError(f"images have shape {tuple(images.shape)}, but this inpainter was built "
+      raise InputError(f"images have shape {tuple(images.shape)}, but this inpainter was built "
                        f"for shape {self.shape}")
     mask = jnp.broadcast_to(jnp.asarray(mask) > 0.5, self.shape)
     return self._run(key, base.as_traceable(score_fn), images, mask)
@@ -339,7 +339,7 @@ class Colorizer:
   def __init__(self, method: str, sde: SDE, shape: tuple, num_steps: int, /, **options: Any):
     self.shape = tuple(int(d) for d in shape)
     if len(self.shape) < 2 or self.shape[-1] != 3:
-      raise InvalidValueError(f"colorization needs RGB batch shape (B, ..., 3), got {shape!r}")
+      raise InputError(f"colorization needs RGB batch shape (B, ..., 3), got {shape!r}")
     run, self.info = _build(method, sde, self.shape, num_steps, options, COLOR_BASIS)
     self.method = method
     mask = np.zeros(self.shape, bool)
@@ -355,7 +355,7 @@ class Colorizer:
   def __call__(self, key: Array, score_fn: Callable, gray_images: Array):
     gray_images = jnp.asarray(gray_images)
     if tuple(gray_images.shape[:-1]) != self.shape[:-1] or gray_images.shape[-1] not in (1, 3):
-      raise InvalidValueError(f"gray_images have shape {tuple(gray_images.shape)}; expected "
+      raise InputError(f"gray_images have shape {tuple(gray_images.shape)}; expected "
                        f"{self.shape[:-1] + (1,)} or {self.shape}")
     return self._run(key, base.as_traceable(score_fn), gray_images)
 

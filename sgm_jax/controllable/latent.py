@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgm_jax import likelihood
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 from sgm_jax.sampling import base
 from sgm_jax.sde_lib import SDE
 
@@ -34,7 +34,7 @@ def slerp(z_a: Array, z_b: Array, lambdas: Array) -> Array:
   """
   z_a, z_b = jnp.asarray(z_a), jnp.asarray(z_b)
   if z_a.shape != z_b.shape:
-    raise InvalidValueError(f"latents must have the same shape, got {z_a.shape} and {z_b.shape}")
+    raise InputError(f"latents must have the same shape, got {z_a.shape} and {z_b.shape}")
   lam = jnp.asarray(lambdas, z_a.dtype)
   a, b = z_a.reshape(-1), z_b.reshape(-1)
   cos = jnp.dot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b))
@@ -53,7 +53,7 @@ def slerp(z_a: Array, z_b: Array, lambdas: Array) -> Array:
 def _interpolation_weights(num_points: int) -> np.ndarray:
   if (isinstance(num_points, bool) or not isinstance(num_points, (int, np.integer))
       or num_points < 2):
-    raise InvalidValueError(f"num_points must be an integer >= 2, got {num_points!r}")
+    raise InputError(f"num_points must be an integer >= 2, got {num_points!r}")
   return np.linspace(0.0, 1.0, int(num_points))
 
 
@@ -76,7 +76,7 @@ def get_interpolator(sde: SDE, num_points: int, rtol: float = 1e-5, atol: float 
   def interp(score_fn: Callable, x_a: Array, x_b: Array):
     x_a, x_b = jnp.asarray(x_a), jnp.asarray(x_b)
     if x_a.shape != x_b.shape:
-      raise InvalidValueError(f"x_a and x_b must have the same (unbatched) shape, got {x_a.shape} and "
+      raise InputError(f"x_a and x_b must have the same (unbatched) shape, got {x_a.shape} and "
                        f"{x_b.shape}")
     return run(base.as_traceable(score_fn), x_a, x_b)
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgm_jax import score as score_lib
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 from sgm_jax.sde_lib import SDE, batch_expand
 
 Array = jax.Array
@@ -34,7 +34,7 @@ Array = jax.Array
 def noise_levels(sde: SDE, num: int = 16, eps: Optional[float] = None) -> np.ndarray:
   """`num` times from eps (default: the SDE's sampling eps) to T, uniform in log-SNR."""
   if not isinstance(num, (int, np.integer)) or num < 2:
-    raise InvalidValueError(f"num (number of noise levels) must be an integer >= 2, got {num!r}")
+    raise InputError(f"num (number of noise levels) must be an integer >= 2, got {num!r}")
   eps = sde.default_sampling_eps if eps is None else float(eps)
   with jax.enable_x64(True):
     lam = np.linspace(float(sde.log_snr(jnp.float64(eps))), float(sde.log_snr(jnp.float64(sde.T))),
@@ -117,7 +117,7 @@ def denoising_error(key: Array, score_fn: Callable, sde: SDE, batches: Sequence[
       sums[:, j] += [float(jnp.sum(e)) for e in errs]
     count += int(x0.shape[0])
   if count == 0:
-    raise InvalidValueError("denoising_error needs at least one image, got no batches")
+    raise InputError("denoising_error needs at least one image, got no batches")
   mse = sums / count
   with jax.enable_x64(True):
     lam = np.asarray(sde.log_snr(jnp.asarray(ts)), np.float64)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgm_jax.errors import InvalidValueError, MissingFileError
+from sgm_jax.errors import InputError, MissingFileError
 from sgm_jax.evaluation import efficientnet, inception
 from sgm_jax.evaluation.metrics import RunningStatistics
 
@@ -55,9 +55,9 @@ class FeatureExtractor:
   def __call__(self, images) -> dict[str, np.ndarray]:
     images = images if isinstance(images, jax.Array) else np.asarray(images)
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-      raise InvalidValueError(f"images must be (B, H, W, 1 or 3), got shape {images.shape}")
+      raise InputError(f"images must be (B, H, W, 1 or 3), got shape {images.shape}")
     if images.dtype != np.uint8 and images.size and float(images.min()) < -0.5:
-      raise InvalidValueError("float images must be in [0, 1] (got values below -0.5: data in [-1, 1]?"
+      raise InputError("float images must be in [0, 1] (got values below -0.5: data in [-1, 1]?"
                        " map it with (x + 1) / 2)")
     n = images.shape[0]
     chunk = min(self.batch_size, 1 << max(n - 1, 0).bit_length())
@@ -98,7 +98,7 @@ def resolve_weights(name: str, weights_path: Optional[str] = None) -> str:
     if not path or not os.path.exists(path):
       raise MissingFileError(efficientnet.missing_weights_message(path))
     return path
-  raise InvalidValueError(f"unknown feature extractor {name!r}; choose from {sorted(METRIC_NAMES)}")
+  raise InputError(f"unknown feature extractor {name!r}; choose from {sorted(METRIC_NAMES)}")
 
 
 def get_feature_extractor(name: str, weights_path: Optional[str] = None, batch_size: int = 50,
@@ -221,7 +221,7 @@ def _masked_images(batch) -> np.ndarray:
     return batch
   images, mask = batch["image"], np.asarray(batch["mask"])
   if mask.shape != np.shape(images)[:1]:
-    raise InvalidValueError(f"batch mask of shape {mask.shape} does not match images of shape "
+    raise InputError(f"batch mask of shape {mask.shape} does not match images of shape "
                      f"{np.shape(images)}")
   keep = mask == 1
   return images if keep.all() else np.asarray(images)[keep]
@@ -242,7 +242,7 @@ def dataset_statistics(extractor: Union[str, FeatureExtractor], images: Iterable
   before anything else. The file is written atomically.
   """
   if available is not None and available < count:
-    raise InvalidValueError(f"the {dataset} {split} split has only {available} images, fewer than the "
+    raise InputError(f"the {dataset} {split} split has only {available} images, fewer than the "
                      f"{count} asked for its reference statistics; set eval.reference_examples "
                      f"(count) to at most {available}")
   name = extractor if isinstance(extractor, str) else extractor.name
@@ -262,7 +262,7 @@ def dataset_statistics(extractor: Union[str, FeatureExtractor], images: Iterable
     for batch in batches:
       batch = _masked_images(batch)
       if tuple(np.shape(batch)[1:3]) != (image_size, image_size):
-        raise InvalidValueError(f"dataset images are {np.shape(batch)[1:3]}, but the statistics are "
+        raise InputError(f"dataset images are {np.shape(batch)[1:3]}, but the statistics are "
                          f"keyed as {image_size}x{image_size}")
       if len(batch):  # an all-padding batch is skipped, not the end
         yield batch
@@ -272,7 +272,7 @@ def dataset_statistics(extractor: Union[str, FeatureExtractor], images: Iterable
   try:
     stats = feature_statistics(extractor, checked(images), count, progress=bar.update)
   except ImagesRanOut as e:
-    raise InvalidValueError(f"the {dataset} {split} images ran out after {e.found} of the {count} asked "
+    raise InputError(f"the {dataset} {split} images ran out after {e.found} of the {count} asked "
                      f"for its reference statistics; set eval.reference_examples (count) to at "
                      f"most {e.found}") from None
   finally:

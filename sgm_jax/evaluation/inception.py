@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgm_jax.errors import InvalidValueError, MissingFileError, UserError
+from sgm_jax.errors import InputError, MissingFileError, UserError
 from sgm_jax.io_utils import atomic_write
 
 Array = jax.Array
@@ -284,11 +284,11 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
                                                                         dict):
     result = result["state_dict"]
   if not isinstance(result, dict):
-    raise InvalidValueError(f"{path} does not hold a state dict (found {type(result).__name__})")
+    raise InputError(f"{path} does not hold a state dict (found {type(result).__name__})")
   state = _materialize(result)
   bad = [k for k, v in state.items() if not (isinstance(k, str) and isinstance(v, np.ndarray))]
   if bad:
-    raise InvalidValueError(f"{path}: entries that are not named tensors: {bad[:5]}")
+    raise InputError(f"{path}: entries that are not named tensors: {bad[:5]}")
   return state
 
 
@@ -349,7 +349,7 @@ def check_state_dict(state: Mapping[str, np.ndarray], expected: Mapping[str, tup
                    f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
     if wrong:
       parts.append(f"wrong shape {', '.join(wrong[:5])}{', ...' if len(wrong) > 5 else ''}")
-    raise InvalidValueError(f"weights file {path} is not {kind} weights file: {'; '.join(parts)}")
+    raise InputError(f"weights file {path} is not {kind} weights file: {'; '.join(parts)}")
 
 
 def state_dict_to_variables(state: Mapping[str, np.ndarray], layout: Mapping[str, tuple]
@@ -525,7 +525,7 @@ def to_unit_rgb(images: Array) -> Array:
   """uint8 -> [0, 1] float32; floats are taken to be in [0, 1] and clipped to it (as score_sde
   clips samples before quantizing them); 1 channel -> 3."""
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise InvalidValueError(f"images must be (B, H, W, 1 or 3), got shape {images.shape}")
+    raise InputError(f"images must be (B, H, W, 1 or 3), got shape {images.shape}")
   if images.dtype == jnp.uint8:
     x = images.astype(jnp.float32) / 255.0
   else:
@@ -576,7 +576,7 @@ def load_variables(npz_path: str) -> dict[str, Any]:
     with np.load(npz_path, allow_pickle=False) as data:
       state = {k: data[k] for k in data.files}
   except (ValueError, OSError, zipfile.BadZipFile) as e:
-    raise InvalidValueError(f"weights file {npz_path} is not an FID Inception weights file: it is not "
+    raise InputError(f"weights file {npz_path} is not an FID Inception weights file: it is not "
                      f"a plain .npz ({e}); convert {WEIGHTS_FILENAME} with: {CONVERT_COMMAND}"
                      ) from e
   return state_dict_to_variables(_kept(state, layout, npz_path), layout)

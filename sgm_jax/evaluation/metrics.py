@@ -19,7 +19,7 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 
 
 @dataclasses.dataclass
@@ -45,7 +45,7 @@ class RunningStatistics:
     """Add a batch (B, dim) of feature vectors; returns self."""
     x = np.asarray(features, np.float64)
     if x.ndim != 2 or x.shape[1] != self.dim:
-      raise InvalidValueError(f"expected features of shape (B, {self.dim}), got {x.shape}")
+      raise InputError(f"expected features of shape (B, {self.dim}), got {x.shape}")
     n_b = x.shape[0]
     if n_b == 0:
       return self
@@ -62,7 +62,7 @@ class RunningStatistics:
   @property
   def covariance(self) -> np.ndarray:
     if self.count < 2:
-      raise InvalidValueError(f"a covariance needs at least 2 samples, have {self.count}")
+      raise InputError(f"a covariance needs at least 2 samples, have {self.count}")
     return self.scatter / (self.count - 1)
 
 
@@ -75,10 +75,10 @@ def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _psd_sqrt(sigma: np.ndarray, name: str, tolerance: float) -> np.ndarray:
   """Symmetric square root of a covariance matrix; ValueError if it is not one."""
   if not np.allclose(sigma, sigma.T, rtol=1e-6, atol=1e-12 * max(np.abs(sigma).max(), 1e-30)):
-    raise InvalidValueError(f"{name} is not a covariance matrix: it is not symmetric")
+    raise InputError(f"{name} is not a covariance matrix: it is not symmetric")
   w, v = np.linalg.eigh(sigma)
   if w.min() < -tolerance * max(abs(w.max()), 1e-30):
-    raise InvalidValueError(f"{name} is not a covariance matrix: eigenvalue {w.min():.3g} < 0")
+    raise InputError(f"{name} is not a covariance matrix: eigenvalue {w.min():.3g} < 0")
   return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
@@ -96,7 +96,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
   sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
   sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-    raise InvalidValueError(f"mismatched statistics: means {mu1.shape}, {mu2.shape}; "
+    raise InputError(f"mismatched statistics: means {mu1.shape}, {mu2.shape}; "
                      f"covariances {sigma1.shape}, {sigma2.shape}")
   root1 = _psd_sqrt(sigma1, "sigma1", tolerance)
   _psd_sqrt(sigma2, "sigma2", tolerance)
@@ -121,7 +121,7 @@ def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
   """
   p = np.asarray(probs, np.float64)
   if p.ndim != 2 or not 1 <= splits <= p.shape[0]:
-    raise InvalidValueError(f"need probabilities (N, C) with N >= splits={splits}, got {p.shape}")
+    raise InputError(f"need probabilities (N, C) with N >= splits={splits}, got {p.shape}")
   scores = []
   for part in np.array_split(p, splits):
     marginal = part.mean(axis=0, keepdims=True)
@@ -161,10 +161,10 @@ def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray,
   unbiased MMD^2 with the cubic polynomial kernel; subsets hold min(subset_size, N1, N2) rows."""
   x, y = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
   if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
-    raise InvalidValueError(f"feature sets must be (N, d) with equal d, got {x.shape} and {y.shape}")
+    raise InputError(f"feature sets must be (N, d) with equal d, got {x.shape} and {y.shape}")
   m = min(subset_size, x.shape[0], y.shape[0])
   if m < 2:
-    raise InvalidValueError("KID needs at least 2 samples in each set")
+    raise InputError("KID needs at least 2 samples in each set")
   rng = np.random.default_rng(seed)
   values = [mmd2_unbiased(x[rng.choice(x.shape[0], m, replace=False)],
                           y[rng.choice(y.shape[0], m, replace=False)])

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from sgm_jax import sde_lib
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 from sgm_jax.models import ddpm, ncsnpp, ncsnv2, small, wideresnet
 from sgm_jax.score import train_kwargs
 
@@ -46,11 +46,11 @@ def create_model(config: Any, sde: Optional[sde_lib.SDE] = None) -> nn.Module:
   """
   name = config.model.name
   if name == "ncsn":
-    raise InvalidValueError("NCSN v1 (config.model.name 'ncsn') is not provided: the original score_sde "
+    raise InputError("NCSN v1 (config.model.name 'ncsn') is not provided: the original score_sde "
                      "code cannot build it either; use NCSNv2 ('ncsnv2_64', configs/ve/ncsnv2/) "
                      "or NCSN++")
   if name not in MODELS:
-    raise InvalidValueError(f"unknown model {name!r} (config.model.name); valid names are "
+    raise InputError(f"unknown model {name!r} (config.model.name); valid names are "
                      f"{sorted(MODELS)}")
   if name in _TAKES_SDE:
     return MODELS[name](config, sde=sde)

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 from sgm_jax.models.layers import default_init, get_timestep_embedding
 
 Array = jax.Array
@@ -34,7 +34,7 @@ def get_act(name: str) -> Activation:
   """Activation for score_sde's `config.model.nonlinearity` name."""
   key = name.lower()
   if key not in ACTIVATIONS:
-    raise InvalidValueError(f"unknown nonlinearity {name!r}; valid names are {sorted(ACTIVATIONS)}")
+    raise InputError(f"unknown nonlinearity {name!r}; valid names are {sorted(ACTIVATIONS)}")
   return ACTIVATIONS[key]
 
 
@@ -208,7 +208,7 @@ def from_config(config) -> DDPM:
   """Build the DDPM U-Net of a score_sde config ('ddpm'): reads config.model.* and config.data.*."""
   m = config.model
   if m.get("normalization", "GroupNorm") != "GroupNorm":
-    raise InvalidValueError(f"DDPM supports only GroupNorm, got {m.normalization!r}")
+    raise InputError(f"DDPM supports only GroupNorm, got {m.normalization!r}")
   return DDPM(
       nf=m.nf, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
       attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 
 Array = jax.Array
 Activation = Callable[[Array], Array]
@@ -29,7 +29,7 @@ def get_timestep_embedding(timesteps: jax.Array, embedding_dim: int,
                            max_positions: int = 10000) -> jax.Array:
   """Sinusoidal embedding of (B,) time labels as in DDPM/Transformer: (B, embedding_dim)."""
   if timesteps.ndim != 1:
-    raise InvalidValueError(f"timesteps must be a (B,) array, got shape {timesteps.shape}")
+    raise InputError(f"timesteps must be a (B,) array, got shape {timesteps.shape}")
   half_dim = embedding_dim // 2
   scale = math.log(max_positions) / (half_dim - 1)
   freqs = jnp.exp(jnp.arange(half_dim, dtype=jnp.float32) * -scale)
@@ -53,7 +53,7 @@ def get_act(name: str) -> Activation:
   try:
     return _ACTIVATIONS[name.lower()]
   except KeyError:
-    raise InvalidValueError(
+    raise InputError(
         f"unknown nonlinearity {name!r}; expected one of {sorted(_ACTIVATIONS)}") from None
 
 

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 from sgm_jax.models import up_or_down_sampling as uds
 from sgm_jax.models.layers import NIN, Activation, conv1x1, conv3x3, default_init
 
@@ -58,7 +58,7 @@ class Combine(nn.Module):
       return jnp.concatenate([h, y], axis=-1)
     if self.method == "sum":
       return h + y
-    raise InvalidValueError(f"unknown combine method {self.method!r}; expected 'cat' or 'sum'")
+    raise InputError(f"unknown combine method {self.method!r}; expected 'cat' or 'sum'")
 
 
 class AttnBlockpp(nn.Module):

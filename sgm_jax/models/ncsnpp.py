@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 from sgm_jax.models import layerspp
 from sgm_jax.models.layers import conv3x3, default_init, get_act, get_timestep_embedding
 
@@ -75,16 +75,16 @@ class NCSNpp(nn.Module):
                                  ("resblock_type", self.resblock_type, _RESBLOCKS),
                                  ("progressive_combine", self.progressive_combine, _COMBINE)):
       if value not in allowed:
-        raise InvalidValueError(f"{name} must be one of {allowed}, got {value!r}")
+        raise InputError(f"{name} must be one of {allowed}, got {value!r}")
 
   def _check_input(self, x: Array, time_cond: Array) -> None:
     if x.ndim != 4:
-      raise InvalidValueError(f"x must be (B, H, W, C), got shape {x.shape}")
+      raise InputError(f"x must be (B, H, W, C), got shape {x.shape}")
     if time_cond.shape != (x.shape[0],):
-      raise InvalidValueError(f"time_cond must have shape ({x.shape[0]},), got {time_cond.shape}")
+      raise InputError(f"time_cond must have shape ({x.shape[0]},), got {time_cond.shape}")
     size, ch = self.image_size, self.num_channels
     if (size is not None and x.shape[1:3] != (size, size)) or (ch is not None and x.shape[3] != ch):
-      raise InvalidValueError(f"x has shape {x.shape}, but the network was configured for "
+      raise InputError(f"x has shape {x.shape}, but the network was configured for "
                        f"{size}x{size} images with {ch} channels")
 
   def _sigmas(self) -> np.ndarray:
@@ -214,11 +214,11 @@ def from_config(config: Any) -> NCSNpp:
   """Build an `NCSNpp` from a score_sde ConfigDict (reads config.model.* and config.data.*)."""
   m = config.model
   if m.name != "ncsnpp":
-    raise InvalidValueError(f"config.model.name is {m.name!r}, not 'ncsnpp'")
+    raise InputError(f"config.model.name is {m.name!r}, not 'ncsnpp'")
   if m.get("normalization", "GroupNorm") != "GroupNorm":
-    raise InvalidValueError(f"NCSN++ only supports GroupNorm, got {m.normalization!r}")
+    raise InputError(f"NCSN++ only supports GroupNorm, got {m.normalization!r}")
   if m.get("attention_type", "ddpm") != "ddpm":
-    raise InvalidValueError(f"NCSN++ only supports attention_type 'ddpm', got {m.attention_type!r}")
+    raise InputError(f"NCSN++ only supports attention_type 'ddpm', got {m.attention_type!r}")
   return NCSNpp(
       nf=int(m.nf),
       ch_mult=tuple(int(c) for c in m.ch_mult),

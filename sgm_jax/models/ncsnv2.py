@@ -18,7 +18,7 @@ import functools
 import flax.linen as nn
 import jax
 
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 from sgm_jax.models.ddpm import get_act, noise_level
 from sgm_jax.models.normalization import get_normalization
 from sgm_jax.models.refinenet_layers import RefineBlock, ResidualBlock, ncsn_conv
@@ -62,7 +62,7 @@ class NCSNv2(nn.Module):
   @nn.compact
   def __call__(self, x: Array, time_cond: Array, train: bool = False) -> Array:
     if not len(self.stage_mult) == len(self.stage_dilation) == len(self.refine_mult):
-      raise InvalidValueError("stage_mult, stage_dilation and refine_mult must have the same length")
+      raise InputError("stage_mult, stage_dilation and refine_mult must have the same length")
     act = get_act(self.nonlinearity)
     norm = get_normalization(self.normalization)
     block = functools.partial(ResidualBlock, act=act, normalization=norm)
@@ -92,7 +92,7 @@ def from_config(config) -> NCSNv2:
   """Build 'ncsnv2_64' / 'ncsnv2_128' / 'ncsnv2_256' from config.model.* and config.data.*."""
   m = config.model
   if m.name not in ARCHITECTURES:
-    raise InvalidValueError(f"unknown NCSNv2 model {m.name!r}; valid names are {sorted(ARCHITECTURES)}")
+    raise InputError(f"unknown NCSNv2 model {m.name!r}; valid names are {sorted(ARCHITECTURES)}")
   return NCSNv2(
       nf=m.nf, **ARCHITECTURES[m.name], nonlinearity=m.nonlinearity,
       normalization=m.normalization, interpolation=m.interpolation,

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 
 _EPS = 1e-5
 
@@ -74,5 +74,5 @@ NORMALIZATIONS: dict[str, Callable[[], nn.Module]] = {
 def get_normalization(name: str) -> Callable[[], nn.Module]:
   """Norm-layer constructor for score_sde's `config.model.normalization` name."""
   if name not in NORMALIZATIONS:
-    raise InvalidValueError(f"unknown normalization {name!r}; valid names are {sorted(NORMALIZATIONS)}")
+    raise InputError(f"unknown normalization {name!r}; valid names are {sorted(NORMALIZATIONS)}")
   return NORMALIZATIONS[name]

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 
 Array = jax.Array
 Activation = Callable[[Array], Array]
@@ -68,7 +68,7 @@ class ResidualBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     if self.resample not in (None, "down"):
-      raise InvalidValueError(f"resample must be None or 'down', got {self.resample!r}")
+      raise InputError(f"resample must be None or 'down', got {self.resample!r}")
     d = self.dilation
     h = self.act(self.normalization()(x))
     if self.resample == "down":
@@ -141,7 +141,7 @@ class MSFBlock(nn.Module):
   def __call__(self, xs: Sequence[Array]) -> Array:
     methods = {"bilinear": "bilinear", "nearest_neighbor": "nearest"}
     if self.interpolation not in methods:
-      raise InvalidValueError(
+      raise InputError(
           f"interpolation must be one of {sorted(methods)}, got {self.interpolation!r}")
     total = None
     for x in xs:

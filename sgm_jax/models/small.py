@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from sgm_jax import sde_lib
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 from sgm_jax.models.ddpm import get_act, noise_level
 from sgm_jax.models.layers import get_timestep_embedding
 from sgm_jax.models.wideresnet import GaussianFourierProjection
@@ -41,7 +41,7 @@ class TimeEmbedding(nn.Module):
     elif self.kind == "positional":
       features = get_timestep_embedding(time_cond, self.dim)
     else:
-      raise InvalidValueError(f"time embedding must be 'fourier' or 'positional', got {self.kind!r}")
+      raise InputError(f"time embedding must be 'fourier' or 'positional', got {self.kind!r}")
     h = nn.Dense(self.dim)(features)
     return nn.Dense(self.dim)(nn.swish(h))
 
@@ -98,9 +98,9 @@ class ScoreNet(nn.Module):
   @nn.compact
   def __call__(self, x: Array, time_cond: Array, train: bool = False) -> Array:
     if len(self.channels) != 4:
-      raise InvalidValueError(f"ScoreNet needs 4 channel counts, got {self.channels}")
+      raise InputError(f"ScoreNet needs 4 channel counts, got {self.channels}")
     if self.padding not in ("VALID", "SAME"):
-      raise InvalidValueError(f"padding must be 'VALID' (the tutorial's) or 'SAME', got {self.padding!r}")
+      raise InputError(f"padding must be 'VALID' (the tutorial's) or 'SAME', got {self.padding!r}")
     same = self.padding == "SAME"
     act = nn.swish
     if self.embedding_type == "fourier":
@@ -108,7 +108,7 @@ class ScoreNet(nn.Module):
     elif self.embedding_type == "positional":  # DDPM's sinusoids, for labels like 999 t
       embed = get_timestep_embedding(time_cond, self.embed_dim)
     else:
-      raise InvalidValueError(f"embedding_type must be 'fourier' or 'positional', got "
+      raise InputError(f"embedding_type must be 'fourier' or 'positional', got "
                        f"{self.embedding_type!r}")
     embed = act(nn.Dense(self.embed_dim)(embed))
 
@@ -178,7 +178,7 @@ class Mixer(nn.Module):
     B, H, W, C = x.shape
     p = self.patch_size
     if H % p or W % p:
-      raise InvalidValueError(f"image size {H}x{W} is not divisible by patch_size={p}")
+      raise InputError(f"image size {H}x{W} is not divisible by patch_size={p}")
     temb = TimeEmbedding(self.embed_dim, self.time_embedding, self.fourier_scale)(time_cond)
     y = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID")(x)
     y = y.reshape(B, (H // p) * (W // p), self.hidden_size)
@@ -201,7 +201,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: Array, time_cond: Array, train: bool = False) -> Array:
     if x.ndim != 2:
-      raise InvalidValueError(f"MLP expects x of shape (B, D), got {x.shape}")
+      raise InputError(f"MLP expects x of shape (B, D), got {x.shape}")
     act = get_act(self.nonlinearity)
     temb = act(TimeEmbedding(self.embed_dim, self.time_embedding, self.fourier_scale)(time_cond))
     h = x
@@ -222,7 +222,7 @@ def from_config(config, sde: Optional[sde_lib.SDE] = None) -> nn.Module:
     # the VP SDE's eps or a chosen parameterization (model.parameterization) it stays unscaled.
     output = m.get("parameterization", None)
     if sde is None and output in (None, "score"):
-      raise InvalidValueError(f"model {name!r} divides its output by the std of the SDE it is trained "
+      raise InputError(f"model {name!r} divides its output by the std of the SDE it is trained "
                        "with when it outputs the score (model.parameterization "
                        f"{output!r}): pass that SDE, models.create_model(config, sde) with "
                        "sde = run_lib.sde_from_config(config)")
@@ -244,7 +244,7 @@ def from_config(config, sde: Optional[sde_lib.SDE] = None) -> nn.Module:
                time_embedding=m.get("embedding_type", "fourier"),
                fourier_scale=m.get("fourier_scale", 16.0),
                nonlinearity=m.get("nonlinearity", "swish"), dropout=m.get("dropout", 0.0))
-  raise InvalidValueError(f"unknown small model {name!r}; valid names are {sorted(MODELS)}")
+  raise InputError(f"unknown small model {name!r}; valid names are {sorted(MODELS)}")
 
 
 MODELS = {name: from_config for name in ("unet_small", "scorenet", "mixer", "mlp")}

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 from sgm_jax.models.layers import default_init
 
 Array = jax.Array
@@ -30,7 +30,7 @@ def setup_kernel(k: Sequence[float] | np.ndarray) -> np.ndarray:
   if k.ndim == 1:
     k = np.outer(k, k)
   if k.ndim != 2 or k.shape[0] != k.shape[1]:
-    raise InvalidValueError(f"FIR kernel must be 1-D or square 2-D, got shape {k.shape}")
+    raise InputError(f"FIR kernel must be 1-D or square 2-D, got shape {k.shape}")
   return (k / k.sum()).astype(np.float32)
 
 
@@ -43,7 +43,7 @@ def upfirdn2d(x: Array, kernel: np.ndarray, up: int = 1, down: int = 1,
   """
   kernel = np.asarray(kernel, dtype=np.float32)
   if x.ndim != 4 or kernel.ndim != 2:
-    raise InvalidValueError(f"expected NHWC input and a 2-D kernel, got {x.shape} and {kernel.shape}")
+    raise InputError(f"expected NHWC input and a 2-D kernel, got {x.shape} and {kernel.shape}")
   p0, p1 = pad
   spatial = (p0, p1 + up - 1, up - 1)
   x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), spatial, spatial, (0, 0, 0)])
@@ -79,7 +79,7 @@ def upsample_conv_2d(x: Array, w: Array, k: Sequence[float] | None = None, facto
   """
   conv_k = w.shape[0]
   if w.ndim != 4 or w.shape[1] != conv_k:
-    raise InvalidValueError(f"expected a square HWIO kernel, got {w.shape}")
+    raise InputError(f"expected a square HWIO kernel, got {w.shape}")
   # Transposed convolution (TF 'VALID' convention): dilate the input and fully pad it.
   hi = factor - 1 + max(conv_k - factor, 0)
   x = lax.conv_general_dilated(x, w, window_strides=(1, 1), padding=[(conv_k - 1, hi)] * 2,
@@ -94,7 +94,7 @@ def conv_downsample_2d(x: Array, w: Array, k: Sequence[float] | None = None, fac
   """Fused conv + downsample: FIR-filter with padding, then a stride-`factor` 'VALID' conv."""
   conv_k = w.shape[0]
   if w.ndim != 4 or w.shape[1] != conv_k:
-    raise InvalidValueError(f"expected a square HWIO kernel, got {w.shape}")
+    raise InputError(f"expected a square HWIO kernel, got {w.shape}")
   kernel = setup_kernel([1] * factor if k is None else k) * gain
   p = (kernel.shape[0] - factor) + (conv_k - 1)
   x = upfirdn2d(x, kernel, pad=((p + 1) // 2, p // 2))
@@ -126,9 +126,9 @@ class Conv2d(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     if self.up and self.down:
-      raise InvalidValueError("Conv2d cannot both upsample and downsample")
+      raise InputError("Conv2d cannot both upsample and downsample")
     if self.kernel < 1 or self.kernel % 2 != 1:
-      raise InvalidValueError(f"kernel size must be odd and positive, got {self.kernel}")
+      raise InputError(f"kernel size must be odd and positive, got {self.kernel}")
     w = self.param("weight", self.kernel_init, (self.kernel, self.kernel, x.shape[-1], self.fmaps))
     if self.up:
       x = upsample_conv_2d(x, w, k=self.resample_kernel)

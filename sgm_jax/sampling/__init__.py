@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 from sgm_jax.sampling import data_prediction
 from sgm_jax.sampling.base import GENERIC_OPTIONS, Sampler
 
@@ -35,11 +35,11 @@ def get_sampler(name: str, sde, shape, num_steps: int = 1000, **options) -> Samp
     data_range ((-1.0, 1.0)): the pair lo < hi that x0 is thresholded to.
   """
   if name not in SAMPLERS:
-    raise InvalidValueError(f"unknown sampler {name!r}; valid samplers are {sorted(SAMPLERS)}")
+    raise InputError(f"unknown sampler {name!r}; valid samplers are {sorted(SAMPLERS)}")
   if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
-    raise InvalidValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    raise InputError(f"num_steps must be a positive integer, got {num_steps!r}")
   if len(tuple(shape)) < 2 or any(int(d) < 1 for d in shape):
-    raise InvalidValueError(f"shape must be a batch shape (B, ...) of positive sizes, got {shape!r}")
+    raise InputError(f"shape must be a batch shape (B, ...) of positive sizes, got {shape!r}")
   thresholding = data_prediction.check_thresholding_options(
       **{k: options.pop(k) for k in GENERIC_OPTIONS if k in options})
   module_name, builder = SAMPLERS[name]

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 
 Array = jax.Array
 
@@ -25,7 +25,7 @@ def as_traceable(score_fn: Callable) -> jax.tree_util.Partial:
   if isinstance(score_fn, jax.tree_util.Partial):
     return score_fn
   if not callable(score_fn):
-    raise InvalidValueError(f"score_fn must be callable as score_fn(x, t), got {type(score_fn).__name__}")
+    raise InputError(f"score_fn must be callable as score_fn(x, t), got {type(score_fn).__name__}")
   return jax.tree_util.Partial(score_fn)
 
 
@@ -46,7 +46,7 @@ class Sampler:
 
   def __call__(self, key: Array, score_fn: Callable, x_T: Optional[Array] = None):
     if x_T is not None and tuple(x_T.shape) != self.shape:
-      raise InvalidValueError(f"x_T has shape {tuple(x_T.shape)}, but this {self.name} sampler was built "
+      raise InputError(f"x_T has shape {tuple(x_T.shape)}, but this {self.name} sampler was built "
                        f"for shape {self.shape}")
     return self._run(key, as_traceable(score_fn), x_T)
 
@@ -67,7 +67,7 @@ def check_options(sampler_name: str, options: Mapping[str, Any], allowed: Iterab
   if unknown:
     generic = list(generic)
     also = f" (and, for every sampler, {generic})" if generic else ""
-    raise InvalidValueError(f"unknown option(s) {unknown} for sampler {sampler_name!r}; "
+    raise InputError(f"unknown option(s) {unknown} for sampler {sampler_name!r}; "
                      f"valid options are {allowed}{also}")
 
 
@@ -76,14 +76,14 @@ def bool_option(options: Mapping[str, Any], name: str, default: bool = False) ->
   rather than read as True."""
   value = options.get(name, default)
   if not isinstance(value, (bool, np.bool_)):
-    raise InvalidValueError(f"{name} must be true or false, got {value!r}")
+    raise InputError(f"{name} must be true or false, got {value!r}")
   return bool(value)
 
 
 def check_choice(what: str, value: Any, choices: Iterable[str]) -> None:
   choices = sorted(choices)
   if value not in choices:
-    raise InvalidValueError(f"unknown {what} {value!r}; valid values are {choices}")
+    raise InputError(f"unknown {what} {value!r}; valid values are {choices}")
 
 
 def batch_times(t: Array, shape: tuple) -> Array:
@@ -127,6 +127,6 @@ def sampling_grid(sde, name: str, num_steps: int, eps: Optional[float]) -> np.nd
   from sgm_jax.sampling import schedules
   eps = sde.default_sampling_eps if eps is None else eps
   if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-    raise InvalidValueError(f"eps must be a float in (0, T={sde.T}), got {eps!r}")
+    raise InputError(f"eps must be a float in (0, T={sde.T}), got {eps!r}")
   check_choice("time_grid", name, schedules.TIME_GRIDS)
   return schedules.get_time_grid(name, sde, num_steps, float(eps))

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 from sgm_jax.sampling import base
 from sgm_jax.sde_lib import SDE, batch_expand
 
@@ -64,7 +64,7 @@ def threshold(x0: Array, method: Optional[str], percentile: float = DEFAULT_PERC
     return clip(x0, data_range)
   if method == "dynamic":
     return dynamic_threshold(x0, percentile, data_range)
-  raise InvalidValueError(f"unknown thresholding {method!r}; valid values are {[None, *THRESHOLDING]}")
+  raise InputError(f"unknown thresholding {method!r}; valid values are {[None, *THRESHOLDING]}")
 
 
 # --- thresholding through the score -------------------------------------------------------------
@@ -144,26 +144,26 @@ def check_thresholding_options(thresholding: Any = None, threshold_percentile: A
   """
   if thresholding is not None and (not isinstance(thresholding, str)
                                    or thresholding not in THRESHOLDING):
-    raise InvalidValueError(f"unknown thresholding {thresholding!r}; valid values are "
+    raise InputError(f"unknown thresholding {thresholding!r}; valid values are "
                      f"{[None, *THRESHOLDING]}")
   method = None if thresholding in (None, "none") else thresholding
   if threshold_percentile is not None:
     if method != "dynamic":
-      raise InvalidValueError(f"threshold_percentile={threshold_percentile!r} is an option of "
+      raise InputError(f"threshold_percentile={threshold_percentile!r} is an option of "
                        f"thresholding='dynamic', not of thresholding={thresholding!r}")
     if (isinstance(threshold_percentile, bool) or not isinstance(threshold_percentile, (int, float))
         or not 0.0 < threshold_percentile <= 1.0):
-      raise InvalidValueError(f"threshold_percentile must be a float in (0, 1], got "
+      raise InputError(f"threshold_percentile must be a float in (0, 1], got "
                        f"{threshold_percentile!r}")
   if data_range is not None:
     if method is None:
-      raise InvalidValueError(f"data_range={data_range!r} is an option of thresholding 'clip' or "
+      raise InputError(f"data_range={data_range!r} is an option of thresholding 'clip' or "
                        f"'dynamic', not of thresholding={thresholding!r}")
     if (not isinstance(data_range, (tuple, list)) or len(data_range) != 2
         or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                for v in data_range)
         or not data_range[0] < data_range[1]):
-      raise InvalidValueError(f"data_range must be a pair (lo, hi) of finite numbers with lo < hi, got "
+      raise InputError(f"data_range must be a pair (lo, hi) of finite numbers with lo < hi, got "
                        f"{data_range!r}")
   return dict(
       thresholding=method,

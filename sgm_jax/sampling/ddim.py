@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 from sgm_jax.sampling import base, data_prediction
 from sgm_jax.sde_lib import SDE
 
@@ -32,7 +32,7 @@ def build_ddim_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> bas
                      generic=base.GENERIC_OPTIONS)
   eta = options.get("eta", 0.0)
   if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
-    raise InvalidValueError(f"eta must be a float in [0, 1], got {eta!r}")
+    raise InputError(f"eta must be a float in [0, 1], got {eta!r}")
   eta = float(eta)
   denoise = base.bool_option(options, "denoise")
   ts = base.sampling_grid(sde, options.get("time_grid", "uniform"), num_steps, options.get("eps"))

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 from sgm_jax.sampling import base, data_prediction, schedules
 from sgm_jax.sampling import deis_coefficients as dc
 from sgm_jax.sde_lib import SDE, batch_expand
@@ -41,13 +41,13 @@ def _time_grid(sde: SDE, num_steps: int, time_grid: str, grid_order: Optional[fl
   grid_options = {}
   if grid_order is not None:
     if time_grid not in GRIDS_WITH_ORDER:
-      raise InvalidValueError(f"grid_order is an option of the time grids {list(GRIDS_WITH_ORDER)}, "
+      raise InputError(f"grid_order is an option of the time grids {list(GRIDS_WITH_ORDER)}, "
                        f"not of {time_grid!r}")
     if not dc.is_positive_number(grid_order):
-      raise InvalidValueError(f"grid_order must be a positive number, got {grid_order!r}")
+      raise InputError(f"grid_order must be a positive number, got {grid_order!r}")
     grid_options["order"] = float(grid_order)
   if not dc.is_positive_number(eps) or not eps < sde.T:
-    raise InvalidValueError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
+    raise InputError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
   ts = schedules.get_time_grid(time_grid, sde, num_steps, float(eps), **grid_options)
   dc.check_grid(sde, ts)
   return ts
@@ -152,17 +152,17 @@ def build_deis_sampler(sde: SDE, shape: tuple, num_steps: int, **options: Any) -
   base.check_choice("DEIS method", method, DEIS_METHODS)
   if method == "rhork":
     if "order" in options:
-      raise InvalidValueError("option 'order' is for the DEIS methods 'tab' and 'rhoab'; method 'rhork' "
+      raise InputError("option 'order' is for the DEIS methods 'tab' and 'rhoab'; method 'rhork' "
                        f"takes 'tableau', one of {sorted(dc.RK_TABLEAUS)}")
     tableau = options.get("tableau", DEFAULT_TABLEAU)
     base.check_choice("rhoRK tableau", tableau, dc.RK_TABLEAUS)
   else:
     if "tableau" in options:
-      raise InvalidValueError(f"option 'tableau' is for the DEIS method 'rhork', not {method!r}; "
+      raise InputError(f"option 'tableau' is for the DEIS method 'rhork', not {method!r}; "
                        "'tab' and 'rhoab' take 'order' (0..3)")
     order = options.get("order", DEFAULT_ORDER)
     if not dc.order_is_valid(order, 0, 3):
-      raise InvalidValueError(f"order of DEIS {method!r} must be one of [0, 1, 2, 3], got {order!r}")
+      raise InputError(f"order of DEIS {method!r} must be one of [0, 1, 2, 3], got {order!r}")
   time_grid = options.get("time_grid", DEFAULT_TIME_GRID)
   eps = options.get("eps", sde.default_sampling_eps)
   ts = _time_grid(sde, num_steps, time_grid, options.get("grid_order"), eps)
@@ -191,7 +191,7 @@ def build_ipndm_sampler(sde: SDE, shape: tuple, num_steps: int, **options: Any) 
   denoise = base.bool_option(options, "denoise")
   order = options.get("order", 4)
   if not dc.order_is_valid(order, 1, 4):
-    raise InvalidValueError(f"order of iPNDM must be one of [1, 2, 3, 4], got {order!r}")
+    raise InputError(f"order of iPNDM must be one of [1, 2, 3, 4], got {order!r}")
   time_grid = options.get("time_grid", DEFAULT_TIME_GRID)
   eps = options.get("eps", sde.default_sampling_eps)
   ts = _time_grid(sde, num_steps, time_grid, options.get("grid_order"), eps)

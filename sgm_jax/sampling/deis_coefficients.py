@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 from sgm_jax.sde_lib import SDE
 
 Array = jax.Array
@@ -86,21 +86,21 @@ def check_grid(sde: SDE, ts: np.ndarray) -> dict[str, np.ndarray]:
   """Raise a ValueError unless ts is finite, strictly decreasing in t and in rho, in (0, T]."""
   ts = np.asarray(ts, dtype=np.float64)
   if ts.ndim != 1 or ts.size < 2:
-    raise InvalidValueError(f"a time grid needs at least 2 points, got shape {ts.shape}")
+    raise InputError(f"a time grid needs at least 2 points, got shape {ts.shape}")
   if not (np.all(np.isfinite(ts)) and ts[-1] > 0.0 and ts[0] <= sde.T):
-    raise InvalidValueError(f"time grid must be finite and lie in (0, T={sde.T}], got [{ts[-1]}, {ts[0]}]")
+    raise InputError(f"time grid must be finite and lie in (0, T={sde.T}], got [{ts[-1]}, {ts[0]}]")
   if not np.all(np.diff(ts) < 0):
     i = int(np.argmax(~(np.diff(ts) < 0)))
-    raise InvalidValueError(f"time grid must be strictly decreasing; t[{i}]={ts[i]!r} and "
+    raise InputError(f"time grid must be strictly decreasing; t[{i}]={ts[i]!r} and "
                      f"t[{i + 1}]={ts[i + 1]!r} are duplicate or increasing (too many steps for "
                      "float64, or a degenerate eps)")
   coef = sde_coefficients(sde, ts)
   if not all(np.all(np.isfinite(v)) for v in coef.values()):
-    raise InvalidValueError("alpha, sigma or g of the SDE is not finite on the time grid")
+    raise InputError("alpha, sigma or g of the SDE is not finite on the time grid")
   if not (np.all(coef["alpha"] > 0) and np.all(coef["sigma"] > 0)):
-    raise InvalidValueError("alpha and sigma must be > 0 on the time grid (is eps too small?)")
+    raise InputError("alpha and sigma must be > 0 on the time grid (is eps too small?)")
   if not np.all(np.diff(coef["rho"]) < 0):
-    raise InvalidValueError("rho = sigma / alpha is not strictly decreasing on the time grid: consecutive "
+    raise InputError("rho = sigma / alpha is not strictly decreasing on the time grid: consecutive "
                      "times are too close for float64 (use fewer steps or a larger eps)")
   return coef
 
@@ -200,14 +200,14 @@ def ddim_coefficients(sde: SDE, ts: np.ndarray) -> np.ndarray:
 def _check_coefficients(name: str, psi: np.ndarray, C: np.ndarray, coef: dict) -> None:
   """Finite, and sum_j C_kj equals the DDIM step (Lagrange bases sum to one)."""
   if not (np.all(np.isfinite(psi)) and np.all(np.isfinite(C))):
-    raise InvalidValueError(f"{name} coefficients are not finite: the time grid is degenerate")
+    raise InputError(f"{name} coefficients are not finite: the time grid is degenerate")
   alpha, rho = coef["alpha"], coef["rho"]
   ddim = alpha[1:] * (rho[1:] - rho[:-1])
   tol = 1e-7 * np.abs(ddim) + 1e-13 * alpha[1:] * rho[:-1]
   bad = np.abs(C.sum(axis=1) - ddim) > tol
   if np.any(bad):
     k = int(np.argmax(bad))
-    raise InvalidValueError(f"{name} coefficients of step {k} sum to {C[k].sum()!r}, not to the exact "
+    raise InputError(f"{name} coefficients of step {k} sum to {C[k].sum()!r}, not to the exact "
                      f"alpha (rho_next - rho) = {ddim[k]!r}: the SDE's g, alpha and sigma disagree "
                      "or the step is too long for the quadrature")
 
@@ -223,7 +223,7 @@ def rk_stages(sde: SDE, ts: np.ndarray, tableau: str) -> dict[str, np.ndarray]:
   t = t_from_rho(sde, stage_rho)
   t = np.where(c[None, :] == 0.0, ts[:-1, None], np.where(c[None, :] == 1.0, ts[1:, None], t))
   if not (np.all(np.isfinite(t)) and np.all(t > 0) and np.all(t <= sde.T * (1 + 1e-12))):
-    raise InvalidValueError(f"rhoRK stage times are not finite in (0, T]: sde.t_from_rho failed")
+    raise InputError(f"rhoRK stage times are not finite in (0, T]: sde.t_from_rho failed")
   at = sde_coefficients(sde, t)
   return {"h": h, "t": t, "alpha": at["alpha"], "sigma": at["sigma"],
           "alpha_start": float(coef["alpha"][0]), "alpha_end": float(coef["alpha"][-1])}

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 from sgm_jax.sampling import base, data_prediction
 from sgm_jax.sde_lib import SDE
 
@@ -67,7 +67,7 @@ _FIRST_STEP_FRACTION = 0.01  # adaptive solvers: first step as a fraction of T -
 
 def _positive(name: str, value) -> float:
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-    raise InvalidValueError(f"{name} must be a positive float, got {value!r}")
+    raise InputError(f"{name} must be a positive float, got {value!r}")
   return float(value)
 
 
@@ -88,7 +88,7 @@ def build_ode_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> base
   atol = _positive("atol", options.get("atol", 1e-5))
   max_steps = options.get("max_steps", 4096)
   if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
-    raise InvalidValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+    raise InputError(f"max_steps must be a positive integer, got {max_steps!r}")
   denoise = base.bool_option(options, "denoise")
   ts = base.sampling_grid(sde, options.get("time_grid", "uniform"), num_steps, options.get("eps"))
   t_end = float(ts[-1])

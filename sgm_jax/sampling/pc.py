@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 from sgm_jax.sampling import base, data_prediction
 from sgm_jax.sde_lib import SDE, batch_expand
 
@@ -115,7 +115,7 @@ def _ancestral_form(sde: SDE, alpha: np.ndarray, sigma: np.ndarray) -> str:
     return "smld"
   if np.allclose(alpha ** 2 + sigma ** 2, 1.0, rtol=0.0, atol=1e-9):
     return "ddpm"
-  raise InvalidValueError(f"predictor 'ancestral' is undefined for {type(sde).__name__}: ancestral "
+  raise InputError(f"predictor 'ancestral' is undefined for {type(sde).__name__}: ancestral "
                    "sampling exists for alpha(t) = 1 (VE/SMLD) or alpha^2 + sigma^2 = 1 (VP/DDPM); "
                    "use 'reverse_diffusion' or 'euler_maruyama'")
 
@@ -148,17 +148,17 @@ def build_pc_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> base.
   corrector = options.get("corrector", "langevin")
   snr = options.get("snr", 0.16)
   n_each = options.get("n_steps_each", 1)
-  probability_flow = bool(options.get("probability_flow", False))
+  probability_flow = base.bool_option(options, "probability_flow")
   denoise = base.bool_option(options, "denoise")
   predictor, corrector = predictor_corrector_names(predictor, corrector)
   if predictor == "none" and corrector == "none":
-    raise InvalidValueError("predictor and corrector cannot both be 'none'")
+    raise InputError("predictor and corrector cannot both be 'none'")
   if isinstance(snr, bool) or not isinstance(snr, (int, float)) or not snr > 0:
-    raise InvalidValueError(f"snr must be a positive float, got {snr!r}")
+    raise InputError(f"snr must be a positive float, got {snr!r}")
   if isinstance(n_each, bool) or not isinstance(n_each, (int, np.integer)) or n_each < 1:
-    raise InvalidValueError(f"n_steps_each must be a positive integer, got {n_each!r}")
+    raise InputError(f"n_steps_each must be a positive integer, got {n_each!r}")
   if predictor == "ancestral" and probability_flow:
-    raise InvalidValueError("probability_flow is not defined for the 'ancestral' predictor; "
+    raise InputError("probability_flow is not defined for the 'ancestral' predictor; "
                      "use 'euler_maruyama' or 'reverse_diffusion'")
   ts = base.sampling_grid(sde, options.get("time_grid", "uniform"), num_steps, options.get("eps"))
   alpha, sigma = base.on_host(sde.alpha, ts), base.on_host(sde.sigma, ts)

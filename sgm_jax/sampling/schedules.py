@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from sgm_jax.errors import InvalidValueError
+from sgm_jax.errors import InputError
 from sgm_jax.sde_lib import SDE
 
 
 def _check_steps(num_steps) -> int:
   if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps < 1:
-    raise InvalidValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    raise InputError(f"num_steps must be a positive integer, got {num_steps!r}")
   return int(num_steps)
 
 
 def _check_eps(sde: SDE, eps: float) -> float:
   if not 0.0 < eps < sde.T:
-    raise InvalidValueError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
+    raise InputError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
   return float(eps)
 
 
@@ -45,7 +45,7 @@ def polynomial_t(sde: SDE, num_steps: int, eps: float, order: float = 2.0) -> np
   """t_i = (T^{1/p} + i/n (eps^{1/p} - T^{1/p}))^p: uniform (p = 1), quadratic (p = 2, DEIS)."""
   n, eps = _check_steps(num_steps), _check_eps(sde, eps)
   if order <= 0:
-    raise InvalidValueError(f"order of the polynomial time grid must be > 0, got {order!r}")
+    raise InputError(f"order of the polynomial time grid must be > 0, got {order!r}")
   u = np.linspace(sde.T ** (1.0 / order), eps ** (1.0 / order), n + 1)
   return u ** order
 
@@ -54,7 +54,7 @@ def polynomial_rho(sde: SDE, num_steps: int, eps: float, order: float = 7.0) -> 
   """Polynomial in rho = sigma / alpha (Karras et al. 2022, Eq. 5; their rho exponent = order)."""
   n, eps = _check_steps(num_steps), _check_eps(sde, eps)
   if order <= 0:
-    raise InvalidValueError(f"order of the polynomial rho grid must be > 0, got {order!r}")
+    raise InputError(f"order of the polynomial rho grid must be > 0, got {order!r}")
   r_max, r_min = _rho(sde, sde.T), _rho(sde, eps)
   u = np.linspace(r_max ** (1.0 / order), r_min ** (1.0 / order), n + 1)
   return _snap_ends(_t_from_rho(sde, u ** order), sde.T, eps)
@@ -85,9 +85,9 @@ TIME_GRIDS = {
 def get_time_grid(name: str, sde: SDE, num_steps: int, eps: float, **options) -> np.ndarray:
   """The time grid `name` (see TIME_GRIDS); options such as `order` go to the grid function."""
   if name not in TIME_GRIDS:
-    raise InvalidValueError(f"unknown time grid {name!r}; valid grids are {sorted(TIME_GRIDS)}")
+    raise InputError(f"unknown time grid {name!r}; valid grids are {sorted(TIME_GRIDS)}")
   grid = TIME_GRIDS[name](sde, num_steps, eps, **options)
   if not (np.all(np.isfinite(grid)) and np.all(np.diff(grid) < 0)):
-    raise InvalidValueError(f"time grid {name!r} with {num_steps} steps from T={sde.T} to eps={eps} is "
+    raise InputError(f"time grid {name!r} with {num_steps} steps from T={sde.T} to eps={eps} is "
                      "not strictly decreasing (too many steps for float64, or a degenerate eps)")
   return grid
