@@ -1,8 +1,9 @@
 """sgm-jax command line: python main.py --mode MODE --config configs/<name>.py --workdir DIR
 
 Modes: train (resumes when the workdir has checkpoints), sample (PNG grid + .npz from the EMA
-parameters), eval (test bits/dim and FD-EffNet or FID, appended to workdir/eval/results.jsonl;
-resumable), all (train, then sample with DEIS at 10 NFE and with PC, then eval: the main job).
+parameters), eval (what config.eval enables of the test loss, bits/dim, the denoising error and
+FD-EffNet or FID, appended to workdir/eval/results.jsonl; resumable), all (train, sample with
+DEIS-10, DPM-Solver-10, DDIM-50, the adaptive ODE and PC-500, then eval: the main job).
 Controllable generation: train_classifier (the noise-conditional classifier, then
 --mode sample --class_label 3|all [--classifier_scale 2]), inpaint (--mask right|left|top|bottom|
 center|random|FILE.png), colorize (RGB models), interpolate (--num_points); their inputs come from
