@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from typing import Any
 
 import jax
@@ -324,7 +325,7 @@ class _Progress:
       try:
         with np.load(path) as f:
           self.done[int(name[len("batch_"):-len(".npz")])] = {k: f[k] for k in f.files}
-      except (ValueError, OSError, KeyError) as e:  # not written by atomic_write: recompute it
+      except (ValueError, OSError, KeyError, zipfile.BadZipFile) as e:  # damaged: recompute it
         logging.warning("evaluation progress file %s is unreadable (%s); recomputing that batch",
                         path, e)
 

@@ -132,3 +132,13 @@ def test_pc_refuses_a_boolean_option_given_as_a_string(option):
   from sgm_jax import sampling, sde_lib
   with pytest.raises(UserError, match=f"{option} must be true or false, got 'False'"):
     sampling.get_sampler("pc", sde_lib.VPSDE(), (2, 2), num_steps=2, **{option: "False"})
+
+
+def test_a_damaged_progress_file_is_recomputed_not_fatal(tmp_path):
+  progress = run_lib._Progress(str(tmp_path))
+  progress.add(0, loss=1.0)
+  progress.add(1, loss=2.0)
+  path = tmp_path / "batch_000001.npz"
+  path.write_bytes(path.read_bytes()[:40])  # a truncated zip
+  again = run_lib._Progress(str(tmp_path))
+  assert sorted(again.done) == [0] and float(again.gather("loss")[0]) == 1.0
