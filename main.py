@@ -96,30 +96,35 @@ def _configure_logging():
 def main(argv):
   del argv
   _configure_logging()
-  from sgm_jax import run_lib
+  from sgm_jax.cli import evaluate, sample, train, train_classifier
   config, workdir = FLAGS.config, FLAGS.workdir
   mode = FLAGS.mode
   if mode in ("train", "all"):
-    state = run_lib.run_train(config, workdir)
+    state = train.run_train(config, workdir)
     print(f"trained to step {int(state.step)}: checkpoints in {workdir}/checkpoints, loss curve "
           f"{workdir}/loss_curve.png, TensorBoard logs in {workdir}/tensorboard")
   if mode == "sample":
-    _print_samples(run_lib.run_sample(config, workdir, FLAGS.sampler, FLAGS.num_steps,
-                                      FLAGS.num_samples, FLAGS.checkpoint_step,
-                                      class_label=FLAGS.class_label,
-                                      classifier_scale=FLAGS.classifier_scale,
-                                      **_parse_options(FLAGS.sampler_option)))
-  if mode in ("train_classifier", "inpaint", "colorize", "interpolate"):
-    _run_controllable(config, workdir, mode)
+    _print_samples(sample.run_sample(config, workdir, FLAGS.sampler, FLAGS.num_steps,
+                                     FLAGS.num_samples, FLAGS.checkpoint_step,
+                                     class_label=FLAGS.class_label,
+                                     classifier_scale=FLAGS.classifier_scale,
+                                     **_parse_options(FLAGS.sampler_option)))
+  if mode == "train_classifier":
+    metrics = train_classifier.run_train_classifier(config, workdir)
+    shown = {k: v for k, v in metrics.items() if k != "metrics_file"}
+    print(f"classifier trained to step {metrics['step']} in {workdir}/classifier: test accuracy "
+          f"{json.dumps(shown)}; written to {metrics['metrics_file']}")
+  if mode in ("inpaint", "colorize", "interpolate"):
+    _print_controllable(mode, _run_controllable(config, workdir, mode))
   if mode == "all":
-    results, side_by_side = run_lib.run_sampler_comparison(config, workdir)
+    results, side_by_side = sample.run_sampler_comparison(config, workdir)
     for result in results:
       _print_samples(result)
     print(f"the samplers side by side: {side_by_side}")
   if mode in ("eval", "all"):
-    result = run_lib.run_eval(config, workdir, FLAGS.checkpoint_step, FLAGS.sampler,
-                              FLAGS.num_steps, FLAGS.num_samples,
-                              **(_parse_options(FLAGS.sampler_option) if mode == "eval" else {}))
+    result = evaluate.run_eval(config, workdir, FLAGS.checkpoint_step, FLAGS.sampler,
+                               FLAGS.num_steps, FLAGS.num_samples,
+                               **(_parse_options(FLAGS.sampler_option) if mode == "eval" else {}))
     shown = {k: v for k, v in result.items() if k not in ("results_file", "denoising_error")}
     if "denoising_error" in result:
       shown["denoising_error"] = result["denoising_error"]["png"]
@@ -128,22 +133,20 @@ def main(argv):
 
 
 def _run_controllable(config, workdir, mode):
-  from sgm_jax import run_controllable as rc
-  if mode == "train_classifier":
-    metrics = rc.run_train_classifier(config, workdir)
-    shown = {k: v for k, v in metrics.items() if k != "metrics_file"}
-    print(f"classifier trained to step {metrics['step']} in {workdir}/classifier: test accuracy "
-          f"{json.dumps(shown)}; written to {metrics['metrics_file']}")
-    return
+  """--mode inpaint|colorize|interpolate; returns the mode's result."""
+  from sgm_jax.cli import controllable
   common = dict(input_path=FLAGS.input, checkpoint_step=FLAGS.checkpoint_step)
   if mode == "interpolate":
-    result = rc.run_interpolate(config, workdir, FLAGS.num_samples, FLAGS.num_points, **common)
-  else:
-    run = rc.run_inpaint if mode == "inpaint" else rc.run_colorize
-    if mode == "inpaint":
-      common["mask"] = FLAGS.mask
-    result = run(config, workdir, FLAGS.sampler, FLAGS.num_steps, FLAGS.num_samples, **common,
-                 **_parse_options(FLAGS.sampler_option))
+    return controllable.run_interpolate(config, workdir, FLAGS.num_samples, FLAGS.num_points,
+                                        **common)
+  if mode == "inpaint":
+    common["mask"] = FLAGS.mask
+  run = controllable.run_inpaint if mode == "inpaint" else controllable.run_colorize
+  return run(config, workdir, FLAGS.sampler, FLAGS.num_steps, FLAGS.num_samples, **common,
+             **_parse_options(FLAGS.sampler_option))
+
+
+def _print_controllable(mode, result):
   shown = {k: v for k, v in result.items() if k not in ("png", "npz", "json")}
   print(f"{mode}: {json.dumps(shown)}\nimages {result['png']}, arrays {result['npz']}, "
         f"summary {result['json']}")

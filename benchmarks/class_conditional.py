@@ -27,7 +27,9 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
-from sgm_jax import datasets, io_utils, run_controllable, run_lib  # noqa: E402
+from sgm_jax import datasets, io_utils  # noqa: E402
+from sgm_jax.cli.sample import run_sample  # noqa: E402
+from sgm_jax.cli.train_classifier import run_train_classifier  # noqa: E402
 
 
 def train_test_classifier(config, seed: int = 0):
@@ -63,7 +65,7 @@ def main():
 
   config = importlib.import_module(f"configs.{args.config}").get_config()
   centered = bool(config.data.centered)
-  classifier_metrics = run_controllable.run_train_classifier(config, args.workdir)
+  classifier_metrics = run_train_classifier(config, args.workdir)
   print(f"guidance classifier: {json.dumps(classifier_metrics)}", flush=True)
   test_clf, test_accuracy = train_test_classifier(config)
   num_classes = int(config.classifier.num_classes)
@@ -83,7 +85,7 @@ def main():
                 guidance_classifier=classifier_metrics, test_classifier_accuracy=test_accuracy,
                 runs=[])
   start = time.time()
-  plain = run_lib.run_sample(config, args.workdir, args.sampler, args.num_steps, n)
+  plain = run_sample(config, args.workdir, args.sampler, args.num_steps, n)
   with np.load(plain["npz"]) as f:
     pred = predict(f["samples"])
   histogram = np.bincount(pred, minlength=num_classes) / n
@@ -94,8 +96,8 @@ def main():
   print(f"unconditional: predicted classes {np.round(histogram, 3).tolist()}", flush=True)
   for scale in args.scales:
     start = time.time()
-    result = run_lib.run_sample(config, args.workdir, args.sampler, args.num_steps, n,
-                                class_label="all", classifier_scale=scale)
+    result = run_sample(config, args.workdir, args.sampler, args.num_steps, n,
+                        class_label="all", classifier_scale=scale)
     with np.load(result["npz"]) as f:
       samples = f["samples"]
     labels = np.asarray(result["labels"])

@@ -16,7 +16,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sgm_jax import models, run_lib  # noqa: E402
+from sgm_jax import models  # noqa: E402
+from sgm_jax.cli import setup  # noqa: E402
 
 DEFAULT = ["configs/vp/cifar10_ddpmpp_continuous.py", "configs/ve/cifar10_ncsnpp_continuous.py",
            "configs/vp/ddpm/cifar10.py", "configs/fashion_mnist.py"]
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    model = models.create_model(config, run_lib.sde_from_config(config))
+    model = models.create_model(config, setup.sde_from_config(config))
     shape = (args.batch, config.data.image_size, config.data.image_size, config.data.num_channels)
     x, t = jnp.zeros(shape), jnp.full((args.batch,), 0.5)
     variables = jax.jit(lambda k: model.init({"params": k, "dropout": k}, x, t))(

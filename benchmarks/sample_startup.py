@@ -6,10 +6,10 @@ whole <= 2 x (Python start-up + sampler compilation + the sampling itself).
         [--sampler deis] [--num_steps 10] [--repeats 3] [--single-thread] [--out FILE.md]
 
 Every measurement runs in a fresh process, as a user's call does:
-  start-up  `python -c "import sgm_jax.run_lib, jax"`: the interpreter and the imports;
+  start-up  `python -c "import sgm_jax.cli.sample, jax"`: the interpreter and the imports;
   whole     `python main.py --mode sample --config C --workdir DIR --sampler S --num_steps N`
             (it writes DIR/samples/<S>_<N>steps_ckpt<step>.{png,npz}, as that command does);
-  split     one process doing what run_lib.run_sample does, each part timed: imports, backend
+  split     one process doing what cli.sample.run_sample does, each part timed: imports, backend
             start, config + build (SDE, model, data spec), checkpoint restore, sampler build (time
             grid, coefficients, score function), compilation (first call - second call: tracing and
             XLA compilation), sampling (second call, block_until_ready), writing the PNG + .npz
@@ -56,7 +56,7 @@ def run_timed(cmd: list[str], env: dict) -> tuple[float, float, str]:
 
 # --- the split, in its own process -----------------------------------------------------------
 def split(config_path: str, workdir: str, sampler_name: str, num_steps: int) -> dict:
-  """run_lib.run_sample's steps one by one, each timed (wall, CPU); run in a fresh process."""
+  """cli.sample.run_sample's steps one by one, each timed (wall, CPU); run in a fresh process."""
   times: dict[str, tuple[float, float]] = {}
   clock = [time.perf_counter(), _cpu_self()]
 
@@ -69,7 +69,8 @@ def split(config_path: str, workdir: str, sampler_name: str, num_steps: int) -> 
   import jax
   import numpy as np
   sys.path.insert(0, ROOT)
-  from sgm_jax import datasets, run_lib, sampling
+  from sgm_jax import datasets, sampling
+  from sgm_jax.cli import outputs, setup
   lap("imports")
   jax.devices()
   lap("backend start")
@@ -77,13 +78,13 @@ def split(config_path: str, workdir: str, sampler_name: str, num_steps: int) -> 
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  sde, model, dataset = run_lib.build(config)
+  sde, model, dataset = setup.build(config)
   if hasattr(datasets, "example_shape"):
     example_shape = datasets.example_shape(dataset.spec)
   else:  # older revisions learnt the shape from a training batch
     example_shape = dataset.train_batch(0)["image"].shape[1:]
   lap("config + build")
-  params, step = run_lib.restore_ema_params(config, workdir, model, example_shape)
+  params, step = setup.restore_ema_params(config, workdir, model, example_shape)
   jax.block_until_ready(params)
   lap("checkpoint restore")
   s = config.sampling
@@ -91,7 +92,7 @@ def split(config_path: str, workdir: str, sampler_name: str, num_steps: int) -> 
   batch = min(int(s.get("batch_size", 64)), num_samples)
   sampler = sampling.get_sampler(sampler_name, sde, (batch,) + tuple(example_shape),
                                  num_steps=num_steps)
-  score_fn = run_lib.score_fn_for(config, sde, model, params)
+  score_fn = setup.score_fn_for(config, sde, model, params)
   lap("sampler build")
   key = jax.random.PRNGKey(int(config.seed) + 1)
   x, nfe = sampler(jax.random.fold_in(key, 0), score_fn)
@@ -104,7 +105,7 @@ def split(config_path: str, workdir: str, sampler_name: str, num_steps: int) -> 
   times["compilation"] = (max(first[0] - second[0], 0.0), max(first[1] - second[1], 0.0))
   samples = np.asarray(x)[:num_samples]
   with tempfile.TemporaryDirectory() as tmp:
-    run_lib.save_samples(samples, config, os.path.join(tmp, "samples"))
+    outputs.save_samples(samples, config, os.path.join(tmp, "samples"))
     lap("write PNG + npz")
   return dict(times=times, checkpoint_step=int(step), nfe=int(nfe), batch=batch,
               example_shape=list(example_shape),
@@ -127,7 +128,7 @@ def measure(args) -> tuple[dict, dict]:
   workdir = os.path.abspath(args.workdir)
   startup, whole, splits = [], [], []
   for r in range(args.repeats):
-    wall, cpu, _ = run_timed([py, "-c", "import sgm_jax.run_lib, jax"], env)
+    wall, cpu, _ = run_timed([py, "-c", "import sgm_jax.cli.sample, jax"], env)
     startup.append((wall, cpu))
     print(f"[{r + 1}/{args.repeats}] start-up {wall:.2f} s", flush=True)
     wall, cpu, out = run_timed(

@@ -21,7 +21,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sgm_jax import datasets, parallel, run_lib, train  # noqa: E402
+from sgm_jax import datasets, parallel, train  # noqa: E402
+from sgm_jax.cli import setup  # noqa: E402
 
 
 def load_config(path: str):
@@ -40,7 +41,7 @@ def measure(config_path: str, steps: int, batch_size: int, data_dir: str) -> dic
   config.training.snapshot_freq = 10 ** 9
   config.training.snapshot_freq_for_preemption = 10 ** 9
   config.training.max_seconds = None
-  sde, model, dataset = run_lib.build(config)
+  sde, model, dataset = setup.build(config)
   try:
     dataset.train_batch(0)
     data = str(config.data.dataset)
@@ -52,13 +53,13 @@ def measure(config_path: str, steps: int, batch_size: int, data_dir: str) -> dic
     images = np.random.default_rng(0).integers(0, 256, (1024, size, size, channels), np.uint8)
     np.savez(os.path.join(data_dir, "random.npz"), images=images)
     config.data.dataset, config.data.data_dir = "npz", os.path.join(data_dir, "random.npz")
-    sde, model, dataset = run_lib.build(config)
+    sde, model, dataset = setup.build(config)
     data = "random images"
-  opt = run_lib.optimizer_from_config(config)
+  opt = setup.optimizer_from_config(config)
   tx = opt.build()
   example_shape = dataset.train_batch(0)["image"].shape[1:]
-  state = run_lib.initial_state(config, model, example_shape, tx)
-  step_fn = train.make_train_step(run_lib.loss_fn_from_config(config, sde, model), tx,
+  state = setup.initial_state(config, model, example_shape, tx)
+  step_fn = train.make_train_step(setup.loss_fn_from_config(config, sde, model), tx,
                                   float(config.model.ema_rate), 0, opt.schedule())
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
 
@@ -80,7 +81,7 @@ def measure(config_path: str, steps: int, batch_size: int, data_dir: str) -> dic
   # The real loop (data pipeline, logging, NaN checks); its first, compiling call is excluded.
   stats = {}
   with tempfile.TemporaryDirectory() as workdir:
-    spec = run_lib.loop_spec_from_config(config)
+    spec = setup.loop_spec_from_config(config)
     train.train_loop(workdir, state, step_fn, dataset.batches_fn(), spec, stats=stats)
   loop_wall, loop_steps = stats["steady_seconds"], stats["steady_steps"]
   pure_per_step = float(np.mean(pure))

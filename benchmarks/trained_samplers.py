@@ -4,7 +4,7 @@
 
 For each sampler (DEIS-10, DPM-Solver-10, DDIM-50, the adaptive ODE (Dopri5), PC-500, and DEIS-10
 with dynamic thresholding and the final denoising jump) it runs `main.py --mode eval`'s sampling
-part (`run_lib.run_eval` with bits/dim and the denoising diagnostic off): `--num_samples` samples
+part (`sgm_jax.cli.evaluate.run_eval` with bits/dim and the denoising diagnostic off): `--num_samples` samples
 (default 1,024) against the cached statistics of 2,048 training images. Every batch is saved, so
 an interrupted run resumes. Prints a markdown table, writes it with the JSON to --out, and puts the
 first 64 samples of each sampler side by side in --out.png.
@@ -23,7 +23,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
-from sgm_jax import io_utils, run_lib  # noqa: E402
+from sgm_jax import io_utils  # noqa: E402
+from sgm_jax.cli.evaluate import run_eval  # noqa: E402
 
 SAMPLERS = (  # (label, sampler, steps, options)
     ("DEIS tAB3, 10 steps", "deis", 10, {}),
@@ -62,8 +63,8 @@ def main() -> None:
       continue
     print(f"== {label}", flush=True)
     start = time.time()
-    result = run_lib.run_eval(copy.deepcopy(base), args.workdir, sampler_name=name,
-                              num_steps=steps, num_samples=args.num_samples, **options)
+    result = run_eval(copy.deepcopy(base), args.workdir, sampler_name=name,
+                      num_steps=steps, num_samples=args.num_samples, **options)
     metric = next(k for k in result if k.startswith("FD"))
     is_key = next(k for k in result if k.startswith("IS (") and not k.endswith("std"))
     rows.append(dict(label=label, sampler=name, steps=steps, options=options,

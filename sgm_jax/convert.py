@@ -30,12 +30,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import io
 import os
 import re
 import sys
-import tempfile
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -44,6 +42,7 @@ import numpy as np
 from flax import serialization
 
 from sgm_jax.errors import InputError, MissingFileError
+from sgm_jax.io_utils import atomic_write, save_npz_atomic
 from sgm_jax.score import train_kwargs
 
 Tree = dict
@@ -328,35 +327,6 @@ def load_classifier_variables(path: str, model: Optional[nn.Module] = None,
 _FORMATS = (".msgpack", ".npz")
 
 
-def _atomic_write(path: str, write: Callable[[io.BufferedWriter], None], overwrite: bool) -> None:
-  """Write through a temporary file in the same directory, then rename it into place."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  exists_msg = f"{path!r} already exists; pass overwrite=True (--overwrite) to replace it"
-  if not overwrite and os.path.exists(path):
-    raise FileExistsError(exists_msg)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    if overwrite:
-      os.replace(tmp, path)
-    else:
-      try:
-        os.link(tmp, path)  # atomic and never replaces an existing file
-      except FileExistsError:
-        raise FileExistsError(exists_msg) from None
-      except OSError:  # no hard links on this filesystem
-        if os.path.exists(path):
-          raise FileExistsError(exists_msg) from None
-        os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def save_variables(variables: Mapping, path: str, overwrite: bool = False) -> str:
   """Write a variables tree as .msgpack (flax serialization) or .npz ('/'-joined keys)."""
   path = os.fspath(path)
@@ -365,12 +335,16 @@ def save_variables(variables: Mapping, path: str, overwrite: bool = False) -> st
     raise InputError(f"unknown output format {ext!r} for {path!r}; valid extensions are "
                      f"{list(_FORMATS)}")
   flat = {p: np.asarray(v) for p, v in flatten(variables).items()}
-  if ext == ".npz":
-    arrays = {"/".join(p): v for p, v in flat.items()}
-    _atomic_write(path, lambda f: np.savez(f, **arrays), overwrite)
-  else:
-    data = serialization.msgpack_serialize(unflatten(flat))
-    _atomic_write(path, lambda f: f.write(data), overwrite)
+  try:
+    if ext == ".npz":
+      save_npz_atomic(path, {"/".join(p): v for p, v in flat.items()}, overwrite=overwrite)
+    else:
+      data = serialization.msgpack_serialize(unflatten(flat))
+      with atomic_write(path, overwrite=overwrite) as f:
+        f.write(data)
+  except FileExistsError:
+    raise FileExistsError(f"{path!r} already exists; pass overwrite=True (--overwrite) to "
+                          "replace it") from None
   return path
 
 
@@ -407,9 +381,8 @@ def _input_shape(config) -> tuple:
 
 
 def _model_from_config(config) -> tuple[nn.Module, tuple]:
-  from sgm_jax import models  # the networks and the config edge are only needed here
-  from sgm_jax.run_lib import sde_from_config
-  return models.create_model(config, sde_from_config(config)), _input_shape(config)
+  from sgm_jax import models, sde_lib  # the networks are only needed here
+  return models.create_model(config, sde_lib.from_config(config)), _input_shape(config)
 
 
 def _classifier_from_config(config) -> tuple[nn.Module, tuple]:

@@ -4,6 +4,8 @@ main.py prints a UserError as one line `error: ...` and exits with code 2; every
 (a bug, an out-of-memory error from XLA) keeps its traceback. Each class also derives from the
 built-in type a library caller would catch (ValueError, FileNotFoundError, ...).
 """
+import math
+import numbers
 
 
 class UserError(Exception):
@@ -26,3 +28,11 @@ class MissingDependencyError(UserError, ImportError):
 class TrainingDiverged(UserError, RuntimeError):
   """The training loss became NaN or infinite; the last good checkpoint is kept (lower the
   learning rate, or look at the data)."""
+
+
+def check_positive(name: str, value) -> float:
+  """value as a float if it is a finite number > 0 (not a bool); else an InputError naming it."""
+  if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+      or not value > 0):
+    raise InputError(f"{name} must be a positive number, got {value!r}")
+  return float(value)

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import tempfile
+from typing import Mapping
 
 import numpy as np
 
@@ -14,13 +15,19 @@ from sgm_jax.errors import InputError
 
 
 @contextlib.contextmanager
-def atomic_write(path: str, mode: str = "wb"):
+def atomic_write(path: str, mode: str = "wb", overwrite: bool = True):
   """Open a temporary file beside `path`, and move it over `path` only once fully written.
 
-  A crash mid-write leaves the old file (or none) in place, never a truncated one.
+  A crash mid-write leaves the old file (or none) in place, never a truncated one. With
+  `overwrite=False` an existing `path` is a FileExistsError, checked before writing and again when
+  the file is put in place (by a hard link, which never replaces a file, where links exist).
   """
+  path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
+  exists = f"{path!r} already exists; pass overwrite=True to replace it"
+  if not overwrite and os.path.exists(path):
+    raise FileExistsError(exists)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path) + "-")
   umask = os.umask(0)
   os.umask(umask)
@@ -30,11 +37,32 @@ def atomic_write(path: str, mode: str = "wb"):
       yield f
       f.flush()
       os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
+    if overwrite:
+      os.replace(tmp, path)
+    else:
+      _link_new(tmp, path, exists)
+  finally:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
-    raise
+
+
+def _link_new(tmp: str, path: str, exists_message: str) -> None:
+  """Put `tmp` at `path` unless `path` exists: a hard link (atomic, never replaces a file), or a
+  rename where the filesystem has no hard links. `tmp` is left for the caller to remove."""
+  try:
+    os.link(tmp, path)
+  except FileExistsError:
+    raise FileExistsError(exists_message) from None
+  except OSError:  # no hard links on this filesystem
+    if os.path.exists(path):
+      raise FileExistsError(exists_message) from None
+    os.replace(tmp, path)
+
+
+def save_npz_atomic(path: str, arrays: Mapping[str, np.ndarray], overwrite: bool = True) -> None:
+  """np.savez through `atomic_write`: readers never see half a file."""
+  with atomic_write(path, overwrite=overwrite) as f:
+    np.savez(f, **arrays)
 
 
 def _torn_tail_start(f) -> int | None:

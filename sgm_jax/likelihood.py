@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgm_jax.errors import InputError
+from sgm_jax.errors import InputError, check_positive
 from sgm_jax.sampling import base
 from sgm_jax.sampling.ode import SOLVERS, solver_evaluations
 from sgm_jax.sde_lib import SDE
@@ -31,21 +31,6 @@ from sgm_jax.sde_lib import SDE
 Array = jax.Array
 DIVERGENCES = ("rademacher", "gaussian", "exact")
 _FIRST_STEP_FRACTION = 0.01
-
-
-def _check_positive(name: str, value) -> float:
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-    raise InputError(f"{name} must be a positive number, got {value!r}")
-  return float(value)
-
-
-def _drift(sde: SDE, score_fn: Callable) -> Callable[[Array, Array], Array]:
-  """x, scalar t -> probability-flow drift f~(x, t) for a batch x."""
-  def f(x, t):
-    tb = jnp.full((x.shape[0],), t, x.dtype)
-    cast = lambda y, tt: score_fn(y, tt).astype(y.dtype)
-    return sde.probability_flow_drift(cast, x, tb).astype(x.dtype)
-  return f
 
 
 def _per_example_sum(v: Array) -> Array:
@@ -84,11 +69,16 @@ def _solve(vector_field, y0, t0: float, t1: float, solver: str, rtol: float, ato
   return y1, jnp.asarray(per_step * sol.stats["num_steps"] + once, jnp.int32)
 
 
-def _check_solver(solver: str) -> None:
+def _check_solve(sde: SDE, rtol, atol, eps, solver: str) -> tuple[float, float]:
+  """(rtol, atol) as floats; an InputError for a bad tolerance, eps or solver."""
+  rtol, atol = check_positive("rtol", rtol), check_positive("atol", atol)
+  if not 0 < eps < sde.T:
+    raise InputError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
   adaptive = sorted(k for k, v in SOLVERS.items() if v[1])
   if solver not in adaptive:
     raise InputError(f"unknown or fixed-step solver {solver!r}; the probability-flow ODE is "
                      f"solved adaptively here, valid solvers are {adaptive}")
+  return rtol, atol
 
 
 def get_likelihood_fn(sde: SDE, divergence: str = "rademacher", num_probes: int = 1,
@@ -105,15 +95,12 @@ def get_likelihood_fn(sde: SDE, divergence: str = "rademacher", num_probes: int 
     raise InputError(f"unknown divergence {divergence!r}; valid values are {list(DIVERGENCES)}")
   if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
     raise InputError(f"num_probes must be a positive integer, got {num_probes!r}")
-  rtol, atol = _check_positive("rtol", rtol), _check_positive("atol", atol)
-  if not 0 < eps < sde.T:
-    raise InputError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
-  _check_solver(solver)
+  rtol, atol = _check_solve(sde, rtol, atol, eps, solver)
 
   def vector_field(t, y, args):
     score_fn, probes = args
     x, _ = y
-    f = _drift(sde, score_fn)
+    f = lambda v, s: sde.probability_flow_drift(score_fn, v, s)
     if divergence == "exact":
       dx, div = _exact_divergence(f, x, t)
     else:
@@ -141,16 +128,13 @@ def get_likelihood_fn(sde: SDE, divergence: str = "rademacher", num_probes: int 
 
 def _flow_fn(sde: SDE, forward: bool, rtol: float, atol: float, eps: float, solver: str,
              max_steps: int) -> Callable:
-  rtol, atol = _check_positive("rtol", rtol), _check_positive("atol", atol)
-  if not 0 < eps < sde.T:
-    raise InputError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
-  _check_solver(solver)
+  rtol, atol = _check_solve(sde, rtol, atol, eps, solver)
   t0, t1 = (eps, sde.T) if forward else (sde.T, eps)
 
   @jax.jit
   def run(score_fn, x):
-    return _solve(lambda t, y, s: _drift(sde, s)(y, t), x, t0, t1, solver, rtol, atol,
-                  max_steps, score_fn)
+    drift = lambda t, y, score_fn: sde.probability_flow_drift(score_fn, y, t)
+    return _solve(drift, x, t0, t1, solver, rtol, atol, max_steps, score_fn)
 
   return lambda score_fn, x: run(base.as_traceable(score_fn), x)
 

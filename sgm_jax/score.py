@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from sgm_jax.errors import InputError
-from sgm_jax.sde_lib import SDE, batch_expand
+from sgm_jax.sde_lib import SDE, batch_expand, batch_times
 
 Array = jax.Array
 Partial = jax.tree_util.Partial
@@ -68,19 +68,6 @@ def check_variables(variables: Any) -> None:
     raise InputError("variables must be a mapping with a 'params' collection, as returned by "
                      "model.init (wrap a bare parameter tree as {'params': params}); "
                      f"got {found}")
-
-
-def _batch_times(t: Array, x: Array) -> Array:
-  """t as a floating (B,) array matching the batch of x (a scalar broadcasts)."""
-  t = jnp.asarray(t)
-  if not jnp.issubdtype(t.dtype, jnp.floating):
-    t = t.astype(jnp.result_type(float))
-  if t.ndim == 0:
-    return jnp.broadcast_to(t, (x.shape[0],))
-  if t.shape != (x.shape[0],):
-    raise InputError(f"t must be a scalar or a ({x.shape[0]},) array for x of shape {x.shape}, "
-                     f"got shape {t.shape}")
-  return t
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +185,7 @@ class _NetworkScore:
   sigma_data: float = 0.5
 
   def __call__(self, variables, x: Array, t: Array, rng: Optional[Array] = None) -> Array:
-    t = _batch_times(t, x)
+    t = batch_times(t, x)
     labels = self.sde.time_label(t, self.continuous)
     inputs = network_input(self.sde, self.parameterization, self.sigma_data, x, t)
     out = _ModelApply(self.model, self.train)(variables, inputs, labels, rng)
@@ -259,7 +246,7 @@ class _EpsFromScore:
   sde: SDE
 
   def __call__(self, score_fn: Callable, x: Array, t: Array, *args) -> Array:
-    t = _batch_times(t, x)
+    t = batch_times(t, x)
     return eps_from_score(self.sde, score_fn(x, t, *args), t)
 
 
@@ -268,7 +255,7 @@ class _DenoiserFromScore:
   sde: SDE
 
   def __call__(self, score_fn: Callable, x: Array, t: Array, *args) -> Array:
-    t = _batch_times(t, x)
+    t = batch_times(t, x)
     return denoised_from_score(self.sde, x, score_fn(x, t, *args), t)
 
 

@@ -32,6 +32,20 @@ def batch_expand(t: Array, x: Array) -> Array:
   return t.reshape(t.shape + (1,) * (x.ndim - t.ndim))
 
 
+def batch_times(t: Array, x: Array, dtype=None) -> Array:
+  """t as the (B,) time array of the batch x (a scalar broadcasts), in `dtype` (default: t's own
+  floating dtype, the default float for integers)."""
+  t = jnp.asarray(t, dtype)
+  if not jnp.issubdtype(t.dtype, jnp.floating):
+    t = t.astype(jnp.result_type(float))
+  if t.ndim == 0:
+    return jnp.broadcast_to(t, (x.shape[0],))
+  if t.shape != (x.shape[0],):
+    raise InputError(f"t must be a scalar or a ({x.shape[0]},) array for x of shape {x.shape}, "
+                     f"got shape {t.shape}")
+  return t
+
+
 def _sum_except_batch(v: Array) -> Array:
   return v.reshape(v.shape[0], -1).sum(axis=-1)
 
@@ -127,12 +141,16 @@ class SDE:
 
   def reverse_drift(self, score_fn: ScoreFn, x: Array, t: Array,
                     probability_flow: bool = False) -> Array:
-    """f - g^2 score (reverse SDE, Eq. 6) or f - g^2 score / 2 (probability flow, Eq. 13)."""
+    """f - g^2 score (reverse SDE, Eq. 6) or f - g^2 score / 2 (probability flow, Eq. 13) in the
+    dtype of x; t is a (B,) array or one time for the whole batch."""
+    t = batch_times(t, x, x.dtype)
     drift, diffusion = self.sde(x, t)
     weight = 0.5 if probability_flow else 1.0
-    return drift - weight * batch_expand(diffusion ** 2, x) * score_fn(x, t)
+    score = score_fn(x, t).astype(x.dtype)
+    return (drift - weight * batch_expand(diffusion ** 2, x) * score).astype(x.dtype)
 
   def probability_flow_drift(self, score_fn: ScoreFn, x: Array, t: Array) -> Array:
+    """The drift of the probability-flow ODE (Eq. 13), as `reverse_drift`."""
     return self.reverse_drift(score_fn, x, t, probability_flow=True)
 
   def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> "ReverseSDE":
@@ -170,6 +188,12 @@ class ReverseSDE:
     weight = 0.5 if self.probability_flow else 1.0
     rev_f = f - weight * batch_expand(G ** 2, x) * self.score_fn(x, t)
     return rev_f, jnp.zeros_like(G) if self.probability_flow else G
+
+
+def smld_sigmas(sigma_min: float, sigma_max: float, num_scales: int) -> Array:
+  """The SMLD/NCSN noise levels as score_sde's networks index them (label 0 = sigma_max):
+  geometric, from sigma_max down to sigma_min, in float32."""
+  return jnp.exp(jnp.linspace(math.log(sigma_max), math.log(sigma_min), num_scales))
 
 
 def _solve_increasing_quadratic(a: float, b: float, c: Array) -> Array:
@@ -222,8 +246,9 @@ class VESDE(SDE):
 
   @property
   def discrete_sigmas(self) -> Array:
-    """The N noise levels of SMLD/NCSN, geometric from sigma_min to sigma_max."""
-    return jnp.exp(jnp.linspace(math.log(self.sigma_min), math.log(self.sigma_max), self.N))
+    """The N noise levels of SMLD/NCSN, geometric from sigma_min to sigma_max (`smld_sigmas`
+    reversed)."""
+    return jnp.flip(smld_sigmas(self.sigma_min, self.sigma_max, self.N))
 
   def timestep(self, t: Array) -> Array:
     """Index of the discrete noise level for t (rounded, as score_sde's SMLD steps)."""
@@ -415,3 +440,21 @@ def get_sde(name: str, **kwargs) -> SDE:
   if key not in SDES:
     raise InputError(f"unknown SDE {name!r}; valid names are {sorted(SDES)}")
   return SDES[key](**kwargs)
+
+
+def from_config(config) -> SDE:
+  """The SDE of a score_sde-style config: config.training.sde ('vesde', 'vpsde', 'subvpsde',
+  'tutorial') with the constants of config.model (sigma_min/max, beta_min/max, num_scales,
+  sigma_base)."""
+  name = str(config.training.sde).lower()
+  m = config.model
+  field = lambda key, default: m.get(key, default) if hasattr(m, "get") else getattr(m, key, default)
+  n = int(field("num_scales", 1000))
+  if name == "vesde":
+    return VESDE(sigma_min=float(m.sigma_min), sigma_max=float(m.sigma_max), N=n)
+  if name in ("vpsde", "subvpsde"):
+    return SDES[name](beta_min=float(m.beta_min), beta_max=float(m.beta_max), N=n)
+  if name == "tutorial":
+    return TutorialSDE(sigma_base=float(field("sigma_base", 25.0)), N=n)
+  raise InputError(f"unknown SDE {config.training.sde!r} (config.training.sde); valid values are "
+                   f"{sorted(SDES)}")

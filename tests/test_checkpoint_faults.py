@@ -14,7 +14,9 @@ import numpy as np
 import optax
 import pytest
 
-from sgm_jax import run_lib, train
+from sgm_jax import train
+from sgm_jax.cli import setup
+from sgm_jax.cli.train import run_train
 from sgm_jax.checkpoints import CheckpointError, CheckpointStore
 from sgm_jax.workdir import WorkdirError
 
@@ -223,8 +225,8 @@ def test_cli_samples_and_trains_on_from_the_newest_readable_checkpoint(tmp_path)
   assert "Traceback" not in res.stderr and "Event loop is closed" not in res.stderr, res.stderr
   assert f"replaced the unreadable checkpoint {newest}" in res.stderr
   config = _config("toy_2d")
-  _, model, _ = run_lib.build(config)
-  _, step = run_lib.restore_ema_params(config, wd, model, (2,))
+  _, model, _ = setup.build(config)
+  _, step = setup.restore_ema_params(config, wd, model, (2,))
   assert step == 4
 
 
@@ -250,18 +252,18 @@ def test_a_workdir_resumes_after_grad_clip_or_the_data_folder_change(tmp_path):
   images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
   np.savez(data, images=images)
   wd = str(tmp_path / "wd")
-  assert int(run_lib.run_train(_npz_config(data, 2, grad_clip=1.0), wd).step) == 2
+  assert int(run_train(_npz_config(data, 2, grad_clip=1.0), wd).step) == 2
   # Resumed with no clipping (grad_clip < 0: the optimizer state keeps its tree) on the same data
   # in another folder (data.data_dir is a path, not part of what is trained).
   moved = tmp_path / "elsewhere" / "train.npz"
   moved.parent.mkdir()
   shutil.copy(data, moved)
-  assert int(run_lib.run_train(_npz_config(moved, 3, grad_clip=-1.0), wd).step) == 3
+  assert int(run_train(_npz_config(moved, 3, grad_clip=-1.0), wd).step) == 3
   other = _npz_config(moved, 4)
   other.model.hidden_size = 32
   with pytest.raises(WorkdirError,
                      match=r"different config \(model.hidden_size: 16 in the workdir, 32 now\)"):
-    run_lib.run_train(other, wd)
+    run_train(other, wd)
 
 
 def test_optimizer_state_tree_does_not_depend_on_grad_clip():

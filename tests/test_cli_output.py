@@ -8,11 +8,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["--mode", "train", "--config", "configs/toy_2d.py", "--config.training.n_iters=2",
          "--config.training.snapshot_freq=2", "--config.training.snapshot_freq_for_preemption=1"]
-# main.py with run_lib.run_train replaced by a function that fails like a bug would
+# main.py with the train mode's run_train replaced by a function that fails like a bug would
 FAULTY = ("import sys; sys.path.insert(0, {root!r}); sys.argv = ['main.py'] + {args!r}\n"
-          "import main\nfrom sgm_jax import run_lib\n"
+          "import main\nfrom sgm_jax.cli import train\n"
           "def run_train(config, workdir):\n  return {{}}['no such key']\n"
-          "run_lib.run_train = run_train\nmain.run()\n")
+          "train.run_train = run_train\nmain.run()\n")
 
 
 def _run(*args):
@@ -43,8 +43,8 @@ def test_library_info_lines_only_with_verbosity(tmp_path):
   res = _run("main.py", *TRAIN, "--workdir", str(tmp_path / "quiet"))
   assert res.returncode == 0, res.stderr[-2000:]
   sources = {source for source, _ in _info_lines(res.stderr)}
-  assert sources == {"run_lib.py"}, sources  # "model mlp with ... parameters"
+  assert sources == {"train.py"}, sources  # "model mlp with ... parameters"
   res = _run("main.py", *TRAIN, "--workdir", str(tmp_path / "verbose"), "--verbosity=1")
   assert res.returncode == 0, res.stderr[-2000:]
   sources = {source for source, _ in _info_lines(res.stderr)}
-  assert "run_lib.py" in sources and len(sources) > 1, sources  # Orbax's lines too
+  assert "train.py" in sources and len(sources) > 1, sources  # Orbax's lines too

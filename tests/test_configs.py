@@ -21,7 +21,8 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from reference_data import PARAM_TREES  # noqa: E402
-from sgm_jax import datasets, models, run_lib, sampling  # noqa: E402
+from sgm_jax import datasets, models, sampling  # noqa: E402
+from sgm_jax.cli import setup  # noqa: E402
 from sgm_jax.models import ncsnpp  # noqa: E402
 
 CONFIGS = os.path.join(ROOT, "configs")
@@ -232,7 +233,7 @@ def test_config_builds_its_model_and_default_sampler(relpath):
   image shape of the config's dataset spec, and the sampler of config.sampling.method with its
   options (the PC predictor, corrector, snr, n_steps_each, ... of config.sampling)."""
   config = load_config(relpath)
-  sde = run_lib.sde_from_config(config)
+  sde = setup.sde_from_config(config)
   if config.data.dataset in TFRECORD_DATASETS:
     with pytest.raises(ValueError, match="'folder' or 'npz'"):
       datasets.example_shape(datasets.from_config(config))
@@ -244,10 +245,10 @@ def test_config_builds_its_model_and_default_sampler(relpath):
       models.create_model(config, sde)
   else:
     model = models.create_model(config, sde)
-    optimizer = run_lib.optimizer_from_config(config)
+    optimizer = setup.optimizer_from_config(config)
     key = (model, shape, optimizer)
     if key not in _ABSTRACT_STATES:  # the checkpoint restore target of run_sample
-      _ABSTRACT_STATES[key] = run_lib.abstract_initial_state(config, model, shape,
+      _ABSTRACT_STATES[key] = setup.abstract_initial_state(config, model, shape,
                                                              optimizer.build())
     params = _ABSTRACT_STATES[key].params_ema
     leaves = jax.tree_util.tree_leaves(params)
@@ -255,7 +256,7 @@ def test_config_builds_its_model_and_default_sampler(relpath):
     assert sum(math.prod(v.shape) for v in leaves) > 10_000
   method = str(config.sampling.get("method", "pc"))
   num_steps = int(config.sampling.get("num_steps", sde.N))
-  options = run_lib.sampler_options_from_config(config, method, {})
+  options = setup.sampler_options_from_config(config, method, {})
   sampler = sampling.get_sampler(method, sde, (2,) + shape, num_steps=num_steps, **options)
   assert sampler.shape == (2,) + shape
   if method == "pc":

@@ -394,7 +394,7 @@ def test_full_size_checkpoint_built_from_the_reference_tree(tmp_path):
   import importlib
   import sys
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from sgm_jax import models, run_lib
+  from sgm_jax import models, sde_lib
   ref = os.path.join(REF, "vp_ddpm_cifar10_unconditional.json")
   if not os.path.exists(ref):
     pytest.skip("reference trees not available")
@@ -405,7 +405,7 @@ def test_full_size_checkpoint_built_from_the_reference_tree(tmp_path):
                               for p, s in entries})
   path = _write(tmp_path / "checkpoint_26", _fake_state_from(legacy))
   config = importlib.import_module("configs.vp.ddpm.cifar10_unconditional").get_config()
-  model = models.create_model(config, run_lib.sde_from_config(config))
+  model = models.create_model(config, sde_lib.from_config(config))
   variables = convert.load_sampling_variables(path, model, (1, 32, 32, 3))
   got = convert.flatten(variables["params"])
   want = _reshaped(legacy)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from sgm_jax import datasets as D
+from sgm_jax.datasets import idx, image_ops, prefetch, sources
 
 REAL_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -75,7 +76,7 @@ def test_idx_round_trip(tmp_path, compress):
                 rng.standard_normal((2, 3)).astype(np.float32)):
     path = str(tmp_path / f"a{array.dtype}")
     write_idx(path, array, compress)
-    back = D.read_idx(path)
+    back = idx.read_idx(path)
     assert back.shape == array.shape and back.dtype == array.dtype
     np.testing.assert_array_equal(back, array)
 
@@ -84,11 +85,11 @@ def test_idx_rejects_bad_magic_and_truncation(tmp_path):
   bad = tmp_path / "bad"
   bad.write_bytes(b"\x12\x34\x08\x01" + b"\x00" * 8)
   with pytest.raises(ValueError, match="magic"):
-    D.read_idx(str(bad))
+    idx.read_idx(str(bad))
   short = tmp_path / "short"
   short.write_bytes(struct.pack(">BBBBI", 0, 0, 8, 1, 10) + b"\x00" * 3)
   with pytest.raises(ValueError, match="10"):
-    D.read_idx(str(short))
+    idx.read_idx(str(short))
 
 
 @pytest.mark.parametrize("compress", [False, True])
@@ -242,11 +243,11 @@ def test_resize_close_to_pillow_and_preserves_constants():
   rng = np.random.default_rng(3)
   images = rng.integers(0, 256, (4, 28, 28), dtype=np.uint8)
   for size in (32, 14):
-    ours = D.resize(images[..., None], size)[..., 0]
+    ours = image_ops.resize(images[..., None], size)[..., 0]
     pil = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC))
                     for im in images])
     assert np.abs(ours.astype(int) - pil).mean() < 0.5
-  np.testing.assert_allclose(D.resize_matrix(28, 32).sum(1), 1, rtol=1e-6)
+  np.testing.assert_allclose(image_ops.resize_matrix(28, 32).sum(1), 1, rtol=1e-6)
   constant = np.full((2, 17, 23, 3), 77, np.uint8)
   out = D.fit_images(constant, 9, 1, crop=15)
   assert out.shape == (2, 9, 9, 1) and np.all(out == 77)
@@ -254,9 +255,9 @@ def test_resize_close_to_pillow_and_preserves_constants():
 
 def test_channel_conversion():
   rgb = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]]], np.uint8)
-  np.testing.assert_array_equal(D.convert_channels(rgb, 1)[..., 0], [[76, 150, 29]])
+  np.testing.assert_array_equal(image_ops.convert_channels(rgb, 1)[..., 0], [[76, 150, 29]])
   grey = np.arange(6, dtype=np.uint8).reshape(2, 3, 1)
-  np.testing.assert_array_equal(D.convert_channels(grey, 3), np.repeat(grey, 3, -1))
+  np.testing.assert_array_equal(image_ops.convert_channels(grey, 3), np.repeat(grey, 3, -1))
 
 
 # --- order, sharding, resumability, layout ------------------------------------------------------
@@ -351,17 +352,17 @@ def test_prefetch_passes_errors_and_stops():
   def failing():
     yield 1
     raise RuntimeError("boom")
-  it = D.Prefetch(failing(), 2)
+  it = prefetch.Prefetch(failing(), 2)
   assert next(it) == 1
   with pytest.raises(RuntimeError, match="boom"):
     next(it)
-  with D.Prefetch(iter(range(3)), 1) as it:
+  with prefetch.Prefetch(iter(range(3)), 1) as it:
     assert list(it) == [0, 1, 2]
-  endless = D.Prefetch(iter(lambda: 0, 1), 2)
+  endless = prefetch.Prefetch(iter(lambda: 0, 1), 2)
   next(endless)
   endless.close()
   assert not endless._thread.is_alive()
-  abandoned = D.Prefetch(iter(lambda: 0, 1), 2)
+  abandoned = prefetch.Prefetch(iter(lambda: 0, 1), 2)
   thread = abandoned._thread
   del abandoned  # dropping the last reference stops the thread too
   thread.join(timeout=5.0)
@@ -445,7 +446,7 @@ def test_tfds_source_with_a_fake_data_source():
   records = FakeRecords({"image": rng.integers(0, 256, (30, 24, 3), dtype=np.uint8), "label": i}
                         for i in range(5))
   fit = lambda im: D.fit_image(im, 16, 3)
-  source = D.TfdsSource(records, fit)
+  source = sources.TfdsSource(records, fit)
   images, labels = source.fetch(np.array([4, 0, 2]))
   assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
   np.testing.assert_array_equal(labels, [4, 0, 2])

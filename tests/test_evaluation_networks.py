@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sgm_jax.evaluation import efficientnet, features, inception, metrics
+from sgm_jax.evaluation import efficientnet, features, inception, metrics, torch_weights
 
 try:
   import torch
@@ -88,7 +88,7 @@ def _small_state():
 def test_reader_loads_the_zip_layout_written_by_hand(tmp_path):
   state = _small_state()
   path = _write_zip_pth(tmp_path / "small.pth", *_state_dict_pickle(state))
-  loaded = inception.load_torch_state_dict(path)
+  loaded = torch_weights.load_torch_state_dict(path)
   assert list(loaded) == list(state)
   for name, value in state.items():
     assert loaded[name].dtype == value.dtype
@@ -106,7 +106,7 @@ def test_reader_matches_torch_on_zip_and_legacy_files(tmp_path):
   for kind in ("zip", "legacy"):
     path = str(tmp_path / f"{kind}.pth")
     torch.save(tensors, path, _use_new_zipfile_serialization=kind == "zip")
-    loaded = inception.load_torch_state_dict(path)
+    loaded = torch_weights.load_torch_state_dict(path)
     assert list(loaded) == list(tensors)
     for name, value in tensors.items():
       np.testing.assert_array_equal(loaded[name], value.numpy())
@@ -129,11 +129,11 @@ def test_reader_refuses_a_malicious_pickle_without_running_it(tmp_path):
   legacy = tmp_path / "evil_legacy.pth"
   legacy.write_bytes(pickle.dumps(_Exploit(marker), protocol=2))  # where the magic number goes
   for path in (zipped, str(legacy)):
-    with pytest.raises(inception.UnsafePickleError, match="system"):
-      inception.load_torch_state_dict(path)
+    with pytest.raises(torch_weights.UnsafePickleError, match="system"):
+      torch_weights.load_torch_state_dict(path)
   assert not marker.exists()
   # Also as the converter's input.
-  with pytest.raises(inception.UnsafePickleError):
+  with pytest.raises(torch_weights.UnsafePickleError):
     inception.main(["--convert", zipped, "--out", str(tmp_path / "out.npz")])
   assert not marker.exists() and not (tmp_path / "out.npz").exists()
 
@@ -143,7 +143,7 @@ def test_reader_refuses_tensors_outside_their_storage(tmp_path):
   path = _write_zip_pth(tmp_path / "oob.pth",
                         *_state_dict_pickle(state, shapes={"fc.bias": (50,)}))
   with pytest.raises(pickle.UnpicklingError, match="does not fit"):
-    inception.load_torch_state_dict(path)
+    torch_weights.load_torch_state_dict(path)
 
 
 # ---------------------------------------------------------------------------- FID Inception

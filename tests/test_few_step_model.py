@@ -9,7 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from sgm_jax import datasets, run_lib, sampling
+from sgm_jax import datasets, sampling
+from sgm_jax.cli import outputs, setup
+from sgm_jax.cli.train import run_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -31,13 +33,13 @@ def _short_run(name: str, workdir: str):
     datasets.get_dataset(datasets.from_config(config)).train_batch(0)
   except (datasets.DatasetNotFoundError, ImportError):
     pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
-  run_lib.run_train(config, workdir)
-  sde, model, _ = run_lib.build(config)
-  params, _ = run_lib.restore_ema_params(config, workdir, model, (28, 28, 1))
-  score_fn = run_lib.score_fn_for(config, sde, model, params)
+  run_train(config, workdir)
+  sde, model, _ = setup.build(config)
+  params, _ = setup.restore_ema_params(config, workdir, model, (28, 28, 1))
+  score_fn = setup.score_fn_for(config, sde, model, params)
   sampler = sampling.get_sampler("deis", sde, (64, 28, 28, 1), num_steps=10)
   x, _ = sampler(jax.random.PRNGKey(0), score_fn)
-  return run_lib.out_of_range_share(np.asarray(x), True), float(np.abs(np.asarray(x)).max())
+  return outputs.out_of_range_share(np.asarray(x), True), float(np.abs(np.asarray(x)).max())
 
 
 def test_deis10_samples_of_a_short_default_run_stay_in_range(tmp_path):

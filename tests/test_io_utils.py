@@ -70,3 +70,26 @@ def test_read_jsonl_fails_clearly_on_a_bad_line_in_the_middle(tmp_path):
   path.write_text('{"a": 1}\n[1, 2]\n')
   with pytest.raises(ValueError, match=r"results.jsonl:2 .*not a JSON object"):
     io_utils.read_jsonl(str(path))
+
+
+def test_atomic_write_replaces_or_refuses_and_leaves_no_temporary_file(tmp_path):
+  path = str(tmp_path / "sub" / "out.bin")
+  with io_utils.atomic_write(path) as f:
+    f.write(b"one")
+  with pytest.raises(FileExistsError, match="overwrite"):
+    with io_utils.atomic_write(path, overwrite=False) as f:
+      f.write(b"two")
+  with open(path, "rb") as f:
+    assert f.read() == b"one"
+  with pytest.raises(RuntimeError):  # a writer that fails half-way keeps the old file
+    with io_utils.atomic_write(path) as f:
+      f.write(b"thr")
+      raise RuntimeError("killed")
+  with open(path, "rb") as f:
+    assert f.read() == b"one"
+  io_utils.save_npz_atomic(str(tmp_path / "sub" / "new.npz"), {"a": [1, 2]}, overwrite=False)
+  with io_utils.atomic_write(path) as f:
+    f.write(b"two")
+  with open(path, "rb") as f:
+    assert f.read() == b"two"
+  assert sorted(os.listdir(tmp_path / "sub")) == ["new.npz", "out.bin"]

@@ -17,7 +17,8 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from reference_data import PARAM_TREES
-from sgm_jax.models import ddpm, ncsnv2, wideresnet
+from sgm_jax import sde_lib
+from sgm_jax.models import ddpm, layers, ncsnv2, wideresnet
 
 MODERN = pathlib.Path(PARAM_TREES) / "modern_flax"
 _JSONS = sorted(MODERN.glob("*.json")) if MODERN.is_dir() else []
@@ -130,13 +131,13 @@ def test_from_config_rejects_unknown_names():
 
 
 def test_noise_level_indexes_sigmas_from_sigma_max_down():
-  sigmas = ddpm.smld_sigmas(0.01, 50.0, 232)
+  sigmas = sde_lib.smld_sigmas(0.01, 50.0, 232)
   np.testing.assert_allclose([sigmas[0], sigmas[-1]], [50.0, 0.01], rtol=1e-5)
   assert np.all(np.diff(np.asarray(sigmas)) < 0)
   labels = jnp.array([0, 231, 100], jnp.int32)
-  np.testing.assert_allclose(ddpm.noise_level(labels, 0.01, 50.0, 232), sigmas[labels])
+  np.testing.assert_allclose(layers.noise_level(labels, 0.01, 50.0, 232), sigmas[labels])
   sig = jnp.array([3.0, 0.5])
-  np.testing.assert_array_equal(ddpm.noise_level(sig, 0.01, 50.0, 232), sig)
+  np.testing.assert_array_equal(layers.noise_level(sig, 0.01, 50.0, 232), sig)
 
 
 def _random_params(model, x, time_cond, scale=0.2):

@@ -27,7 +27,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from reference_data import PARAM_TREES  # noqa: E402
-from sgm_jax.models import layerspp, ncsnpp  # noqa: E402
+from sgm_jax.models import layers, ncsnpp  # noqa: E402
 from sgm_jax.models import up_or_down_sampling as uds  # noqa: E402
 
 REF = PARAM_TREES
@@ -254,7 +254,7 @@ def test_tiny_forward(variant):
 
 
 def test_fourier_projection_w_is_a_fixed_parameter():
-  proj = layerspp.GaussianFourierProjection(embedding_size=512, scale=16.0)
+  proj = layers.GaussianFourierProjection(embedding_size=512, scale=16.0)
   x = jnp.array([0.1, -2.0, 3.0])
   params = proj.init(jax.random.PRNGKey(0), x)
   w = params["params"]["W"]

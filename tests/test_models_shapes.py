@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sgm_jax import models, run_lib  # noqa: E402
+from sgm_jax import models, sde_lib  # noqa: E402
 
 SHAPES = [(28, 1), (32, 3), (64, 3)]
 
@@ -40,7 +40,7 @@ FAMILIES = {
 def test_network_output_shape(family, size, channels):
   config = FAMILIES[family]()
   config.data.image_size, config.data.num_channels = size, channels
-  model = models.create_model(config, run_lib.sde_from_config(config))
+  model = models.create_model(config, sde_lib.from_config(config))
   x = jax.ShapeDtypeStruct((2, size, size, channels), jnp.float32)
   t = jax.ShapeDtypeStruct((2,), jnp.float32)
   key = jax.random.PRNGKey(0)

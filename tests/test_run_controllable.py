@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sgm_jax import run_controllable as rc
-from sgm_jax import run_lib
+from sgm_jax.cli import classifier, controllable, train_classifier
+from sgm_jax.cli.sample import run_sample
+from sgm_jax.cli.train import run_train
 from sgm_jax.checkpoints import CheckpointError, CheckpointStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,13 +41,13 @@ def trained(tmp_path_factory):
   """A digits workdir with a 2-step score model and a 4-step classifier."""
   workdir = str(tmp_path_factory.mktemp("digits"))
   config = _config()
-  run_lib.run_train(config, workdir)
-  metrics = rc.run_train_classifier(config, workdir)
+  run_train(config, workdir)
+  metrics = train_classifier.run_train_classifier(config, workdir)
   return config, workdir, metrics
 
 
 def _classifier_params(workdir):
-  store = CheckpointStore(os.path.join(workdir, rc.CLASSIFIER_DIR), keep=2)
+  store = CheckpointStore(os.path.join(workdir, classifier.CLASSIFIER_DIR), keep=2)
   try:
     step = store.latest_step()
     restored = store.periodic.restore(step)
@@ -69,12 +70,12 @@ def test_classifier_resume_repeats_the_uninterrupted_run(trained, tmp_path):
   straight = str(tmp_path / "straight")
   config6 = _config()
   config6.classifier.n_iters = 6
-  rc.run_train_classifier(config6, straight)
+  train_classifier.run_train_classifier(config6, straight)
   # Resume the 4-step run of the fixture to 6 steps in a copy of its classifier folder.
   import shutil
   resumed = str(tmp_path / "resumed")
   shutil.copytree(workdir, resumed)
-  rc.run_train_classifier(config6, resumed)
+  train_classifier.run_train_classifier(config6, resumed)
   (s1, p1), (s2, p2) = _classifier_params(straight), _classifier_params(resumed)
   assert s1 == s2 == 6
   for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p2)):
@@ -83,15 +84,15 @@ def test_classifier_resume_repeats_the_uninterrupted_run(trained, tmp_path):
 
 def test_class_conditional_sampling_cycles_labels(trained):
   config, workdir, _ = trained
-  result = run_lib.run_sample(config, workdir, "deis", 2, 6, class_label="all",
+  result = run_sample(config, workdir, "deis", 2, 6, class_label="all",
                               classifier_scale=2.0)
   np.testing.assert_array_equal(result["labels"], np.arange(6) % 10)
   assert result["classifier_scale"] == 2.0 and result["classifier_step"] == 4
   assert result["png"].endswith("_classall.png") and os.path.exists(result["png"])
   with np.load(result["npz"]) as f:
     assert f["samples"].shape == (6, 8, 8, 1) and np.all(np.isfinite(f["samples"]))
-  plain = run_lib.run_sample(config, workdir, "deis", 2, 4)
-  guided = run_lib.run_sample(config, workdir, "deis", 2, 4, class_label=3, classifier_scale=5.0)
+  plain = run_sample(config, workdir, "deis", 2, 4)
+  guided = run_sample(config, workdir, "deis", 2, 4, class_label=3, classifier_scale=5.0)
   with np.load(plain["npz"]) as f, np.load(guided["npz"]) as g:
     assert not np.allclose(f["samples"], g["samples"])  # the classifier gradient is used
 
@@ -100,22 +101,22 @@ def test_classifier_errors(trained, tmp_path):
   config, workdir, _ = trained
   with pytest.raises(ValueError, match=r"--class_label must be an integer in \[0, 10\) or 'all', "
                                        r"got '12'"):
-    run_lib.run_sample(config, workdir, "deis", 2, 2, class_label="12")
+    run_sample(config, workdir, "deis", 2, 2, class_label="12")
   with pytest.raises(CheckpointError, match="train it first with --mode train_classifier"):
-    rc.load_classifier_log_prob(config, str(tmp_path), None, (8, 8, 1))
+    classifier.load_classifier_log_prob(config, str(tmp_path), None, (8, 8, 1))
   bad = _config()
   bad.classifier.num_classes = 5
   with pytest.raises(ValueError, match="labels up to 9, but config.classifier.num_classes = 5"):
-    rc.run_train_classifier(bad, str(tmp_path / "bad"))
+    train_classifier.run_train_classifier(bad, str(tmp_path / "bad"))
   toy = importlib.import_module("configs.toy_2d").get_config()
   with pytest.raises(ValueError, match="needs image data"):
-    rc.run_train_classifier(toy, str(tmp_path / "toy"))
+    train_classifier.run_train_classifier(toy, str(tmp_path / "toy"))
 
 
 @pytest.mark.parametrize("method", ["deis", "pc"])
 def test_inpaint_keeps_known_pixels(trained, method):
   config, workdir, _ = trained
-  result = rc.run_inpaint(config, workdir, method, 3, 4, mask="center")
+  result = controllable.run_inpaint(config, workdir, method, 3, 4, mask="center")
   assert result["known_pixel_max_abs_change"] == 0.0 and result["unknown_fraction"] == 0.25
   with np.load(result["npz"]) as f:
     inputs, mask, x = f["inputs"], f["mask"], f["result"]
@@ -128,7 +129,7 @@ def test_inpaint_keeps_known_pixels(trained, method):
 @pytest.mark.parametrize("name, unknown", [("left", 0.5), ("right", 0.5), ("top", 0.5),
                                            ("bottom", 0.5), ("center", 0.25)])
 def test_mask_names(name, unknown):
-  mask = rc.make_mask(name, (8, 8, 1))
+  mask = controllable.make_mask(name, (8, 8, 1))
   assert mask.shape == (8, 8, 1) and 1.0 - mask.mean() == unknown
 
 
@@ -137,12 +138,12 @@ def test_mask_from_file_and_bad_names(tmp_path):
   pixels[:, :3] = 255
   path = str(tmp_path / "mask.png")
   Image.fromarray(pixels).save(path)
-  np.testing.assert_array_equal(rc.make_mask(path, (8, 8, 1))[..., 0], pixels > 0)
+  np.testing.assert_array_equal(controllable.make_mask(path, (8, 8, 1))[..., 0], pixels > 0)
   with pytest.raises(ValueError, match=r"mask file .* is 8x8; the model's images are 16x16"):
-    rc.make_mask(path, (16, 16, 3))
+    controllable.make_mask(path, (16, 16, 3))
   with pytest.raises(ValueError, match=r"unknown --mask 'middle': use one of \['left'"):
-    rc.make_mask("middle", (8, 8, 1))
-  random = rc.make_mask("random", (64, 64, 1), seed=1)
+    controllable.make_mask("middle", (8, 8, 1))
+  random = controllable.make_mask("random", (64, 64, 1), seed=1)
   assert 0.4 < random.mean() < 0.6
 
 
@@ -152,8 +153,8 @@ def test_colorize_keeps_gray_values(tmp_path):
   np.savez(tmp_path / "rgb.npz", images=images, labels=np.arange(24) % 3)
   config = _config(dataset="npz", data_dir=str(tmp_path / "rgb.npz"), num_channels=3)
   workdir = str(tmp_path / "wd")
-  run_lib.run_train(config, workdir)
-  result = rc.run_colorize(config, workdir, "deis", 3, 4, input_path=str(tmp_path / "rgb.npz"))
+  run_train(config, workdir)
+  result = controllable.run_colorize(config, workdir, "deis", 3, 4, input_path=str(tmp_path / "rgb.npz"))
   with np.load(result["npz"]) as f:
     gray, x = f["gray"], f["result"]
   assert x.shape == (4, 8, 8, 3) and np.all(np.isfinite(x))
@@ -162,7 +163,7 @@ def test_colorize_keeps_gray_values(tmp_path):
   np.testing.assert_allclose(x.mean(axis=-1, keepdims=True), gray, atol=tolerance)
   assert np.abs(x - x.mean(axis=-1, keepdims=True)).max() > 1e-3  # it is not gray any more
   Image.fromarray(images[0]).save(tmp_path / "photo.png")  # one image: no count needed
-  single = rc.run_colorize(config, workdir, "deis", 3, input_path=str(tmp_path / "photo.png"))
+  single = controllable.run_colorize(config, workdir, "deis", 3, input_path=str(tmp_path / "photo.png"))
   assert single["num_images"] == 1
 
 
@@ -170,7 +171,7 @@ def test_interpolation_from_an_input_file(trained, tmp_path):
   config, workdir, _ = trained
   rng = np.random.default_rng(1)
   np.savez(tmp_path / "in.npz", images=(rng.random((4, 16, 16)) * 255).astype(np.uint8))
-  result = rc.run_interpolate(config, workdir, 2, 5, input_path=str(tmp_path / "in.npz"))
+  result = controllable.run_interpolate(config, workdir, 2, 5, input_path=str(tmp_path / "in.npz"))
   with np.load(result["npz"]) as f:
     inputs, strips = f["inputs"], f["result"]
   assert inputs.shape == (4, 8, 8, 1)  # resized to the model's 8x8
@@ -184,7 +185,7 @@ def test_interpolation_from_an_input_file(trained, tmp_path):
 def test_a_single_input_image_needs_no_count(trained, tmp_path):
   config, workdir, _ = trained
   Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tmp_path / "digit.png")
-  result = rc.run_inpaint(config, workdir, "ddim", 2, input_path=str(tmp_path / "digit.png"))
+  result = controllable.run_inpaint(config, workdir, "ddim", 2, input_path=str(tmp_path / "digit.png"))
   assert result["num_images"] == 1
   with np.load(result["npz"]) as f:
     assert f["result"].shape == (1, 8, 8, 1)
@@ -193,15 +194,15 @@ def test_a_single_input_image_needs_no_count(trained, tmp_path):
 def test_input_file_errors(trained, tmp_path):
   config, workdir, _ = trained
   with pytest.raises(FileNotFoundError, match="--input file .*nope.npz' not found"):
-    rc.run_inpaint(config, workdir, "deis", 2, 2, input_path=str(tmp_path / "nope.npz"))
+    controllable.run_inpaint(config, workdir, "deis", 2, 2, input_path=str(tmp_path / "nope.npz"))
   np.savez(tmp_path / "few.npz", images=np.zeros((1, 8, 8), np.uint8))
   with pytest.raises(ValueError, match="needed 2 input images, found 1"):
-    rc.run_inpaint(config, workdir, "deis", 2, 2, input_path=str(tmp_path / "few.npz"))
+    controllable.run_inpaint(config, workdir, "deis", 2, 2, input_path=str(tmp_path / "few.npz"))
   (tmp_path / "junk.png").write_bytes(b"not an image")
   with pytest.raises(ValueError, match="neither an .npz nor an image file"):
-    rc.run_inpaint(config, workdir, "deis", 2, 2, input_path=str(tmp_path / "junk.png"))
+    controllable.run_inpaint(config, workdir, "deis", 2, 2, input_path=str(tmp_path / "junk.png"))
   with pytest.raises(ValueError, match="colorization needs an RGB model"):
-    rc.run_colorize(config, workdir, "deis", 2, 2)
+    controllable.run_colorize(config, workdir, "deis", 2, 2)
 
 
 def _main(*args):

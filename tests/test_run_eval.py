@@ -10,7 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from sgm_jax import run_lib
+from sgm_jax.cli import evaluate, outputs, setup
+from sgm_jax.cli.sample import run_sample
+from sgm_jax.cli.train import run_train
 from sgm_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,18 +36,18 @@ def _config(name="digits"):
 @pytest.fixture(scope="module")
 def digits_workdir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("digits"))
-  run_lib.run_train(_config(), workdir)
+  run_train(_config(), workdir)
   return workdir
 
 
 def test_one_sampler_option_keeps_the_configs_other_pc_settings():
   config = _config()
   config.sampling.predictor, config.sampling.snr = "euler_maruyama", 0.07
-  options = run_lib.sampler_options_from_config(config, "pc", {"n_steps_each": 2})
+  options = setup.sampler_options_from_config(config, "pc", {"n_steps_each": 2})
   assert options == dict(predictor="euler_maruyama", corrector=config.sampling.corrector,
                          snr=0.07, n_steps_each=2, denoise=config.sampling.noise_removal,
                          probability_flow=config.sampling.probability_flow)
-  assert run_lib.sampler_options_from_config(config, "deis", {"order": 2}) == {"order": 2}
+  assert setup.sampler_options_from_config(config, "deis", {"order": 2}) == {"order": 2}
 
 
 def test_sample_and_eval_use_the_same_sampler_settings(digits_workdir):
@@ -54,8 +56,8 @@ def test_sample_and_eval_use_the_same_sampler_settings(digits_workdir):
   config.eval.enable_sampling = True
   config.eval.sampler, config.eval.num_steps, config.eval.num_samples = "pc", 2, 4
   config.eval.reference_examples = 8
-  sampled = run_lib.run_sample(config, digits_workdir, "pc", 2, 4, denoise=False)
-  evaluated = run_lib.run_eval(config, digits_workdir, denoise=False)
+  sampled = run_sample(config, digits_workdir, "pc", 2, 4, denoise=False)
+  evaluated = evaluate.run_eval(config, digits_workdir, denoise=False)
   assert sampled["sampler_options"]["snr"] == 0.05 and sampled["sampler_options"]["denoise"] is False
   assert evaluated["sampler_options"] == sampled["sampler_options"]
   # Eval draws its own keys, so the settings are compared, and the nfe they imply: 2 steps of
@@ -67,10 +69,10 @@ def test_eval_loss_is_the_test_mean_without_padding(digits_workdir):
   config = _config()
   config.eval.enable_loss = True
   config.eval.loss_num_examples = 10 ** 6
-  result = run_lib.run_eval(config, digits_workdir)
+  result = evaluate.run_eval(config, digits_workdir)
   assert result["loss_examples"] == 179  # the digits test split; 179 = 44 * 4 + 3 (one padded)
   assert np.isfinite(result["loss"]) and result["loss"] > 0
-  again = run_lib.run_eval(config, digits_workdir)  # resumed from the per-batch files
+  again = evaluate.run_eval(config, digits_workdir)  # resumed from the per-batch files
   assert again["loss"] == result["loss"]
   files = sorted(os.listdir(os.path.join(digits_workdir, "eval", "ckpt_2", "loss_test")))
   assert len(files) == 45 and files[0] == "batch_000000.npz"
@@ -78,11 +80,11 @@ def test_eval_loss_is_the_test_mean_without_padding(digits_workdir):
 
 def test_eval_with_nothing_enabled_says_so_and_writes_nothing(digits_workdir):
   with pytest.raises(UserError, match="nothing to compute.*eval.enable_loss"):
-    run_lib.run_eval(_config(), digits_workdir)
+    evaluate.run_eval(_config(), digits_workdir)
   results = os.path.join(digits_workdir, "eval", "results.jsonl")
   before = open(results).read() if os.path.exists(results) else ""
   with pytest.raises(UserError):
-    run_lib.run_eval(_config(), digits_workdir)
+    evaluate.run_eval(_config(), digits_workdir)
   assert (open(results).read() if os.path.exists(results) else "") == before
 
 
@@ -91,7 +93,7 @@ def test_eval_sizes_are_checked_before_any_work(digits_workdir):
   config.eval.enable_sampling = True
   config.eval.reference_examples = 2048  # the digits training split has 1618
   with pytest.raises(UserError, match=r"eval.reference_examples=2048 is more than the 1618 images"):
-    run_lib.run_eval(config, digits_workdir)
+    evaluate.run_eval(config, digits_workdir)
   assert not os.path.exists(os.path.join(digits_workdir, "eval", "ckpt_2", "samples_deis_10"))
 
 
@@ -99,8 +101,8 @@ def test_shipped_digits_config_fits_its_data():
   from sgm_jax import datasets
   config = importlib.import_module("configs.digits").get_config()
   dataset = datasets.get_dataset(datasets.from_config(config))
-  parts = run_lib._eval_parts(config, images=True)
-  run_lib._check_eval_sizes(config, dataset, parts)  # raises if the defaults ask for too much
+  parts = evaluate.eval_parts(config, images=True)
+  evaluate.check_eval_sizes(config, dataset, parts)  # raises if the defaults ask for too much
 
 
 def _main(*args):
@@ -124,7 +126,7 @@ def test_score_sde_cifar10_configs_evaluate_the_test_loss():
   """score_sde's CIFAR-10 defaults turn sampling and bits/dim off and the eval loss on."""
   for name in ("vp_cifar10", "ve.cifar10_ncsnpp_continuous"):
     config = importlib.import_module(f"configs.{name}").get_config()
-    assert run_lib._eval_parts(config, images=True) == ["loss"]
+    assert evaluate.eval_parts(config, images=True) == ["loss"]
 
 
 @pytest.mark.parametrize("option", ["denoise", "probability_flow"])
@@ -135,10 +137,10 @@ def test_pc_refuses_a_boolean_option_given_as_a_string(option):
 
 
 def test_a_damaged_progress_file_is_recomputed_not_fatal(tmp_path):
-  progress = run_lib._Progress(str(tmp_path))
+  progress = outputs.BatchProgress(str(tmp_path))
   progress.add(0, loss=1.0)
   progress.add(1, loss=2.0)
   path = tmp_path / "batch_000001.npz"
   path.write_bytes(path.read_bytes()[:40])  # a truncated zip
-  again = run_lib._Progress(str(tmp_path))
+  again = outputs.BatchProgress(str(tmp_path))
   assert sorted(again.done) == [0] and float(again.gather("loss")[0]) == 1.0

@@ -10,7 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sgm_jax import datasets, models, run_lib, train
+from sgm_jax import datasets, models, train
+from sgm_jax.cli import setup
+from sgm_jax.cli.evaluate import run_eval
+from sgm_jax.cli.sample import run_sample
+from sgm_jax.cli.train import run_train
 from sgm_jax.workdir import WorkdirError, WorkdirLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,12 +50,12 @@ def test_small_config_trains_and_samples(name, tmp_path):
     pytest.skip(f"the local data of configs/{name}.py is not installed (see README)")
   config = _config(name)
   workdir = str(tmp_path)
-  state = run_lib.run_train(config, workdir)
+  state = run_train(config, workdir)
   assert int(state.step) == 2
   for leaf in jax.tree_util.tree_leaves(state.params_ema):
     assert np.all(np.isfinite(leaf))
   assert os.path.exists(os.path.join(workdir, "loss_curve.png"))
-  result = run_lib.run_sample(config, workdir, "deis", num_steps=2, num_samples=3)
+  result = run_sample(config, workdir, "deis", num_steps=2, num_samples=3)
   assert result["checkpoint_step"] == 2 and result["nfe"] == 2
   with np.load(result["npz"]) as f:
     samples = f["samples"]
@@ -74,22 +78,22 @@ def test_training_resumes_instead_of_restarting(tmp_path, monkeypatch):
 
   monkeypatch.setattr(train, "train_loop", counting_loop)
   config = _config("toy_2d")
-  run_lib.run_train(config, str(tmp_path))
+  run_train(config, str(tmp_path))
   assert requested == [0, 1]
   requested.clear()
   config.training.n_iters = 3
-  state = run_lib.run_train(config, str(tmp_path))
+  state = run_train(config, str(tmp_path))
   assert int(state.step) == 3
   assert requested == [2]  # only the step after the checkpoint of step 2
 
 
 def test_workdir_of_another_config_is_refused_and_kept(tmp_path):
-  run_lib.run_train(_config("toy_2d"), str(tmp_path))
+  run_train(_config("toy_2d"), str(tmp_path))
   before = sorted(os.listdir(tmp_path / "checkpoints"))
   other = _config("toy_2d")
   other.model.hidden = (64, 64)
   with pytest.raises(WorkdirError, match=r"belongs to a different config \(model.hidden"):
-    run_lib.run_train(other, str(tmp_path))
+    run_train(other, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == before
 
 
@@ -111,7 +115,7 @@ def test_create_model_contract(config_file):
   """models.create_model(config, sde); model.init({'params', 'dropout'}, x, t) with float (B,) t."""
   module = config_file[:-3].replace("/", ".")
   config = importlib.import_module(module).get_config()
-  model = models.create_model(config, run_lib.sde_from_config(config))
+  model = models.create_model(config, setup.sde_from_config(config))
   size, channels = config.data.image_size, config.data.num_channels
   x = jax.ShapeDtypeStruct((2, size, size, channels), jnp.float32)
   t = jax.ShapeDtypeStruct((2,), jnp.float32)
@@ -176,15 +180,15 @@ def test_eval_writes_metrics_and_resumes_without_redoing_batches(tmp_path):
   config.eval.loss_num_examples = 8
   config.eval.batch_size = 4
   config.eval.num_steps = 2
-  run_lib.run_train(config, str(tmp_path))
-  first = run_lib.run_eval(config, str(tmp_path))
+  run_train(config, str(tmp_path))
+  first = run_eval(config, str(tmp_path))
   assert np.isfinite(first["bpd"]) and first["bpd_examples"] == 8
   assert np.isfinite(first["FD-EffNet"]) and first["num_samples"] == 8
   progress = sorted((tmp_path / "eval" / "ckpt_2").rglob("batch_*.npz"))
   assert len(progress) == 2 + 2 + 2  # test loss, bits/dim and samples: 8 each in batches of 4
   assert np.isfinite(first["loss"]) and first["loss_examples"] == 8
   stamps = [p.stat().st_mtime_ns for p in progress]
-  second = run_lib.run_eval(config, str(tmp_path))
+  second = run_eval(config, str(tmp_path))
   assert [p.stat().st_mtime_ns for p in progress] == stamps  # nothing recomputed
   assert second["bpd"] == first["bpd"] and second["FD-EffNet"] == first["FD-EffNet"]
   lines = (tmp_path / "eval" / "results.jsonl").read_text().strip().splitlines()

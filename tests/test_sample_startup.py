@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 from jax import monitoring
 
-from sgm_jax import datasets, run_lib, train
+from sgm_jax import datasets, train
+from sgm_jax.cli import setup
+from sgm_jax.cli.sample import run_sample
+from sgm_jax.cli.train import run_train
 from sgm_jax.checkpoints import CheckpointStore
 from test_run_lib import _available, _config
 
@@ -26,8 +29,8 @@ def trained(tmp_path_factory):
   """A toy_2d workdir trained for 2 steps: (config, workdir, model, example shape)."""
   config = _config("toy_2d")
   workdir = str(tmp_path_factory.mktemp("toy_2d"))
-  run_lib.run_train(config, workdir)
-  _, model, dataset = run_lib.build(config)
+  run_train(config, workdir)
+  _, model, dataset = setup.build(config)
   return config, workdir, model, datasets.example_shape(dataset.spec)
 
 
@@ -40,10 +43,10 @@ def _assert_trees_identical(a, b):
 
 def test_abstract_target_restores_exactly_what_a_real_target_restores(trained):
   config, workdir, model, shape = trained
-  tx = run_lib.optimizer_from_config(config).build()
-  abstract = run_lib.abstract_initial_state(config, model, shape, tx)
+  tx = setup.optimizer_from_config(config).build()
+  abstract = setup.abstract_initial_state(config, model, shape, tx)
   assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree_util.tree_leaves(abstract))
-  real = run_lib.initial_state(config, model, shape, tx)
+  real = setup.initial_state(config, model, shape, tx)
   _assert_trees_identical(jax.eval_shape(lambda: real), abstract)
 
   store = CheckpointStore(workdir)
@@ -54,7 +57,7 @@ def test_abstract_target_restores_exactly_what_a_real_target_restores(trained):
   _assert_trees_identical(from_real, from_abstract)
   assert isinstance(jax.tree_util.tree_leaves(from_abstract.params_ema)[0], jax.Array)
 
-  params, step = run_lib.restore_ema_params(config, workdir, model, shape)
+  params, step = setup.restore_ema_params(config, workdir, model, shape)
   assert step == int(from_real.step) == 2
   _assert_trees_identical(params, from_real.params_ema)
   # Restored, not initialized: two training steps moved the EMA away from the initial params.
@@ -65,13 +68,13 @@ def test_abstract_target_restores_exactly_what_a_real_target_restores(trained):
 def test_restore_neither_runs_nor_initializes_the_network(trained, monkeypatch):
   global _COMPILES
   config, workdir, model, shape = trained
-  expected, _ = run_lib.restore_ema_params(config, workdir, model, shape)
+  expected, _ = setup.restore_ema_params(config, workdir, model, shape)
 
   def refuse(*args, **kwargs):
     raise AssertionError("restoring a checkpoint must not initialize a train state")
 
   monkeypatch.setattr(train, "init_train_state", refuse)
-  monkeypatch.setattr(run_lib, "initial_state", refuse)
+  monkeypatch.setattr(setup, "initial_state", refuse)
   call = type(model).__call__
 
   def traced_only(self, x, *args, **kwargs):  # eval_shape traces; running eagerly is refused
@@ -82,7 +85,7 @@ def test_restore_neither_runs_nor_initializes_the_network(trained, monkeypatch):
   monkeypatch.setattr(type(model), "__call__", traced_only)
   _COMPILES = []
   try:
-    params, step = run_lib.restore_ema_params(config, workdir, model, shape)
+    params, step = setup.restore_ema_params(config, workdir, model, shape)
     compiles = list(_COMPILES)
   finally:
     _COMPILES = None
@@ -98,7 +101,7 @@ def test_sampling_loads_no_data(trained, monkeypatch):
     raise AssertionError(f"--mode sample loaded the {split} split")
 
   monkeypatch.setattr(datasets.Dataset, "source", refuse)
-  result = run_lib.run_sample(config, workdir, "deis", num_steps=2, num_samples=2)
+  result = run_sample(config, workdir, "deis", num_steps=2, num_samples=2)
   with np.load(result["npz"]) as f:
     assert f["samples"].shape == (2, 2) and np.all(np.isfinite(f["samples"]))
 

@@ -28,16 +28,11 @@ import numpy as np
 
 from sgm_jax.errors import InputError
 from sgm_jax.sampling import base
-from sgm_jax.sde_lib import SDE, batch_expand
+from sgm_jax.sde_lib import SDE, batch_expand, batch_times
 
 Array = jax.Array
 Partial = jax.tree_util.Partial
 LogitsFn = Callable[[Any, Array, Array], Array]
-
-
-def _batch_times(t: Array, x: Array) -> Array:
-  t = jnp.asarray(t, dtype=x.dtype)
-  return jnp.broadcast_to(t, (x.shape[0],)) if t.ndim == 0 else t
 
 
 def _batch_labels(y: Array, x: Array) -> Array:
@@ -81,7 +76,8 @@ class _LogitsLogProb:
   logits_fn: LogitsFn
 
   def __call__(self, params, x: Array, t: Array, y: Array) -> Array:
-    return log_prob_from_logits(self.logits_fn(params, x, _batch_times(t, x)), _batch_labels(y, x))
+    logits = self.logits_fn(params, x, batch_times(t, x, x.dtype))
+    return log_prob_from_logits(logits, _batch_labels(y, x))
 
 
 def classifier_log_prob_fn(logits_fn: LogitsFn, params) -> Partial:
@@ -106,7 +102,7 @@ class NoiseConditionalLogits:
   sde: SDE
 
   def __call__(self, params, x: Array, t: Array) -> Array:
-    t = _batch_times(t, x)
+    t = batch_times(t, x, x.dtype)
     scaled = x / batch_expand(self.sde.alpha(t).astype(x.dtype), x)
     return self.model.apply({"params": params}, scaled, self.sde.rho(t).astype(x.dtype))
 
@@ -124,7 +120,7 @@ class _MixtureClassLogProb:
   sde: SDE
 
   def __call__(self, mixture, x: Array, t: Array, y: Array) -> Array:
-    log_joint, _, _ = mixture._log_joint(x, self.sde, _batch_times(t, x))  # (B, K)
+    log_joint, _, _ = mixture._log_joint(x, self.sde, batch_times(t, x, x.dtype))  # (B, K)
     log_r = jax.nn.log_softmax(log_joint, axis=-1)
     in_class = mixture.labels[None, :] == _batch_labels(y, x)[:, None]
     return jax.nn.logsumexp(jnp.where(in_class, log_r, -jnp.inf), axis=-1)

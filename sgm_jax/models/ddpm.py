@@ -2,77 +2,21 @@
 
 Parameter-compatible with score_sde's `models/ddpm.py` ('ddpm' configs): module classes and call
 order reproduce its parameter paths (`ResnetBlockDDPM_3/NIN_0/W`, `AttnBlock_1/GroupNorm_0/scale`).
-
-Also home of two score_sde conventions shared with NCSNv2: activation names and the SMLD noise-level
-table used with `scale_by_sigma`.
 """
 from __future__ import annotations
 
 import functools
-import math
-from typing import Callable, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from sgm_jax.errors import InputError
-from sgm_jax.models.layers import default_init, get_timestep_embedding
+from sgm_jax.models.layers import (NIN, conv3x3, default_init, divide_by_noise_level, get_act,
+                                   get_timestep_embedding, pixel_attention)
 
 Array = jax.Array
-Activation = Callable[[Array], Array]
-
-ACTIVATIONS: dict[str, Activation] = {
-    "elu": nn.elu,
-    "relu": nn.relu,
-    "lrelu": functools.partial(nn.leaky_relu, negative_slope=0.2),
-    "swish": nn.swish,
-}
-
-
-def get_act(name: str) -> Activation:
-  """Activation for score_sde's `config.model.nonlinearity` name."""
-  key = name.lower()
-  if key not in ACTIVATIONS:
-    raise InputError(f"unknown nonlinearity {name!r}; valid names are {sorted(ACTIVATIONS)}")
-  return ACTIVATIONS[key]
-
-
-def smld_sigmas(sigma_min: float, sigma_max: float, num_scales: int) -> Array:
-  """SMLD noise levels as score_sde stores them: geometric, from sigma_max DOWN to sigma_min."""
-  return jnp.exp(jnp.linspace(math.log(sigma_max), math.log(sigma_min), num_scales))
-
-
-def noise_level(labels: Array, sigma_min: float, sigma_max: float, num_scales: int) -> Array:
-  """Noise level sigma of each (B,) time label.
-
-  Integer labels index `smld_sigmas` (index 0 = sigma_max), the discrete VE convention
-  (`VESDE.time_label(t, continuous=False)`); float labels are taken to be the noise level itself
-  (`VESDE.time_label(t, continuous=True)`), which score_sde's networks could not accept.
-  """
-  if jnp.issubdtype(labels.dtype, jnp.integer):
-    return smld_sigmas(sigma_min, sigma_max, num_scales)[labels]
-  return labels
-
-
-def ddpm_conv3x3(x: Array, features: int, stride: int = 1, init_scale: float = 1.0) -> Array:
-  """3x3 'SAME' convolution with DDPM's initialization (fan-avg uniform kernel, zero bias)."""
-  return nn.Conv(features, (3, 3), strides=(stride, stride), padding="SAME",
-                 kernel_init=default_init(init_scale))(x)
-
-
-class NIN(nn.Module):
-  """Network-in-network: a 1x1 convolution over the last axis, params `W` (C_in, C_out) and `b`."""
-
-  num_units: int
-  init_scale: float = 0.1
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    W = self.param("W", default_init(self.init_scale), (x.shape[-1], self.num_units))
-    b = self.param("b", nn.initializers.zeros, (self.num_units,))
-    y = jnp.tensordot(x, W, axes=1)
-    return y + b.reshape((1,) * (y.ndim - 1) + (-1,))
 
 
 class AttnBlock(nn.Module):
@@ -80,13 +24,7 @@ class AttnBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    B, H, W, C = x.shape
-    h = nn.GroupNorm(num_groups=32)(x)
-    q, k, v = NIN(C)(h), NIN(C)(h), NIN(C)(h)
-    logits = jnp.einsum("bhwc,bHWc->bhwHW", q, k) * C ** -0.5
-    weights = jax.nn.softmax(logits.reshape(B, H, W, H * W), axis=-1).reshape(B, H, W, H, W)
-    h = jnp.einsum("bhwHW,bHWc->bhwc", weights, v)
-    return x + NIN(C, init_scale=0.0)(h)
+    return x + pixel_attention(nn.GroupNorm(num_groups=32)(x), out_init_scale=0.0)
 
 
 class Upsample(nn.Module):
@@ -98,7 +36,7 @@ class Upsample(nn.Module):
   def __call__(self, x: Array) -> Array:
     B, H, W, C = x.shape
     h = jax.image.resize(x, (B, 2 * H, 2 * W, C), "nearest")
-    return ddpm_conv3x3(h, C) if self.with_conv else h
+    return conv3x3(h, C) if self.with_conv else h
 
 
 class Downsample(nn.Module):
@@ -109,7 +47,7 @@ class Downsample(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     if self.with_conv:
-      return ddpm_conv3x3(x, x.shape[-1], stride=2)
+      return conv3x3(x, x.shape[-1], stride=2)
     return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="SAME")
 
 
@@ -126,14 +64,14 @@ class ResnetBlockDDPM(nn.Module):
     act = get_act(self.nonlinearity)
     C = x.shape[-1]
     out_ch = self.out_ch or C
-    h = ddpm_conv3x3(act(nn.GroupNorm(num_groups=32)(x)), out_ch)
+    h = conv3x3(act(nn.GroupNorm(num_groups=32)(x)), out_ch)
     if temb is not None:
       h = h + nn.Dense(out_ch, kernel_init=default_init())(act(temb))[:, None, None, :]
     h = act(nn.GroupNorm(num_groups=32)(h))
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
-    h = ddpm_conv3x3(h, out_ch, init_scale=0.0)
+    h = conv3x3(h, out_ch, init_scale=0.0)
     if C != out_ch:
-      x = ddpm_conv3x3(x, out_ch) if self.conv_shortcut else NIN(out_ch)(x)
+      x = conv3x3(x, out_ch) if self.conv_shortcut else NIN(out_ch)(x)
     return x + h
 
 
@@ -142,7 +80,7 @@ class DDPM(nn.Module):
 
   `time_cond` is embedded sinusoidally (used when `conditional`). With `scale_by_sigma` (VE
   training of a DDPM network) the output is divided by the noise level of `time_cond`,
-  see `noise_level`. Inputs in [0, 1] are mapped to [-1, 1] unless `centered`.
+  see `layers.noise_level`. Inputs in [0, 1] are mapped to [-1, 1] unless `centered`.
   """
 
   nf: int = 128
@@ -172,7 +110,7 @@ class DDPM(nn.Module):
     num_levels = len(self.ch_mult)
 
     h = x if self.centered else 2.0 * x - 1.0
-    hs = [ddpm_conv3x3(h, self.nf)]
+    hs = [conv3x3(h, self.nf)]
     for level, mult in enumerate(self.ch_mult):
       for _ in range(self.num_res_blocks):
         h = block(out_ch=self.nf * mult)(hs[-1], temb, train)
@@ -197,10 +135,9 @@ class DDPM(nn.Module):
     assert not hs
 
     h = act(nn.GroupNorm(num_groups=32)(h))
-    h = ddpm_conv3x3(h, x.shape[-1], init_scale=0.0)
+    h = conv3x3(h, x.shape[-1], init_scale=0.0)
     if self.scale_by_sigma:
-      sigma = noise_level(time_cond, self.sigma_min, self.sigma_max, self.num_scales)
-      h = h / sigma.reshape((-1,) + (1,) * (h.ndim - 1))
+      h = divide_by_noise_level(h, time_cond, self.sigma_min, self.sigma_max, self.num_scales)
     return h
 
 

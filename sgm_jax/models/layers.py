@@ -1,8 +1,10 @@
-"""Layers shared by the score networks (DDPM / NCSN++ families).
+"""Layers shared by the score networks (DDPM, NCSN++, NCSNv2, the small networks, the classifier).
 
 Initializers, activations, 1x1/3x3 convolutions and the NIN (per-pixel dense) layer follow the
 conventions of DDPM (Ho et al., 2020) as used by score_sde (Song et al., ICLR 2021), so that
-parameter names and shapes agree with the released checkpoints.
+parameter names and shapes agree with the released checkpoints. Also the two time embeddings
+(sinusoidal, Gaussian Fourier) and the SMLD noise level of a time label, by which networks with
+`scale_by_sigma` divide their output.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from sgm_jax.errors import InputError
+from sgm_jax.sde_lib import smld_sigmas
 
 Array = jax.Array
 Activation = Callable[[Array], Array]
@@ -38,6 +41,42 @@ def get_timestep_embedding(timesteps: jax.Array, embedding_dim: int,
   if embedding_dim % 2 == 1:
     emb = jnp.pad(emb, [[0, 0], [0, 1]])
   return emb
+
+
+class GaussianFourierProjection(nn.Module):
+  """Random Fourier features [sin(2 pi W x), cos(2 pi W x)] of a (B,) input (Tancik et al., 2020).
+
+  W ~ N(0, scale^2) of size `embedding_size` is a stored parameter, as in score_sde, but it is
+  never trained (stop_gradient).
+  """
+  embedding_size: int = 256
+  scale: float = 1.0
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    w = self.param("W", jax.nn.initializers.normal(stddev=self.scale), (self.embedding_size,))
+    w = jax.lax.stop_gradient(w)
+    x_proj = x[:, None] * w[None, :] * 2 * math.pi
+    return jnp.concatenate([jnp.sin(x_proj), jnp.cos(x_proj)], axis=-1)
+
+
+def noise_level(labels: Array, sigma_min: float, sigma_max: float, num_scales: int) -> Array:
+  """Noise level sigma of each (B,) time label.
+
+  Integer labels index `sde_lib.smld_sigmas` (index 0 = sigma_max), the discrete VE convention
+  (`VESDE.time_label(t, continuous=False)`); float labels are taken to be the noise level itself
+  (`VESDE.time_label(t, continuous=True)`), which score_sde's networks could not accept.
+  """
+  if jnp.issubdtype(labels.dtype, jnp.integer):
+    return smld_sigmas(sigma_min, sigma_max, num_scales)[labels]
+  return labels
+
+
+def divide_by_noise_level(h: Array, labels: Array, sigma_min: float, sigma_max: float,
+                          num_scales: int) -> Array:
+  """h / sigma per example, sigma the `noise_level` of its label (score_sde's scale_by_sigma)."""
+  sigma = noise_level(labels, sigma_min, sigma_max, num_scales)
+  return h / sigma.reshape((-1,) + (1,) * (h.ndim - 1))
 
 
 _ACTIVATIONS: dict[str, Activation] = {
@@ -84,3 +123,15 @@ class NIN(nn.Module):
     b = self.param("b", jax.nn.initializers.zeros, (self.num_units,))
     y = jnp.tensordot(x, w, axes=1)
     return y + b.reshape((1,) * (y.ndim - 1) + (-1,))
+
+
+def pixel_attention(h: Array, out_init_scale: float) -> Array:
+  """Single-head self-attention over all H*W positions of normalized (B, H, W, C) features, as in
+  DDPM: NIN query, key and value, softmax(q k / sqrt(C)) v, then an output NIN (creates
+  `NIN_0`..`NIN_3` in the calling module)."""
+  b, height, width, c = h.shape
+  q, k, v = NIN(c)(h), NIN(c)(h), NIN(c)(h)
+  logits = jnp.einsum("bhwc,bHWc->bhwHW", q, k) * c ** -0.5
+  weights = jax.nn.softmax(logits.reshape(b, height, width, height * width), axis=-1)
+  h = jnp.einsum("bhwHW,bHWc->bhwc", weights.reshape(b, height, width, height, width), v)
+  return NIN(c, init_scale=out_init_scale)(h)

@@ -1,8 +1,8 @@
 """Building blocks of NCSN++ / DDPM++ (Song et al., ICLR 2021, Sec. 4.4 and App. H).
 
 Class names are part of the parameter paths (flax names a submodule `<ClassName>_<n>`), so they
-match the original score_sde modules: GaussianFourierProjection, Combine, AttnBlockpp, Upsample,
-Downsample, ResnetBlockDDPMpp and ResnetBlockBigGANpp.
+match the original score_sde modules: Combine, AttnBlockpp, Upsample, Downsample,
+ResnetBlockDDPMpp and ResnetBlockBigGANpp (GaussianFourierProjection is in layers.py).
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import jax.numpy as jnp
 
 from sgm_jax.errors import InputError
 from sgm_jax.models import up_or_down_sampling as uds
-from sgm_jax.models.layers import NIN, Activation, conv1x1, conv3x3, default_init
+from sgm_jax.models.layers import (NIN, Activation, conv1x1, conv3x3, default_init,
+                                   pixel_attention)
 
 Array = jax.Array
 _SQRT2 = math.sqrt(2.0)
@@ -29,22 +30,6 @@ def group_norm(x: Array) -> Array:
 def add_skip(x: Array, h: Array, skip_rescale: bool) -> Array:
   """x + h, divided by sqrt(2) with skip rescaling (the paper's 'rescale skip connections')."""
   return (x + h) / _SQRT2 if skip_rescale else x + h
-
-
-class GaussianFourierProjection(nn.Module):
-  """Random Fourier features [sin(2 pi W x), cos(2 pi W x)] of a (B,) input (Tancik et al., 2020).
-
-  W ~ N(0, scale^2) is a stored parameter but is never trained (stop_gradient).
-  """
-  embedding_size: int = 256
-  scale: float = 1.0
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    w = self.param("W", jax.nn.initializers.normal(stddev=self.scale), (self.embedding_size,))
-    w = jax.lax.stop_gradient(w)
-    x_proj = x[:, None] * w[None, :] * 2 * math.pi
-    return jnp.concatenate([jnp.sin(x_proj), jnp.cos(x_proj)], axis=-1)
 
 
 class Combine(nn.Module):
@@ -68,59 +53,49 @@ class AttnBlockpp(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    b, height, width, c = x.shape
-    h = group_norm(x)
-    q = NIN(c)(h)
-    k = NIN(c)(h)
-    v = NIN(c)(h)
-    w = jnp.einsum("bhwc,bHWc->bhwHW", q, k) * (c ** -0.5)
-    w = jax.nn.softmax(w.reshape(b, height, width, height * width), axis=-1)
-    w = w.reshape(b, height, width, height, width)
-    h = jnp.einsum("bhwHW,bHWc->bhwc", w, v)
-    h = NIN(c, init_scale=self.init_scale)(h)
+    h = pixel_attention(group_norm(x), out_init_scale=self.init_scale)
     return add_skip(x, h, self.skip_rescale)
 
 
-class Upsample(nn.Module):
-  """2x upsampling: nearest (+ 3x3 conv) or FIR (fused with a 3x3 conv when with_conv)."""
+class _Resample(nn.Module):
+  """What Upsample and Downsample share: their fields and the FIR-fused 3x3 convolution."""
   out_ch: Optional[int] = None
   with_conv: bool = False
   fir: bool = False
   fir_kernel: Sequence[int] = (1, 3, 3, 1)
 
+  def _fir_conv(self, x: Array, up: bool) -> Array:
+    """FIR resampling fused with a 3x3 convolution to out_ch channels (creates `Conv2d_0`)."""
+    return uds.Conv2d(self.out_ch or x.shape[-1], kernel=3, up=up, down=not up,
+                      resample_kernel=self.fir_kernel, use_bias=True,
+                      kernel_init=default_init())(x)
+
+
+class Upsample(_Resample):
+  """2x upsampling: nearest (+ 3x3 conv) or FIR (fused with a 3x3 conv when with_conv)."""
+
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    out_ch = self.out_ch or x.shape[-1]
     if not self.fir:
       h = uds.naive_upsample_2d(x, factor=2)
-      if self.with_conv:
-        h = conv3x3(h, out_ch)
-    elif not self.with_conv:
-      h = uds.upsample_2d(x, self.fir_kernel, factor=2)
-    else:
-      h = uds.Conv2d(out_ch, kernel=3, up=True, resample_kernel=self.fir_kernel,
-                     use_bias=True, kernel_init=default_init())(x)
-    return h
+      return conv3x3(h, self.out_ch or x.shape[-1]) if self.with_conv else h
+    if not self.with_conv:
+      return uds.upsample_2d(x, self.fir_kernel, factor=2)
+    return self._fir_conv(x, up=True)
 
 
-class Downsample(nn.Module):
+class Downsample(_Resample):
   """2x downsampling: average pool / strided 3x3 conv, or FIR (fused with a 3x3 conv)."""
-  out_ch: Optional[int] = None
-  with_conv: bool = False
-  fir: bool = False
-  fir_kernel: Sequence[int] = (1, 3, 3, 1)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    out_ch = self.out_ch or x.shape[-1]
     if not self.fir:
       if self.with_conv:
-        return conv3x3(x, out_ch, stride=2)
+        return conv3x3(x, self.out_ch or x.shape[-1], stride=2)
       return uds.naive_downsample_2d(x, factor=2)
     if not self.with_conv:
       return uds.downsample_2d(x, self.fir_kernel, factor=2)
-    return uds.Conv2d(out_ch, kernel=3, down=True, resample_kernel=self.fir_kernel,
-                      use_bias=True, kernel_init=default_init())(x)
+    return self._fir_conv(x, up=False)
 
 
 def _add_time_bias(h: Array, temb: Optional[Array], act: Activation) -> Array:

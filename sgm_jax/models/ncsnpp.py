@@ -16,11 +16,12 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sgm_jax.errors import InputError
 from sgm_jax.models import layerspp
-from sgm_jax.models.layers import conv3x3, default_init, get_act, get_timestep_embedding
+from sgm_jax.models.layers import (GaussianFourierProjection, conv3x3, default_init, get_act,
+                                   get_timestep_embedding)
+from sgm_jax.sde_lib import smld_sigmas
 
 Array = jax.Array
 
@@ -87,10 +88,6 @@ class NCSNpp(nn.Module):
       raise InputError(f"x has shape {x.shape}, but the network was configured for "
                        f"{size}x{size} images with {ch} channels")
 
-  def _sigmas(self) -> np.ndarray:
-    """The discrete noise levels of SMLD: geometric from sigma_max down to sigma_min."""
-    return np.exp(np.linspace(np.log(self.sigma_max), np.log(self.sigma_min), self.num_scales))
-
   @nn.compact
   def __call__(self, x: Array, time_cond: Array, train: bool = False) -> Array:
     self._check()
@@ -102,7 +99,7 @@ class NCSNpp(nn.Module):
 
     # Time / noise-level embedding.
     if self.embedding_type == "fourier":
-      temb = layerspp.GaussianFourierProjection(embedding_size=nf, scale=self.fourier_scale)(
+      temb = GaussianFourierProjection(embedding_size=nf, scale=self.fourier_scale)(
           jnp.log(time_cond))
     else:
       temb = get_timestep_embedding(time_cond, nf)
@@ -205,7 +202,8 @@ class NCSNpp(nn.Module):
       if self.embedding_type == "fourier":
         used_sigmas = time_cond
       else:
-        used_sigmas = jnp.asarray(self._sigmas(), jnp.float32)[time_cond.astype(jnp.int32)]
+        sigmas = smld_sigmas(self.sigma_min, self.sigma_max, self.num_scales)
+        used_sigmas = sigmas[time_cond.astype(jnp.int32)]
       h = h / used_sigmas.reshape((x.shape[0],) + (1,) * (x.ndim - 1))
     return h
 

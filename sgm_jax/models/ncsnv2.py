@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 
 from sgm_jax.errors import InputError
-from sgm_jax.models.ddpm import get_act, noise_level
+from sgm_jax.models.layers import divide_by_noise_level, get_act
 from sgm_jax.models.normalization import get_normalization
 from sgm_jax.models.refinenet_layers import RefineBlock, ResidualBlock, ncsn_conv
 
@@ -43,7 +43,7 @@ class NCSNv2(nn.Module):
 
   `time_cond` is used only by `scale_by_sigma`: integer labels index the noise levels stored from
   sigma_max down (discrete VE time label), float labels are the noise level itself (see
-  `sgm_jax.models.ddpm.noise_level`). Inputs in [0, 1] are mapped to [-1, 1] unless `centered`.
+  `sgm_jax.models.layers.noise_level`). Inputs in [0, 1] are mapped to [-1, 1] unless `centered`.
   """
 
   nf: int = 128
@@ -83,8 +83,7 @@ class NCSNv2(nn.Module):
 
     h = ncsn_conv(act(norm()(ref)), x.shape[-1])
     if self.scale_by_sigma:
-      sigma = noise_level(time_cond, self.sigma_min, self.sigma_max, self.num_scales)
-      h = h / sigma.reshape((-1,) + (1,) * (h.ndim - 1))
+      h = divide_by_noise_level(h, time_cond, self.sigma_min, self.sigma_max, self.num_scales)
     return h
 
 

@@ -19,9 +19,8 @@ import jax.numpy as jnp
 
 from sgm_jax import sde_lib
 from sgm_jax.errors import InputError
-from sgm_jax.models.ddpm import get_act, noise_level
-from sgm_jax.models.layers import get_timestep_embedding
-from sgm_jax.models.wideresnet import GaussianFourierProjection
+from sgm_jax.models.layers import (GaussianFourierProjection, get_act, get_timestep_embedding,
+                                   noise_level)
 
 Array = jax.Array
 
@@ -49,7 +48,7 @@ class TimeEmbedding(nn.Module):
 def label_std(sde: sde_lib.SDE, time_cond: Array) -> Array:
   """The std sigma(t) of p_{0t} for the time labels `sde.time_label(t, continuous)` a network is
   fed (sgm_jax/score.py): under the VE SDE the label is that std itself, or in discrete time the
-  integer index of the noise level counted from sigma_max (`ddpm.noise_level`); under the others
+  integer index of the noise level counted from sigma_max (`layers.noise_level`); under the others
   it is t times a constant (tutorial: 1, VP / sub-VP in continuous time: 999)."""
   if isinstance(sde, sde_lib.VESDE):
     return noise_level(time_cond, sde.sigma_min, sde.sigma_max, sde.N)
@@ -77,10 +76,11 @@ class ScoreNet(nn.Module):
 
   Four VALID 3x3 convolutions (strides 1, 2, 2, 2) and three transposed ones back with skip
   connections (`padding='SAME'`: SAME convolutions, 28 -> 28, 14, 7, 4, so border pixels are
-  computed like the others instead of from the zero padding of a 26x26 map); after every convolution a Dense projection of the time embedding is added, then
-  GroupNorm (4 groups first, then min(32, C)) and swish. The embedding is Gaussian random Fourier
-  features of the time label (`embed_dim // 2` frequencies of scale `fourier_scale`, stored as the
-  param `W` but frozen by stop_gradient) through Dense + swish. With an `sde`, the output is
+  computed like the others instead of from the zero padding of a 26x26 map); after every
+  convolution a Dense projection of the time embedding is added, then GroupNorm (4 groups first,
+  then min(32, C)) and swish. The embedding is Gaussian random Fourier features of the time label
+  (`embed_dim // 2` frequencies of scale `fourier_scale`, stored as the param `W` but frozen by
+  stop_gradient) through Dense + swish. With an `sde`, the output is
   divided by the std of p_{0t} at the time of the label, `label_std(sde, time_cond)` (the
   tutorial uses `sde_lib.TutorialSDE()`), so the network models the score directly; `sde=None`
   leaves the output unscaled. The SDE is a frozen dataclass, so the field is hashable and compares
@@ -225,7 +225,7 @@ def from_config(config, sde: Optional[sde_lib.SDE] = None) -> nn.Module:
       raise InputError(f"model {name!r} divides its output by the std of the SDE it is trained "
                        "with when it outputs the score (model.parameterization "
                        f"{output!r}): pass that SDE, models.create_model(config, sde) with "
-                       "sde = run_lib.sde_from_config(config)")
+                       "sde = sde_lib.from_config(config)")
     output = output or sde.network_output
     return ScoreNet(channels=tuple(m.get("channels", (32, 64, 128, 256))),
                     embed_dim=m.get("embed_dim", 256), fourier_scale=m.get("fourier_scale", 30.0),

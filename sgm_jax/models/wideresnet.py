@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sgm_jax.models.layers import GaussianFourierProjection
+
 Array = jax.Array
 
 # Kaiming-normal (fan-out) init for conv kernels, as the WRN reference implementations.
@@ -25,21 +27,6 @@ def _logits_init(key, shape, dtype=jnp.float32):
   """U(-1/sqrt(n_out), 1/sqrt(n_out)) for the final Dense kernel."""
   bound = 1.0 / math.sqrt(shape[1])
   return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-class GaussianFourierProjection(nn.Module):
-  """Random Fourier features [sin(2 pi W x), cos(2 pi W x)], W ~ N(0, scale^2) of size
-  `embedding_size` (Tancik et al. 2020). W is a stored parameter, as in score_sde, but it is
-  wrapped in stop_gradient, so it never trains."""
-
-  embedding_size: int = 256
-  scale: float = 1.0
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    W = self.param("W", nn.initializers.normal(stddev=self.scale), (self.embedding_size,))
-    proj = 2.0 * jnp.pi * x[:, None] * jax.lax.stop_gradient(W)[None, :]
-    return jnp.concatenate([jnp.sin(proj), jnp.cos(proj)], axis=-1)
 
 
 def _norm_act(x: Array, name: str, relu: bool = True) -> Array:

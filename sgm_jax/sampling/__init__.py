@@ -1,7 +1,10 @@
 """Samplers: get_sampler(name, sde, shape, num_steps=..., **options) is the only dispatch.
 
     sampler = get_sampler("deis", sde, (B, H, W, C), num_steps=10)
-    x0, nfe = sampler(key, score_fn, x_T=None)
+    x0, nfe = sampler(key, score_fn, x_T=None, hook=None)
+
+hook(x, t, key) -> x runs after every update (sgm_jax/sampling/base.py); every sampler takes one
+except 'ode' with an adaptive solver (sampler.accepts_hook says which).
 """
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from sgm_jax.sampling import data_prediction
 from sgm_jax.sampling.base import GENERIC_OPTIONS, Sampler
 
 # name -> (module in sgm_jax.sampling, builder function). Builders have the signature
-# builder(sde, shape, num_steps, **options) -> Sampler.
+# builder(sde, shape, num_steps, **options) -> Sampler of the loop alone, whose info says where a
+# final denoising jump goes ('denoise', 't_end'); get_sampler completes it.
 SAMPLERS = {
     "pc": ("pc", "build_pc_sampler"),
     "milstein": ("milstein", "build_milstein_sampler"),
@@ -45,10 +49,12 @@ def get_sampler(name: str, sde, shape, num_steps: int = 1000, **options) -> Samp
   module_name, builder = SAMPLERS[name]
   module = importlib.import_module(f"sgm_jax.sampling.{module_name}")
   sampler = getattr(module, builder)(sde, tuple(int(d) for d in shape), num_steps, **options)
+  info, denoise = sampler.info, bool(sampler.info.get("denoise", False))
   if thresholding["thresholding"] is None:
-    sampler.info["thresholding"] = None
-    return sampler
-  run = data_prediction.thresholded_run(
-      sampler.run, sde, thresholding["thresholding"], thresholding["threshold_percentile"],
-      thresholding["data_range"], denoise=bool(sampler.info.get("denoise", False)))
-  return Sampler(sampler.name, sampler.shape, run, {**sampler.info, **thresholding})
+    thresholding = dict(thresholding=None)
+    if not denoise:
+      info.update(thresholding)
+      return sampler
+  run = data_prediction.complete_run(sampler.run, sde, num_steps, denoise, info["t_end"],
+                                     **thresholding)
+  return Sampler(sampler.name, sampler.shape, run, {**info, **thresholding}, sampler.hook_error)

@@ -1,11 +1,17 @@
 """What every sampler shares: the calling convention and option checking.
 
 A sampler is built once on the host (time grid and coefficients precomputed) and called as
-    x0, nfe = sampler(key, score_fn, x_T=None)
+    x0, nfe = sampler(key, score_fn, x_T=None, hook=None)
 where score_fn(x, t) -> score with t a (B,) array. The call runs one jit-compiled program. A plain
 Python score_fn is static to that program (one compilation per function object); to reuse the
 compiled program with new parameters pass `jax.tree_util.Partial(fn, params)`, whose arguments
 are traced.
+
+hook(x, t, key) -> x is a per-step constraint (inpainting's replacement of known pixels, a
+projection): each sampler applies it after every update that lands on a time t of its grid (and
+after the final denoising step, at t = 0), with a key of its own folded from the call's key, the
+step and the update (`apply_hook`). Like score_fn, it is passed as a Partial to reuse the program.
+hook=None runs exactly the program without hooks.
 """
 from __future__ import annotations
 
@@ -16,39 +22,57 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgm_jax.errors import InputError
+from sgm_jax.sde_lib import batch_times
 
 Array = jax.Array
 
 
-def as_traceable(score_fn: Callable) -> jax.tree_util.Partial:
-  """Wrap score_fn so it can be an argument of a jitted function."""
-  if isinstance(score_fn, jax.tree_util.Partial):
-    return score_fn
-  if not callable(score_fn):
-    raise InputError(f"score_fn must be callable as score_fn(x, t), got {type(score_fn).__name__}")
-  return jax.tree_util.Partial(score_fn)
+def as_traceable(fn: Callable, call: str = "score_fn(x, t)") -> jax.tree_util.Partial:
+  """Wrap fn (a score_fn, or the function `call` names) so it can be an argument of a jitted
+  function."""
+  if isinstance(fn, jax.tree_util.Partial):
+    return fn
+  if not callable(fn):
+    raise InputError(f"{call.split('(')[0]} must be callable as {call}, got {type(fn).__name__}")
+  return jax.tree_util.Partial(fn)
 
 
 class Sampler:
-  """A built sampler: `run(key, score_fn, x_T) -> (x0, nfe)` compiled once with jax.jit.
+  """A built sampler: `run(key, score_fn, x_T, hook) -> (x0, nfe)` compiled once with jax.jit.
 
-  `shape` is the batch shape it produces; `x_T` None means: draw x_T from the SDE's prior.
+  `shape` is the batch shape it produces; `x_T` None means: draw x_T from the SDE's prior; `hook`
+  None means no per-step hook. `hook_error`, if given, says why this sampler refuses a hook.
   `run` is kept un-jitted, so a wrapper can compose it into one new jitted program (as get_sampler
-  does for thresholding).
+  does for thresholding, and controllable/ for inpainting).
   """
 
-  def __init__(self, name: str, shape: tuple, run: Callable, info: Optional[Mapping] = None):
+  def __init__(self, name: str, shape: tuple, run: Callable, info: Optional[Mapping] = None,
+               hook_error: Optional[str] = None):
     self.name = name
     self.shape = tuple(shape)
     self.info = dict(info or {})
     self.run = run
+    self.hook_error = hook_error
     self._run = jax.jit(run)
 
-  def __call__(self, key: Array, score_fn: Callable, x_T: Optional[Array] = None):
+  @property
+  def accepts_hook(self) -> bool:
+    return self.hook_error is None
+
+  def __call__(self, key: Array, score_fn: Callable, x_T: Optional[Array] = None,
+               hook: Optional[Callable] = None):
     if x_T is not None and tuple(x_T.shape) != self.shape:
       raise InputError(f"x_T has shape {tuple(x_T.shape)}, but this {self.name} sampler was built "
                        f"for shape {self.shape}")
-    return self._run(key, as_traceable(score_fn), x_T)
+    if hook is not None:
+      self.check_hook()
+      hook = as_traceable(hook, "hook(x, t, key)")
+    return self._run(key, as_traceable(score_fn), x_T, hook)
+
+  def check_hook(self) -> None:
+    """Raise an InputError if this sampler cannot apply a per-step hook."""
+    if self.hook_error is not None:
+      raise InputError(self.hook_error)
 
   def __repr__(self):
     return f"Sampler({self.name!r}, shape={self.shape}, {self.info})"
@@ -86,11 +110,6 @@ def check_choice(what: str, value: Any, choices: Iterable[str]) -> None:
     raise InputError(f"unknown {what} {value!r}; valid values are {choices}")
 
 
-def batch_times(t: Array, shape: tuple) -> Array:
-  """A scalar time as the (B,) array that score_fn and the SDE expect."""
-  return jnp.full((shape[0],), t, dtype=jnp.result_type(float))
-
-
 # --- helpers shared by the pc, milstein, ode, ddim, heun and dpm_solver samplers ----------------
 def on_host(fn: Callable[[Array], Array], t) -> np.ndarray:
   """fn(t) evaluated in float64 on the host, for coefficients precomputed from a time grid."""
@@ -108,7 +127,21 @@ def initial_state(sde, key: Array, shape: tuple, x_T: Optional[Array]) -> tuple[
 
 def eval_score(score_fn: Callable, x: Array, t: Array) -> Array:
   """score_fn at one scalar time t for the whole batch, in x's dtype."""
-  return score_fn(x, jnp.full((x.shape[0],), t, dtype=x.dtype)).astype(x.dtype)
+  return score_fn(x, batch_times(t, x, x.dtype)).astype(x.dtype)
+
+
+# The hook's keys: fold_in(fold_in(fold_in(key, HOOK_STREAM), step), slot), a stream apart from
+# the sampler's own noise (step_normal folds the step into the key directly).
+HOOK_STREAM = 0x686F6F6B
+
+
+def apply_hook(hook: Optional[Callable], key: Array, x: Array, t: Array, step, slot: int = 0
+               ) -> Array:
+  """hook(x, t, key) after update `slot` of step `step` reached time t; x itself for hook None."""
+  if hook is None:
+    return x
+  k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, HOOK_STREAM), step), slot)
+  return hook(x, t, k).astype(x.dtype)
 
 
 def step_normal(key: Array, step: Array, slot: int, like: Array) -> Array:

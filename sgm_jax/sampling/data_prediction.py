@@ -8,8 +8,8 @@
   (Song et al. 2021, App. G; Jolicoeur-Martineau et al. 2021), one more evaluation.
 
 `get_sampler` (sgm_jax/sampling/__init__.py) takes the thresholding options for every sampler and
-composes `thresholded_run` with the sampler's un-jitted program; `with_final_denoise` is the jump
-that samplers with the option `denoise` compose with theirs.
+composes `complete_run` with the un-jitted loop of the sampler it builds: the loop on the
+thresholded score, then, for samplers built with the option `denoise`, the final jump.
 """
 from __future__ import annotations
 
@@ -102,37 +102,35 @@ def thresholded_score_fn(sde: SDE, score_fn: Callable, method: str,
   return jax.tree_util.Partial(wrapper, base.as_traceable(score_fn))
 
 
-def thresholded_run(run: Callable, sde: SDE, method: str, percentile: float,
-                    data_range: tuple[float, float], denoise: bool) -> Callable:
-  """A sampler program `run(key, score_fn, x_T)` run on the thresholded score.
+def complete_run(run: Callable, sde: SDE, num_steps: int, denoise: bool, t_end: float,
+                 thresholding: Optional[str] = None,
+                 threshold_percentile: float = DEFAULT_PERCENTILE,
+                 data_range: tuple[float, float] = DEFAULT_DATA_RANGE) -> Callable:
+  """The sampler program around a loop `run(key, score_fn, x_T, hook) -> (x, nfe)` of num_steps.
 
-  With `denoise` (the program ends with the final denoising jump) the jump's output, Tweedie's x0
-  of the thresholded score, is threshold(x0) up to rounding; thresholding it once more removes
-  that rounding, so the samples lie exactly in data_range.
+  With `thresholding` the loop runs on the thresholded score. With `denoise` the jump
+  x0 = E[x_0 | x_eps] (Tweedie) at t_end follows, one more evaluation (nfe + 1), with alpha(t_end)
+  and sigma(t_end) computed on the host; under thresholding the jump's x0 is threshold(x0) up to
+  rounding, and thresholding it once more puts the samples exactly in data_range. The hook then
+  runs on the result at t = 0 (step num_steps of its keys).
   """
-  def run_thresholded(key, score_fn, x_T):
-    x, nfe = run(key, thresholded_score_fn(sde, score_fn, method, percentile, data_range), x_T)
-    if denoise:
-      x = threshold(x, method, percentile, data_range)
-    return x, nfe
-
-  return run_thresholded
-
-
-# --- the final denoising jump -------------------------------------------------------------------
-def with_final_denoise(run: Callable, sde: SDE, t_end: float) -> Callable:
-  """run(key, score_fn, x_T) -> (x_eps, nfe) followed by the jump x0 = E[x_0 | x_eps] (Tweedie)
-  at t_end, one more evaluation (nfe + 1); alpha(t_end), sigma(t_end) computed on the host."""
   t_end = float(t_end)
   alpha_end, sigma_end = (float(base.on_host(f, t_end)) for f in (sde.alpha, sde.sigma))
 
-  def run_denoised(key, score_fn, x_T):
-    x, nfe = run(key, score_fn, x_T)
+  def complete(key, score_fn, x_T, hook=None):
+    if thresholding is not None:
+      score_fn = thresholded_score_fn(sde, score_fn, thresholding, threshold_percentile,
+                                      data_range)
+    x, nfe = run(key, score_fn, x_T, hook)
+    if not denoise:
+      return x, nfe
     x = base.tweedie_denoise(score_fn, x, jnp.asarray(t_end, x.dtype),
                              jnp.asarray(alpha_end, x.dtype), jnp.asarray(sigma_end, x.dtype))
-    return x, nfe + 1
+    if thresholding is not None:
+      x = threshold(x, thresholding, threshold_percentile, data_range)
+    return base.apply_hook(hook, key, x, jnp.zeros((), x.dtype), num_steps), nfe + 1
 
-  return run_denoised
+  return complete
 
 
 # --- option checking ----------------------------------------------------------------------------

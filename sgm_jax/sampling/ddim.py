@@ -16,7 +16,7 @@ import numpy as np
 from jax import lax
 
 from sgm_jax.errors import InputError
-from sgm_jax.sampling import base, data_prediction
+from sgm_jax.sampling import base
 from sgm_jax.sde_lib import SDE
 
 Array = jax.Array
@@ -43,23 +43,22 @@ def build_ddim_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> bas
   eps_coef = sigma[1:] * np.sqrt(1.0 - eta ** 2 * -np.expm1(lam[:-1] - lam[1:]))
   nfe = num_steps + int(denoise)
 
-  def run(key, score_fn, x_T):
-    x, key = base.initial_state(sde, key, shape, x_T)
-    coeffs = (ts[:-1], alpha[:-1], sigma[:-1], alpha[1:], eps_coef, c)
+  def run(key, score_fn, x_T, hook=None):
+    x, key_steps = base.initial_state(sde, key, shape, x_T)
+    coeffs = (ts[:-1], alpha[:-1], sigma[:-1], alpha[1:], eps_coef, c, ts[1:])
     xs = (jnp.arange(num_steps, dtype=jnp.int32),) + tuple(jnp.asarray(v, x.dtype) for v in coeffs)
 
     def step(x, row):
-      i, t, alpha_t, sigma_t, alpha_s, eps_coef_s, c_s = row
+      i, t, alpha_t, sigma_t, alpha_s, eps_coef_s, c_s, s = row
       eps_hat = -sigma_t * base.eval_score(score_fn, x, t)
       x0_hat = (x - sigma_t * eps_hat) / alpha_t
       x = alpha_s * x0_hat + eps_coef_s * eps_hat
       if eta > 0.0:
-        x = x + c_s * base.step_normal(key, i, 0, x)
-      return x, None
+        x = x + c_s * base.step_normal(key_steps, i, 0, x)
+      return base.apply_hook(hook, key, x, s, i), None
 
     x, _ = lax.scan(step, x, xs)
     return x, jnp.asarray(num_steps, jnp.int32)
 
-  if denoise:
-    run = data_prediction.with_final_denoise(run, sde, ts[-1])
-  return base.Sampler("ddim", shape, run, dict(eta=eta, denoise=denoise, nfe=nfe, ts=ts))
+  return base.Sampler("ddim", shape, run,
+                      dict(eta=eta, denoise=denoise, nfe=nfe, ts=ts, t_end=float(ts[-1])))

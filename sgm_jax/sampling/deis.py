@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgm_jax.errors import InputError
-from sgm_jax.sampling import base, data_prediction, schedules
+from sgm_jax.errors import InputError, check_positive
+from sgm_jax.sampling import base, schedules
 from sgm_jax.sampling import deis_coefficients as dc
-from sgm_jax.sde_lib import SDE, batch_expand
+from sgm_jax.sde_lib import SDE, batch_expand, batch_times
 
 Array = jax.Array
 
@@ -43,9 +43,7 @@ def _time_grid(sde: SDE, num_steps: int, time_grid: str, grid_order: Optional[fl
     if time_grid not in GRIDS_WITH_ORDER:
       raise InputError(f"grid_order is an option of the time grids {list(GRIDS_WITH_ORDER)}, "
                        f"not of {time_grid!r}")
-    if not dc.is_positive_number(grid_order):
-      raise InputError(f"grid_order must be a positive number, got {grid_order!r}")
-    grid_options["order"] = float(grid_order)
+    grid_options["order"] = check_positive("grid_order", grid_order)
   if not dc.is_positive_number(eps) or not eps < sde.T:
     raise InputError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
   ts = schedules.get_time_grid(time_grid, sde, num_steps, float(eps), **grid_options)
@@ -58,12 +56,10 @@ def _eps_fn(score_fn, sigma: Array, x: Array, t: Array) -> Array:
   return -batch_expand(sigma, x) * score_fn(x, t)
 
 
-def _sampler(name: str, sde: SDE, shape: tuple, ts: np.ndarray, run, info: dict,
+def _sampler(name: str, shape: tuple, ts: np.ndarray, run, info: dict,
              denoise: bool) -> base.Sampler:
-  """The Sampler of `run`, followed by the final Tweedie step at eps = ts[-1] with denoise."""
-  if denoise:
-    run = data_prediction.with_final_denoise(run, sde, ts[-1])
-  info.update(denoise=denoise, nfe=info["nfe"] + int(denoise))
+  """The Sampler of `run`; get_sampler adds the final Tweedie step at eps = ts[-1] with denoise."""
+  info.update(denoise=denoise, nfe=info["nfe"] + int(denoise), t_end=float(ts[-1]))
   return base.Sampler(name, shape, run, info)
 
 
@@ -72,19 +68,20 @@ def _multistep_run(sde: SDE, shape: tuple, ts: np.ndarray, psi: np.ndarray, C: n
   sigma = dc.sde_coefficients(sde, ts)["sigma"][:-1]
   history = C.shape[1] - 1  # past evaluations kept besides the current one
 
-  def run(key, score_fn, x_T):
+  def run(key, score_fn, x_T, hook=None):
     x = sde.prior_sampling(key, shape) if x_T is None else x_T
     dtype = x.dtype
-    steps = (jnp.asarray(ts[:-1], jnp.result_type(float)), jnp.asarray(sigma, dtype),
-             jnp.asarray(psi, dtype), jnp.asarray(C, dtype))
+    time = jnp.result_type(float)
+    steps = (jnp.asarray(ts[:-1], time), jnp.asarray(sigma, dtype), jnp.asarray(psi, dtype),
+             jnp.asarray(C, dtype), jnp.arange(len(ts) - 1), jnp.asarray(ts[1:], time))
 
     def step(carry, coef):
       x, past, nfe = carry
-      t, sigma_t, psi_k, C_k = coef
-      eps = _eps_fn(score_fn, sigma_t, x, base.batch_times(t, shape)).astype(dtype)
+      t, sigma_t, psi_k, C_k, k, s = coef
+      eps = _eps_fn(score_fn, sigma_t, x, batch_times(t, x)).astype(dtype)
       evals = jnp.concatenate([eps[None], past], axis=0)  # eps_k, eps_{k-1}, ..., eps_{k-r}
       x = psi_k * x + jnp.tensordot(C_k, evals, axes=1)  # tAB/rhoAB-DEIS, iPNDM update
-      return (x, evals[:history], nfe + 1), None
+      return (base.apply_hook(hook, key, x, s, k), evals[:history], nfe + 1), None
 
     past = jnp.zeros((history,) + shape, dtype)
     (x, _, nfe), _ = jax.lax.scan(step, (x, past, jnp.zeros((), jnp.int32)), steps)
@@ -104,8 +101,9 @@ def _rk_run(sde: SDE, shape: tuple, ts: np.ndarray, tableau: str):
   for s, row in enumerate(a):
     A[s, :len(row)] = row
   stages = dc.rk_stages(sde, ts, tableau)
+  alpha_grid = dc.sde_coefficients(sde, ts)["alpha"]  # alpha(t_k), for a hook on x = alpha y
 
-  def run(key, score_fn, x_T):
+  def run(key, score_fn, x_T, hook=None):
     x = sde.prior_sampling(key, shape) if x_T is None else x_T
     dtype = x.dtype
     steps = tuple(jnp.asarray(stages[k], jnp.result_type(float) if k == "t" else dtype)
@@ -120,7 +118,7 @@ def _rk_run(sde: SDE, shape: tuple, ts: np.ndarray, tableau: str):
         K, nfe = inner
         s, a_s, t_s, alpha_s, sigma_s = per_stage
         y_s = y + h * jnp.tensordot(a_s, K, axes=1)  # y_k + h sum_l a_sl K_l
-        K_s = _eps_fn(score_fn, sigma_s, alpha_s * y_s, base.batch_times(t_s, shape))
+        K_s = _eps_fn(score_fn, sigma_s, alpha_s * y_s, batch_times(t_s, y_s))
         return (K.at[s].set(K_s.astype(dtype)), nfe + 1), None
 
       K = jnp.zeros((num_stages,) + shape, dtype)
@@ -128,6 +126,19 @@ def _rk_run(sde: SDE, shape: tuple, ts: np.ndarray, tableau: str):
                                  (jnp.arange(num_stages), A_, t, alpha, sigma))
       return (y + h * jnp.tensordot(b_, K, axes=1), nfe), None
 
+    alpha_ts = jnp.asarray(alpha_grid, dtype)
+    time_ts = jnp.asarray(ts, jnp.result_type(float))
+
+    def hooked_step(carry, coef):  # the same step carrying x = alpha y, with the hook at t_{k+1}
+      x, nfe, k = carry
+      (y, nfe), _ = step((x / alpha_ts[k], nfe), coef)
+      x = base.apply_hook(hook, key, alpha_ts[k + 1] * y, time_ts[k + 1], k)
+      return (x, nfe, k + 1), None
+
+    if hook is not None:
+      zero = jnp.zeros((), jnp.int32)
+      (x, nfe, _), _ = jax.lax.scan(hooked_step, (x, zero, zero), steps)
+      return x, nfe
     y = x / jnp.asarray(stages["alpha_start"], dtype)
     (y, nfe), _ = jax.lax.scan(step, (y, jnp.zeros((), jnp.int32)), steps)
     return jnp.asarray(stages["alpha_end"], dtype) * y, nfe
@@ -170,11 +181,11 @@ def build_deis_sampler(sde: SDE, shape: tuple, num_steps: int, **options: Any) -
           "ts": ts}
   if method == "rhork":
     info.update(tableau=tableau, nfe=num_steps * len(dc.RK_TABLEAUS[tableau][2]))
-    return _sampler("deis", sde, shape, ts, _rk_run(sde, shape, ts, tableau), info, denoise)
+    return _sampler("deis", shape, ts, _rk_run(sde, shape, ts, tableau), info, denoise)
   coefficients = dc.exponential_ab_coefficients if method == "tab" else dc.rho_ab_coefficients
   psi, C = coefficients(sde, ts, int(order))
   info.update(order=int(order), nfe=num_steps)
-  return _sampler("deis", sde, shape, ts, _multistep_run(sde, shape, ts, psi, C), info, denoise)
+  return _sampler("deis", shape, ts, _multistep_run(sde, shape, ts, psi, C), info, denoise)
 
 
 def build_ipndm_sampler(sde: SDE, shape: tuple, num_steps: int, **options: Any) -> base.Sampler:
@@ -198,4 +209,4 @@ def build_ipndm_sampler(sde: SDE, shape: tuple, num_steps: int, **options: Any) 
   psi, C = dc.ipndm_coefficients(sde, ts, int(order))
   info = {"order": int(order), "time_grid": time_grid, "eps": float(eps), "num_steps": num_steps,
           "nfe": num_steps, "ts": ts}
-  return _sampler("ipndm", sde, shape, ts, _multistep_run(sde, shape, ts, psi, C), info, denoise)
+  return _sampler("ipndm", shape, ts, _multistep_run(sde, shape, ts, psi, C), info, denoise)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sgm_jax.sampling import base, data_prediction
+from sgm_jax.sampling import base
 from sgm_jax.sde_lib import SDE
 
 Array = jax.Array
@@ -36,23 +36,21 @@ def build_dpm_solver_sampler(sde: SDE, shape: tuple, num_steps: int, **options) 
   coeffs = (ts[:-1], alpha[:-1], sigma[:-1],  # where the data prediction is made
             sigma[1:] / sigma[:-1],           # sigma_i / sigma_{i-1}
             -alpha[1:] * np.expm1(-h),        # -alpha_i (e^{-h_i} - 1)
-            1.0 - w_prev2, w_prev2)
+            1.0 - w_prev2, w_prev2, ts[1:])
 
-  def run(key, score_fn, x_T):
+  def run(key, score_fn, x_T, hook=None):
     x, _ = base.initial_state(sde, key, shape, x_T)
 
     def step(carry, row):
       x, x0_prev = carry
-      t, alpha_t, sigma_t, ratio, phi, w1, w2 = row
+      i, (t, alpha_t, sigma_t, ratio, phi, w1, w2, s) = row
       x0 = base.tweedie_denoise(score_fn, x, t, alpha_t, sigma_t)
       x = ratio * x + phi * (w1 * x0 + w2 * x0_prev)
-      return (x, x0), None
+      return (base.apply_hook(hook, key, x, s, i), x0), None
 
-    xs = tuple(jnp.asarray(v, x.dtype) for v in coeffs)
+    xs = (jnp.arange(num_steps, dtype=jnp.int32), tuple(jnp.asarray(v, x.dtype) for v in coeffs))
     (x, _), _ = lax.scan(step, (x, jnp.zeros_like(x)), xs)
     return x, jnp.asarray(num_steps, jnp.int32)
 
-  if denoise:
-    run = data_prediction.with_final_denoise(run, sde, ts[-1])
-  return base.Sampler("dpm_solver", shape, run,
-                      dict(denoise=denoise, nfe=num_steps + int(denoise), ts=ts))
+  return base.Sampler("dpm_solver", shape, run, dict(denoise=denoise, nfe=num_steps + int(denoise),
+                                                     ts=ts, t_end=float(ts[-1])))

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sgm_jax.sampling import base, data_prediction
+from sgm_jax.sampling import base
 from sgm_jax.sde_lib import SDE
 
 Array = jax.Array
@@ -30,7 +30,7 @@ def build_heun_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> bas
   alpha, sigma, rho = (base.on_host(f, ts) for f in (sde.alpha, sde.sigma, sde.rho))
   nfe = 2 * num_steps - 1 + int(denoise)
 
-  def run(key, score_fn, x_T):
+  def run(key, score_fn, x_T, hook=None):
     x, _ = base.initial_state(sde, key, shape, x_T)
     t_, a_, s_ = (jnp.asarray(v, x.dtype) for v in (ts, alpha, sigma))
     drho = jnp.asarray(rho[1:] - rho[:-1], x.dtype)
@@ -46,9 +46,16 @@ def build_heun_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> bas
       correct = lambda: y + drho[i] * 0.5 * (d + slope(y_euler, jnp.minimum(i + 1, num_steps)))
       return lax.cond(i < num_steps - 1, correct, lambda: y_euler), None
 
-    y, _ = lax.scan(heun_step, x / a_[0], jnp.arange(num_steps))
-    return a_[-1] * y, jnp.asarray(2 * num_steps - 1, jnp.int32)
+    def hooked_step(x, i):  # the same step carrying x = alpha y, with the hook at t_{i+1}
+      y, _ = heun_step(x / a_[i], i)
+      return base.apply_hook(hook, key, a_[i + 1] * y, t_[i + 1], i), None
 
-  if denoise:
-    run = data_prediction.with_final_denoise(run, sde, ts[-1])
-  return base.Sampler("heun", shape, run, dict(denoise=denoise, nfe=nfe, ts=ts))
+    evaluations = jnp.asarray(2 * num_steps - 1, jnp.int32)
+    if hook is not None:
+      x, _ = lax.scan(hooked_step, x, jnp.arange(num_steps))
+      return x, evaluations
+    y, _ = lax.scan(heun_step, x / a_[0], jnp.arange(num_steps))
+    return a_[-1] * y, evaluations
+
+  info = dict(denoise=denoise, nfe=nfe, ts=ts, t_end=float(ts[-1]))
+  return base.Sampler("heun", shape, run, info)

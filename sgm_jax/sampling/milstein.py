@@ -17,17 +17,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sgm_jax.sampling import base, data_prediction
-from sgm_jax.sde_lib import SDE, batch_expand
+from sgm_jax.sampling import base
+from sgm_jax.sde_lib import SDE, batch_expand, batch_times
 
 Array = jax.Array
 
 
 def milstein_step(sde: SDE, score_fn: Callable, x: Array, t: Array, h: Array, z: Array) -> Array:
   """One Milstein step of the reverse SDE from t to t - h with dW = sqrt(h) z."""
-  tb = jnp.full((x.shape[0],), t, x.dtype)
-  cast = lambda y, tt: score_fn(y, tt).astype(y.dtype)
-  drift = sde.reverse_drift(cast, x, tb).astype(x.dtype)
+  tb = batch_times(t, x, x.dtype)
+  drift = sde.reverse_drift(score_fn, x, tb)
   diffusion = lambda y: sde.sde(y, tb)[1].astype(y.dtype)  # g(x_b, t) per sample, (B,)
   g = batch_expand(diffusion(x), x)
   dg_dx = jax.grad(lambda y: jnp.sum(diffusion(y)))(x)  # d g(x_b) / d x_b,i; zero here
@@ -47,18 +46,18 @@ def build_milstein_sampler(sde: SDE, shape: tuple, num_steps: int, **options) ->
   ts = base.sampling_grid(sde, options.get("time_grid", "uniform"), num_steps, options.get("eps"))
   nfe = num_steps + int(denoise)
 
-  def run(key, score_fn, x_T):
-    x, key = base.initial_state(sde, key, shape, x_T)
+  def run(key, score_fn, x_T, hook=None):
+    x, key_steps = base.initial_state(sde, key, shape, x_T)
     xs = (jnp.arange(num_steps, dtype=jnp.int32), jnp.asarray(ts[:-1], x.dtype),
-          jnp.asarray(ts[:-1] - ts[1:], x.dtype))
+          jnp.asarray(ts[:-1] - ts[1:], x.dtype), jnp.asarray(ts[1:], x.dtype))
 
     def step(x, c):
-      i, t, h = c
-      return milstein_step(sde, score_fn, x, t, h, base.step_normal(key, i, 0, x)), None
+      i, t, h, s = c
+      x = milstein_step(sde, score_fn, x, t, h, base.step_normal(key_steps, i, 0, x))
+      return base.apply_hook(hook, key, x, s, i), None
 
     x, _ = lax.scan(step, x, xs)
     return x, jnp.asarray(num_steps, jnp.int32)
 
-  if denoise:
-    run = data_prediction.with_final_denoise(run, sde, ts[-1])
-  return base.Sampler("milstein", shape, run, dict(denoise=denoise, nfe=nfe, ts=ts))
+  return base.Sampler("milstein", shape, run,
+                      dict(denoise=denoise, nfe=nfe, ts=ts, t_end=float(ts[-1])))

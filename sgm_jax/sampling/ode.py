@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgm_jax.errors import InputError
-from sgm_jax.sampling import base, data_prediction
+from sgm_jax.errors import InputError, check_positive
+from sgm_jax.sampling import base
 from sgm_jax.sde_lib import SDE
 
 Array = jax.Array
@@ -65,10 +65,41 @@ def solver_evaluations(solver_cls) -> tuple[int, int]:
 _FIRST_STEP_FRACTION = 0.01  # adaptive solvers: first step as a fraction of T - eps
 
 
-def _positive(name: str, value) -> float:
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-    raise InputError(f"{name} must be a positive float, got {value!r}")
-  return float(value)
+class HookedSolver(diffrax.AbstractWrappedSolver):
+  """A fixed-step solver whose every step ends with hook(y1, t1, key), key folded from the step
+  number (base.apply_hook). Not for FSAL tableaus, whose reused last stage would miss the hook.
+
+  diffeqsolve runs its solver in the time -t when t1 < t0, so a reverse-time solve passes
+  time_sign=-1 for the hook to see the time t itself.
+  """
+
+  solver: diffrax.AbstractSolver
+  hook: Callable
+  key: Array
+  time_sign: float = 1.0
+
+  @property
+  def term_structure(self):
+    return self.solver.term_structure
+
+  @property
+  def interpolation_cls(self):
+    return self.solver.interpolation_cls
+
+  def order(self, terms):
+    return self.solver.order(terms)
+
+  def init(self, terms, t0, t1, y0, args):
+    return self.solver.init(terms, t0, t1, y0, args), jnp.zeros((), jnp.int32)
+
+  def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+    state, i = solver_state
+    y1, error, dense, state, result = self.solver.step(terms, t0, t1, y0, args, state, made_jump)
+    y1 = base.apply_hook(self.hook, self.key, y1, self.time_sign * t1, i)
+    return y1, error, dense, (state, i + 1), result
+
+  def func(self, terms, t0, y0, args):
+    return self.solver.func(terms, t0, y0, args)
 
 
 def build_ode_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> base.Sampler:
@@ -84,8 +115,8 @@ def build_ode_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> base
   base.check_choice("solver", solver_name, SOLVERS)
   solver_cls, adaptive = SOLVERS[solver_name]
   per_step, once = solver_evaluations(solver_cls)
-  rtol = _positive("rtol", options.get("rtol", 1e-5))
-  atol = _positive("atol", options.get("atol", 1e-5))
+  rtol = check_positive("rtol", options.get("rtol", 1e-5))
+  atol = check_positive("atol", options.get("atol", 1e-5))
   max_steps = options.get("max_steps", 4096)
   if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
     raise InputError(f"max_steps must be a positive integer, got {max_steps!r}")
@@ -94,11 +125,9 @@ def build_ode_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> base
   t_end = float(ts[-1])
 
   def vector_field(t, x, score_fn):
-    tb = jnp.full((x.shape[0],), t, x.dtype)
-    cast = lambda y, tt: score_fn(y, tt).astype(y.dtype)
-    return sde.probability_flow_drift(cast, x, tb).astype(x.dtype)
+    return sde.probability_flow_drift(score_fn, x, t)
 
-  def run(key, score_fn, x_T):
+  def run(key, score_fn, x_T, hook=None):
     x, _ = base.initial_state(sde, key, shape, x_T)
     if adaptive:
       controller = diffrax.PIDController(rtol=rtol, atol=atol)
@@ -106,16 +135,20 @@ def build_ode_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> base
     else:
       controller = diffrax.StepTo(ts=jnp.asarray(ts, x.dtype))
       steps, dt0 = num_steps, None
+    solver = solver_cls() if hook is None else HookedSolver(solver_cls(), hook, key, -1.0)
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(vector_field), solver_cls(), t0=sde.T, t1=t_end, dt0=dt0, y0=x,
+        diffrax.ODETerm(vector_field), solver, t0=sde.T, t1=t_end, dt0=dt0, y0=x,
         args=score_fn, stepsize_controller=controller, max_steps=steps,
         saveat=diffrax.SaveAt(t1=True))
     nfe = per_step * sol.stats["num_steps"] + once  # num_steps counts rejected steps too
     return sol.ys[-1], jnp.asarray(nfe, jnp.int32)
 
-  if denoise:
-    run = data_prediction.with_final_denoise(run, sde, t_end)
-
   info = dict(solver=solver_name, adaptive=adaptive, rtol=rtol, atol=atol, denoise=denoise,
-              ts=None if adaptive else ts)
-  return base.Sampler("ode", shape, run, info)
+              ts=None if adaptive else ts, t_end=t_end,
+              nfe=None if adaptive else per_step * num_steps + once + int(denoise))
+  hook_error = None
+  if adaptive:
+    fixed = sorted(k for k, v in SOLVERS.items() if not v[1])
+    hook_error = (f"the ode sampler's solver {solver_name!r} chooses its own steps, so it cannot "
+                  f"apply a per-step hook; use a fixed-step solver, one of {fixed}")
+  return base.Sampler("ode", shape, run, info, hook_error)

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sgm_jax.errors import InputError
-from sgm_jax.sampling import base, data_prediction
-from sgm_jax.sde_lib import SDE, batch_expand
+from sgm_jax.errors import InputError, check_positive
+from sgm_jax.sampling import base
+from sgm_jax.sde_lib import SDE, batch_expand, batch_times
 
 Array = jax.Array
 
@@ -53,12 +53,10 @@ def euler_maruyama_step(sde: SDE, score_fn: Callable, x: Array, t: Array, h: Arr
 
   With probability_flow, the ODE of Eq. 13: x - [f - g^2 s / 2] h.
   """
-  tb = jnp.full((x.shape[0],), t, x.dtype)
-  cast = lambda y, tt: score_fn(y, tt).astype(y.dtype)
-  x_mean = x - sde.reverse_drift(cast, x, tb, probability_flow).astype(x.dtype) * h
+  x_mean = x - sde.reverse_drift(score_fn, x, t, probability_flow) * h
   if probability_flow:
     return x_mean
-  _, g = sde.sde(x, tb)
+  _, g = sde.sde(x, batch_times(t, x, x.dtype))
   return x_mean + batch_expand(g.astype(x.dtype), x) * jnp.sqrt(h) * z
 
 
@@ -153,8 +151,7 @@ def build_pc_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> base.
   predictor, corrector = predictor_corrector_names(predictor, corrector)
   if predictor == "none" and corrector == "none":
     raise InputError("predictor and corrector cannot both be 'none'")
-  if isinstance(snr, bool) or not isinstance(snr, (int, float)) or not snr > 0:
-    raise InputError(f"snr must be a positive float, got {snr!r}")
+  snr = check_positive("snr", snr)
   if isinstance(n_each, bool) or not isinstance(n_each, (int, np.integer)) or n_each < 1:
     raise InputError(f"n_steps_each must be a positive integer, got {n_each!r}")
   if predictor == "ancestral" and probability_flow:
@@ -185,26 +182,28 @@ def build_pc_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> base.
       return langevin_step(score_fn, x, c["s"], z, snr)
     return ald_step(score_fn, x, c["s"], z, snr, c["sigma_s"])
 
-  def run(key, score_fn, x_T):
-    x, key = base.initial_state(sde, key, shape, x_T)
+  def run(key, score_fn, x_T, hook=None):
+    x, key_steps = base.initial_state(sde, key, shape, x_T)
     xs = dict(coeffs, t=ts[:-1], s=ts[1:], h=ts[:-1] - ts[1:], sigma_s=sigma[1:])
     xs = {k: jnp.asarray(v, x.dtype) for k, v in xs.items()}
     xs["i"] = jnp.arange(num_steps, dtype=jnp.int32)
 
-    def step(x, c):
+    def step(x, c):  # predictor t_i -> t_{i+1}, correctors at t_{i+1}; the hook after each
+      i = c["i"]
       if predictor != "none":
-        x = predict(score_fn, x, c, base.step_normal(key, c["i"], 0, x))
+        x = predict(score_fn, x, c, base.step_normal(key_steps, i, 0, x))
+        x = base.apply_hook(hook, key, x, c["s"], i, 0)
       if n_corr:
         def corrector_step(x, j):
-          return correct(score_fn, x, c, base.step_normal(key, c["i"], j + 1, x)), None
+          x = correct(score_fn, x, c, base.step_normal(key_steps, i, j + 1, x))
+          return base.apply_hook(hook, key, x, c["s"], i, j + 1), None
         x, _ = lax.scan(corrector_step, x, jnp.arange(n_corr, dtype=jnp.int32))
       return x, None
 
     x, _ = lax.scan(step, x, xs)
     return x, jnp.asarray(nfe_steps, jnp.int32)
 
-  if denoise:
-    run = data_prediction.with_final_denoise(run, sde, ts[-1])
   info = dict(predictor=predictor, corrector=corrector, snr=snr, n_steps_each=n_each,
-              probability_flow=probability_flow, denoise=denoise, nfe=nfe, ts=ts)
+              probability_flow=probability_flow, denoise=denoise, nfe=nfe, ts=ts,
+              t_end=float(ts[-1]))
   return base.Sampler("pc", shape, run, info)

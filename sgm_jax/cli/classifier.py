@@ -1,0 +1,112 @@
+"""The noise-conditional classifier of `config.classifier` at the config edge: its spec, network,
+checkpoint layout in workdir/classifier/, and its log p_t(y | x) for class-conditional sampling.
+
+Trained by `--mode train_classifier`, used by `--mode sample --class_label`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sgm_jax import controllable, sde_lib
+from sgm_jax.checkpoints import CheckpointError, CheckpointStore, has_checkpoints
+from sgm_jax.cli.setup import get_field
+from sgm_jax.errors import InputError
+
+CLASSIFIER_DIR = "classifier"  # its checkpoints and metrics.json, under the workdir
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierSpec:
+  """config.classifier: the WRN size and how to train it (missing keys take these defaults)."""
+
+  num_classes: int = 10
+  blocks_per_group: int = 1
+  channel_multiplier: int = 2
+  n_iters: int = 2000
+  batch_size: int = 64
+  lr: float = 1e-3
+  max_seconds: Optional[float] = None
+  log_freq: int = 100
+  snapshot_freq: int = 200
+  eval_examples: int = 1000
+  scale: float = 1.0  # default classifier weight of --class_label sampling
+
+  @classmethod
+  def from_config(cls, config: Any) -> "ClassifierSpec":
+    section = get_field(config, "classifier", None) or {}
+    values = {f.name: get_field(section, f.name, f.default) for f in dataclasses.fields(cls)}
+    spec = cls(**values)
+    for name in ("num_classes", "blocks_per_group", "channel_multiplier", "n_iters", "batch_size",
+                 "log_freq", "snapshot_freq", "eval_examples"):
+      value = getattr(spec, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "num_classes"
+                                                                         else 1):
+        raise InputError(f"config.classifier.{name} must be a positive integer"
+                         f"{' >= 2' if name == 'num_classes' else ''}, got {value!r}")
+    if not spec.lr > 0:
+      raise InputError(f"config.classifier.lr must be > 0, got {spec.lr!r}")
+    return spec
+
+
+def classifier_parts(config: Any, sde: sde_lib.SDE, image_shape: tuple):
+  """(spec, logits_fn, initial params, optimizer) of config.classifier."""
+  import optax
+  from sgm_jax.models.wideresnet import create_classifier
+  if len(image_shape) != 3:
+    raise InputError(f"the noise-conditional classifier needs image data (H, W, C); dataset "
+                     f"{config.data.dataset!r} gives examples of shape {tuple(image_shape)}")
+  spec = ClassifierSpec.from_config(config)
+  model = create_classifier(spec.num_classes, spec.blocks_per_group, spec.channel_multiplier)
+  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  params = model.init(jax.random.PRNGKey(int(config.seed) + 7), x, jnp.ones((1,)))["params"]
+  return spec, controllable.NoiseConditionalLogits(model, sde), params, optax.adam(spec.lr)
+
+
+def classifier_state(params, opt_state, step: int) -> dict:
+  """What a classifier checkpoint holds."""
+  return {"params": params, "opt_state": opt_state, "step": np.asarray(step, np.int64)}
+
+
+def load_classifier_log_prob(config: Any, workdir: str, sde: sde_lib.SDE, image_shape: tuple):
+  """(log_prob_fn(x, t, y), step) of the classifier trained in workdir/classifier (newest
+  checkpoint)."""
+  out_dir = os.path.join(workdir, CLASSIFIER_DIR)
+  if not has_checkpoints(out_dir):
+    raise CheckpointError(f"no classifier in {out_dir}; train it first with "
+                          "--mode train_classifier")
+  _, logits_fn, params, optimizer = classifier_parts(config, sde, image_shape)
+  store = CheckpointStore(out_dir, keep=2)
+  try:
+    state = store.restore(classifier_state(params, optimizer.init(params), 0))
+  finally:
+    store.close()
+  return controllable.classifier_log_prob_fn(logits_fn, state["params"]), int(state["step"])
+
+
+def parse_class_label(value: Any, num_classes: int) -> Optional[str | int]:
+  """--class_label: an integer class in [0, num_classes) or 'all' (classes cycled over samples)."""
+  if value is None:
+    return None
+  if str(value).strip().lower() == "all":
+    return "all"
+  try:
+    label = int(str(value))
+  except ValueError:
+    label = -1
+  if not 0 <= label < num_classes:
+    raise InputError(f"--class_label must be an integer in [0, {num_classes}) or 'all', got "
+                     f"{value!r}")
+  return label
+
+
+def class_labels_for(label: str | int, start: int, batch: int, num_classes: int) -> np.ndarray:
+  """The (batch,) labels of samples start..start+batch-1 ('all' cycles through the classes)."""
+  if label == "all":
+    return (start + np.arange(batch)) % num_classes
+  return np.full((batch,), int(label))

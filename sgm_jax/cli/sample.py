@@ -1,0 +1,108 @@
+"""`main.py --mode sample`: samples from the EMA parameters of a checkpoint (optionally of one
+class, through the classifier of --mode train_classifier); and the sampler comparison of
+`--mode all`."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from sgm_jax import controllable, io_utils, sampling, sde_lib
+from sgm_jax.cli import classifier, outputs, setup
+from sgm_jax.errors import InputError
+
+
+def run_sample(config: Any, workdir: str, sampler_name: str | None = None,
+               num_steps: int | None = None, num_samples: int | None = None,
+               checkpoint_step: Any = None, class_label: Any = None,
+               classifier_scale: float | None = None, **sampler_options) -> dict:
+  """Sample from the EMA parameters of a checkpoint.
+
+  Writes workdir/samples/<sampler>_<steps>steps_ckpt<step>[_class<y>].{png,npz}; returns their
+  paths and the mean nfe per batch. With class_label (an integer, or 'all' to cycle through the
+  classes) the score is that of p_t(x | y) through the classifier of --mode train_classifier,
+  weighted by classifier_scale (default config.classifier.scale).
+  """
+  from tqdm import tqdm
+  trained = setup.restore_trained(config, workdir, checkpoint_step)
+  sde, example_shape = trained.sde, trained.example_shape
+  s = config.sampling
+  sampler_name = sampler_name or str(setup.get_field(s, "method", "pc"))
+  num_steps = int(num_steps if num_steps is not None else setup.get_field(s, "num_steps", sde.N))
+  num_samples = int(num_samples if num_samples is not None
+                    else setup.get_field(s, "num_samples", 64))
+  if num_samples < 1:
+    raise InputError(f"num_samples must be >= 1, got {num_samples}")
+  sampler_options = setup.sampler_options_from_config(config, sampler_name, sampler_options)
+  batch = min(int(setup.get_field(s, "batch_size", 64)), num_samples)
+  sampler = sampling.get_sampler(sampler_name, sde, (batch,) + example_shape,
+                                 num_steps=num_steps, **sampler_options)
+  conditional, suffix = None, ""
+  if class_label is not None:
+    conditional = _ClassConditional(config, workdir, sde, example_shape, class_label,
+                                    classifier_scale)
+    suffix = f"_class{conditional.label}"
+  key = jax.random.PRNGKey(int(config.seed) + 1)
+  outs, nfes, labels = [], [], []
+  for i in tqdm(range(-(-num_samples // batch)), desc=f"sample {sampler_name}", unit="batch"):
+    fn = trained.score_fn
+    if conditional is not None:
+      fn, y = conditional.score_fn(trained.score_fn, i * batch, batch)
+      labels.append(y)
+    x, nfe = sampler(jax.random.fold_in(key, i), fn)
+    outs.append(np.asarray(x))
+    nfes.append(int(nfe))
+  samples = np.concatenate(outs)[:num_samples]
+  stem = os.path.join(workdir, "samples",
+                      f"{sampler_name}_{num_steps}steps_ckpt{trained.step}{suffix}")
+  paths = outputs.save_samples(samples, config, stem)
+  centered = bool(config.data.centered)
+  result = dict(paths, nfe=float(np.mean(nfes)), checkpoint_step=trained.step,
+                num_samples=num_samples, sampler_options=sampler_options,
+                out_of_range=(outputs.out_of_range_share(samples, centered)
+                              if samples.ndim == 4 else None))
+  if conditional is not None:
+    result.update(labels=np.concatenate(labels)[:num_samples], class_label=conditional.label,
+                  classifier_scale=conditional.scale, classifier_step=conditional.step)
+  return result
+
+
+class _ClassConditional:
+  """The classifier of a workdir, turning the score into that of p_t(x | y) (Eq. 14)."""
+
+  def __init__(self, config: Any, workdir: str, sde: sde_lib.SDE, image_shape: tuple,
+               class_label: Any, scale: float | None):
+    spec = classifier.ClassifierSpec.from_config(config)
+    self.num_classes = spec.num_classes
+    self.label = classifier.parse_class_label(class_label, spec.num_classes)
+    self.scale = float(spec.scale if scale is None else scale)
+    self.log_prob_fn, self.step = classifier.load_classifier_log_prob(config, workdir, sde,
+                                                                      image_shape)
+
+  def score_fn(self, score_fn, start: int, batch: int):
+    """(score_fn of p_t(x | y), y) for samples start..start+batch-1."""
+    y = classifier.class_labels_for(self.label, start, batch, self.num_classes)
+    return controllable.conditional_score_fn(score_fn, self.log_prob_fn, y, self.scale), y
+
+
+def comparison_samplers(config: Any) -> list[tuple[str, int]]:
+  """(sampler, steps) of the main job's comparison: DEIS-10, DPM-Solver-10, DDIM-50, the adaptive
+  ODE (Dopri5) and predictor-corrector with sampling.pc_num_steps (500)."""
+  pc_steps = int(setup.get_field(config.sampling, "pc_num_steps", 500))
+  return [("deis", 10), ("dpm_solver", 10), ("ddim", 50), ("ode", 1), ("pc", pc_steps)]
+
+
+def run_sampler_comparison(config: Any, workdir: str) -> tuple[list[dict], str]:
+  """Sample with every sampler of `comparison_samplers` (main.py --mode all) and write their
+  grids side by side, captioned with NFE and out-of-range share, to
+  workdir/samples/samplers_ckpt<step>.png."""
+  results = [run_sample(config, workdir, name, steps) for name, steps in comparison_samplers(config)]
+  panels = []
+  for (name, steps), r in zip(comparison_samplers(config), results):
+    label = f"{name} {steps} steps" if name != "ode" else "ode (dopri5)"
+    out = "" if r["out_of_range"] is None else f", {100 * r['out_of_range']:.1f} % out"
+    panels.append((r["png"], f"{label}: {r['nfe']:.0f} NFE{out}"))
+  path = os.path.join(workdir, "samples", f"samplers_ckpt{results[0]['checkpoint_step']}.png")
+  return results, io_utils.save_side_by_side(panels, path)
