@@ -8,7 +8,7 @@ Controllable generation: train_classifier (the noise-conditional classifier, the
 --mode sample --class_label 3|all [--classifier_scale 2]), inpaint (--mask right|left|top|bottom|
 center|random|FILE.png), colorize (RGB models), interpolate (--num_points); their inputs come from
 --input (an .npz with 'images', or an image file) or the test split, and --sampler picks the method
-(pc, deis, ddim, ode). Results go to workdir/controllable/ (PNG, .npz, .json).
+(any sampler; ode with a fixed-step solver). Results go to workdir/controllable/ (PNG, .npz, .json).
 Config fields can be overridden on the command line, e.g. --config.training.batch_size=32.
 Sampler options: --sampler deis --num_steps 10 --sampler_option order=2 ...
 Log lines: --verbosity=-1 (warnings only), 0 (default: sgm-jax's progress), 1 (libraries' too).

@@ -23,8 +23,8 @@ def run_inpaint(config: Any, workdir: str, method: Optional[str] = None,
                 num_steps: Optional[int] = None, num_images: Optional[int] = None,
                 mask: str = "right", input_path: Optional[str] = None,
                 checkpoint_step: Any = None, **options) -> dict:
-  """Fill in the `mask` region of input images with `method` (pc, deis, ddim, ode). PNG rows:
-  inputs, masked inputs, inpainted."""
+  """Fill in the `mask` region of input images with `method` (any sampler; ode with a fixed-step
+  solver). PNG rows: inputs, masked inputs, inpainted."""
   method = method or "pc"
   trained = setup.restore_trained(config, workdir, checkpoint_step)
   num_steps, options = _method_options(config, trained.sde, method, num_steps, options)
