@@ -64,6 +64,14 @@ SPECS = (
     Spec("ddim", "ddim", (), _per_step(1), quick=True),
     Spec("dpm_solver++(2M)", "dpm_solver", (), _per_step(1), quick=True),
     Spec("dpm_solver++(2M)", "dpm_solver", (("time_grid", "quadratic"),), _per_step(1)),
+    Spec("dpm_solver++(3M)", "dpm_solver", (("order", 3),), _per_step(1)),
+    Spec("dpm_solver++(3M)", "dpm_solver", (("order", 3), ("time_grid", "quadratic")),
+         _per_step(1)),
+    Spec("unipc", "unipc", (), _per_step(1)),
+    Spec("unipc", "unipc", (("time_grid", "quadratic"),), _per_step(1)),
+    Spec("unipc", "unipc", (("variant", "bh1"),), _per_step(1)),
+    Spec("unipc", "unipc", (("order", 2),), _per_step(1)),
+    Spec("unipc", "unipc", (("order", 2), ("time_grid", "quadratic")), _per_step(1)),
     Spec("heun (EDM)", "heun", (), _per_step(2, -1)),
     Spec("deis tAB1", "deis", (("method", "tab"), ("order", 1)), _per_step(1)),
     Spec("deis tAB2", "deis", (("method", "tab"), ("order", 2)), _per_step(1)),
@@ -81,7 +89,8 @@ SPECS = (
 )
 
 # --grids: these samplers again on every time grid of sgm_jax.sampling.schedules
-GRID_SWEEP = ("ddim", "dpm_solver++(2M)", "deis tAB3", "deis rhoAB3", "ipndm", "heun (EDM)")
+GRID_SWEEP = ("ddim", "dpm_solver++(2M)", "dpm_solver++(3M)", "unipc", "deis tAB3", "deis rhoAB3",
+              "ipndm", "heun (EDM)")
 GRIDS = ("uniform", "quadratic", "log_rho", "polynomial_rho")
 
 ADAPTIVE_TOLS = (1e-2, 1e-3, 1e-4, 1e-5)
@@ -262,7 +271,9 @@ def main(argv=None) -> int:
   problem = common.make_problem(batch=batch, std=args.std, seed=args.seed)
   common.log(f"problem: {problem.describe()}; exact flow map (float64 Dopri8, tol 1e-9) in "
              f"{problem.ref_seconds:.1f} s, its nearest-digit RMS "
-             f"{common.nearest_digit_rms(problem.ref, problem.gm):.4f}")
+             f"{common.nearest_digit_rms(problem.ref, problem.gm):.4f}, its RMS "
+             f"{common.rms_error(problem.ref, 0.0 * problem.ref):.4f} (relative error = RMS "
+             "error / this)")
 
   with_net = not args.no_net
   net_score, net_desc, net_call_s = None, "-", float("nan")

@@ -2,7 +2,7 @@
 
     python benchmarks/trained_samplers.py --workdir runs/fashion_mnist [--config configs/fashion_mnist.py]
 
-For each sampler (DEIS-10, DPM-Solver-10, DDIM-50, the adaptive ODE (Dopri5), PC-500, and DEIS-10
+For each sampler (DEIS-10, DPM-Solver-10, UniPC-10, DDIM-50, the adaptive ODE (Dopri5), PC-500, and DEIS-10
 with dynamic thresholding and the final denoising jump) it runs `main.py --mode eval`'s sampling
 part (`sgm_jax.cli.evaluate.run_eval` with bits/dim and the denoising diagnostic off): `--num_samples` samples
 (default 1,024) against the cached statistics of 2,048 training images. Every batch is saved, so
@@ -29,6 +29,7 @@ from sgm_jax.cli.evaluate import run_eval  # noqa: E402
 SAMPLERS = (  # (label, sampler, steps, options)
     ("DEIS tAB3, 10 steps", "deis", 10, {}),
     ("DPM-Solver++(2M), 10 steps", "dpm_solver", 10, {}),
+    ("UniPC-3 (bh2), 10 steps", "unipc", 10, {}),
     ("DDIM, 50 steps", "ddim", 50, {}),
     ("ODE, Dopri5 (rtol = atol = 1e-5)", "ode", 1, {}),
     ("predictor-corrector, 500 steps", "pc", 500, {}),

@@ -18,6 +18,9 @@ through SDE methods (score_sde conventions):
   can use a network: an eps error is multiplied by sigma / alpha (150 at the end of the VP SDE),
   while v and edm outputs become x_0 with factors at most 1 and eps -> x_t at high noise without
   the network learning it. `output_loss_weight` turns the eps-MSE into the MSE of each output.
+- `score_fn_from_model` does the same for any network given as apply_fn(x, timestep) (one
+  trained elsewhere, e.g. a diffusers model on a `discrete_schedule.DiscreteVPSchedule`), with
+  diffusers' prediction types 'epsilon', 'sample' and 'v_prediction' as aliases.
 
 Every function returned here is a `jax.tree_util.Partial` whose arguments (the network variables,
 or an inner score function) are pytree leaves: a jitted sampler that takes it as an argument
@@ -213,6 +216,46 @@ def get_score_fn(sde: SDE, model: nn.Module, variables: Mapping, continuous: boo
   kind = check_parameterization(sde, parameterization, sigma_data, continuous)
   return Partial(_NetworkScore(sde, model, bool(continuous), bool(train), kind,
                                float(sigma_data)), variables)
+
+
+# diffusers' prediction_type names -> the parameterizations above.
+PREDICTION_ALIASES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _ApplyFnScore:
+  """Score of apply_fn(x, sde.time_label(t), *args), which outputs `parameterization`."""
+
+  sde: SDE
+  parameterization: str
+  sigma_data: float = 0.5
+
+  def __call__(self, apply_fn: Callable, x: Array, t: Array, *args) -> Array:
+    t = batch_times(t, x)
+    inputs = network_input(self.sde, self.parameterization, self.sigma_data, x, t)
+    out = apply_fn(inputs, self.sde.time_label(t), *args)
+    return score_from_output(self.sde, self.parameterization, self.sigma_data, out, x, t)
+
+
+def score_fn_from_model(sde: SDE, apply_fn: Callable, prediction: str = "epsilon",
+                        sigma_data: float = 0.5) -> Partial:
+  """score_fn(x, t, *args) of any network given as apply_fn(x, timestep, *args) -> output.
+
+  `timestep` is `sde.time_label(t)` (for `discrete_schedule.DiscreteVPSchedule`: the training
+  step t N - 1; for VPSDE: 999 t), `prediction` what the network outputs: diffusers' 'epsilon',
+  'sample' (x_0) or 'v_prediction' (v = alpha z - sigma x_0), or 'eps', 'x0', 'v', 'score', 'edm'
+  (see `score_from_output`). Pass apply_fn as `jax.tree_util.Partial(fn, params)` to keep the
+  parameters traced arguments of a jitted sampler.
+  """
+  kind = PREDICTION_ALIASES.get(prediction, prediction) if isinstance(prediction, str) else None
+  if kind not in PARAMETERIZATIONS:
+    raise InputError(f"unknown prediction type {prediction!r}; valid values are "
+                     f"{list(PREDICTION_ALIASES) + list(PARAMETERIZATIONS)}")
+  kind = check_parameterization(sde, kind, sigma_data)
+  if not callable(apply_fn):
+    raise InputError(f"apply_fn must be callable as apply_fn(x, timestep), got "
+                     f"{type(apply_fn).__name__}")
+  return Partial(_ApplyFnScore(sde, kind, float(sigma_data)), as_partial(apply_fn))
 
 
 # --- score -> eps / x0 ----------------------------------------------------------------------

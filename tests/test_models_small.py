@@ -236,3 +236,49 @@ def test_scorenet_same_padding_keeps_parameters_and_sees_the_border():
   assert min(gains) > 0.1 * gains[2]
   with pytest.raises(ValueError, match="padding"):
     small.ScoreNet(padding="FULL").init(jax.random.PRNGKey(0), x, t[:1])
+
+
+def _dilated_conv_padding(n: int, size: int, same: bool) -> tuple[int, int]:
+  lo = (max(2 * (n - 1) + 3 - size, 0) // 2) if same else 0
+  return (2 - lo, size + lo - 2 * n + 1)
+
+
+@pytest.mark.parametrize("sizes,targets,same", [
+    ((14, 14), (28, 28), True), ((14, 14), (28, 28), False), ((4, 4), (7, 7), True),
+    ((13, 6), (26, 13), False), ((3, 5), (5, 9), True), ((2, 2), (3, 4), True)])
+def test_upsampling_conv_equals_the_input_dilated_convolution(sizes, targets, same):
+  """The four-parity form of a convolution over a 2x zero-dilated input gives lax's values and
+  gradients (float64, both padding rules of ScoreNet, odd, even and non-square sizes)."""
+  from jax import lax
+  pads = [_dilated_conv_padding(n, size, same) for n, size in zip(sizes, targets)]
+  dn = ("NHWC", "HWIO", "NHWC")
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2,) + sizes + (3,), jnp.float64)
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 4), jnp.float64)
+    ref = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), pads, lhs_dilation=(2, 2),
+                                                dimension_numbers=dn)
+    new = lambda x, w: small.upsampling_conv(x, w, (1, 1), pads, lhs_dilation=(2, 2),
+                                             dimension_numbers=dn)
+    a, b = ref(x, w), new(x, w)
+    assert a.shape == b.shape == (2,) + targets + (4,)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-12, atol=1e-12)
+    probe = jax.random.normal(jax.random.PRNGKey(2), a.shape, jnp.float64)
+    grads = [jax.grad(lambda x, w: jnp.sum(f(x, w) * probe), argnums=(0, 1))(x, w)
+             for f in (ref, new)]
+  for g_ref, g_new in zip(*grads):
+    np.testing.assert_allclose(np.asarray(g_new), np.asarray(g_ref), rtol=1e-12, atol=1e-12)
+
+
+def test_upsampling_conv_leaves_other_convolutions_to_lax():
+  """Strided, undilated or grouped convolutions are lax.conv_general_dilated itself."""
+  from jax import lax
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 9, 9, 4))
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 2, 4))
+  dn = ("NHWC", "HWIO", "NHWC")
+  for kwargs in (dict(window_strides=(2, 2), padding="SAME"),
+                 dict(window_strides=(1, 1), padding=[(1, 1), (1, 1)], feature_group_count=2),
+                 dict(window_strides=(1, 1), padding="VALID", rhs_dilation=(2, 2))):
+    rhs = w if kwargs.get("feature_group_count") == 2 else jnp.concatenate([w, w], axis=2)
+    a = lax.conv_general_dilated(x, rhs, dimension_numbers=dn, **kwargs)
+    b = small.upsampling_conv(x, rhs, dimension_numbers=dn, **kwargs)
+    assert np.array_equal(np.asarray(a), np.asarray(b))

@@ -32,8 +32,9 @@ ALL_SDES = [sde_lib.VPSDE(), sde_lib.subVPSDE(), sde_lib.VESDE(), sde_lib.Tutori
 @pytest.mark.parametrize("num_steps", [1, 7, 200])
 def test_tab_coefficients_sum_to_the_exponential_integrator_step(sde, num_steps):
   # Lagrange bases sum to one, so for every order sum_j C_kj is the integral for constant eps,
-  # which is exact in y = x / alpha: alpha_{k+1} (rho_{k+1} - rho_k). The quadrature uses g from
-  # sde.sde, the closed form only alpha and sigma: this also checks the SDE's consistency.
+  # which is exact in y = x / alpha: alpha_{k+1} (rho_{k+1} - rho_k). The coefficients are
+  # integrals in rho too, so this checks the quadrature and the bases, not the SDE: its g against
+  # alpha and sigma is checked by test_tab_coefficients_equal_the_integral_in_t_with_g.
   ts = schedules.get_time_grid("quadratic", sde, num_steps, sde.default_sampling_eps)
   coef = dc.sde_coefficients(sde, ts)
   ddim = coef["alpha"][1:] * (coef["rho"][1:] - coef["rho"][:-1])
@@ -51,6 +52,94 @@ def test_tab_coefficients_sum_to_the_exponential_integrator_step(sde, num_steps)
 def _lagrange(tau, nodes, j):
   others = np.delete(nodes, j)
   return np.prod([(tau - m) / (nodes[j] - m) for m in others], axis=0)
+
+
+def _tab_coefficients_in_t(sde, ts, order, num_nodes=64):
+  """The tAB integral in t, with g: C_kj = int_{t_k}^{t_{k+1}} alpha_{k+1} / alpha(tau)
+  g(tau)^2 / (2 sigma(tau)) ell_kj(tau) dtau by Gauss-Legendre in u = sqrt(tau) (the integrand is
+  analytic in u on the smooth SDEs). What the library computed before it integrated in log rho."""
+  coef = dc.sde_coefficients(sde, ts)
+  x, w = np.polynomial.legendre.leggauss(num_nodes)
+  C = np.zeros((ts.size - 1, order + 1))
+  for k in range(ts.size - 1):
+    u0, u1 = np.sqrt(ts[k]), np.sqrt(ts[k + 1])
+    u = 0.5 * (u0 + u1) + 0.5 * (u1 - u0) * x
+    at = dc.sde_coefficients(sde, u ** 2)
+    weight = (coef["alpha"][k + 1] / at["alpha"] * at["g"] ** 2 / (2.0 * at["sigma"])
+              * 2.0 * u * 0.5 * (u1 - u0) * w)
+    nodes = ts[k - np.arange(min(order, k) + 1)]
+    for j in range(nodes.size):
+      C[k, j] = np.sum(_lagrange(u ** 2, nodes, j) * weight)
+  return coef["alpha"][1:] / coef["alpha"][:-1], C
+
+
+@pytest.mark.parametrize("sde", ALL_SDES, ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("num_steps", [1, 10, 50])
+def test_tab_coefficients_equal_the_integral_in_t_with_g(sde, num_steps):
+  # The library integrates alpha_{k+1} ell_kj(t(rho)) drho, which equals the integral in t with
+  # g^2 / (2 sigma alpha) dt only if g^2 = d sigma^2 / dt - 2 f sigma^2: a wrong g, alpha, sigma or
+  # t_from_rho of the SDE breaks the equality. It holds to round-off, so tAB-DEIS on these SDEs is
+  # what it was when it integrated in t.
+  ts = schedules.get_time_grid("quadratic", sde, num_steps, sde.default_sampling_eps)
+  for order in range(4):
+    psi, C = dc.exponential_ab_coefficients(sde, ts, order)
+    psi_t, C_t = _tab_coefficients_in_t(sde, ts, order)
+    np.testing.assert_array_equal(psi, psi_t)
+    scale = np.abs(C_t).max(axis=1, keepdims=True)
+    np.testing.assert_array_less(np.abs(C - C_t) / scale, 1e-12)
+
+
+@pytest.mark.parametrize("sde", ALL_SDES[:3], ids=lambda s: type(s).__name__)
+def test_tab_samples_equal_those_of_the_integral_in_t(small_oracle, sde, monkeypatch):
+  """DEIS tAB3 (the default) on the oracle in float64, 10 steps: the same samples to 1e-12 with the
+  coefficients integrated in t with g (the library's method before)."""
+  with jax.enable_x64(True):
+    gm = _to_float64(small_oracle)
+    x_T = sde.prior_sampling(jax.random.PRNGKey(5), SHAPE).astype(jnp.float64)
+    x, _ = get_sampler("deis", sde, SHAPE, num_steps=10)(jax.random.PRNGKey(0), gm.score_fn(sde),
+                                                          x_T)
+    monkeypatch.setattr(dc, "exponential_ab_coefficients", _tab_coefficients_in_t)
+    x_t, _ = get_sampler("deis", sde, SHAPE, num_steps=10)(jax.random.PRNGKey(0),
+                                                            gm.score_fn(sde), x_T)
+  x, x_t = np.asarray(x), np.asarray(x_t)
+  assert x.dtype == np.float64 and np.all(np.isfinite(x))
+  assert np.abs(x - x_t).max() <= 1e-12 * np.abs(x_t).max()
+
+
+@pytest.mark.parametrize("interpolation, tol", [("cubic", 1e-7), ("linear", 3e-5)])
+def test_tab_coefficients_on_a_discrete_schedule(interpolation, tol):
+  # beta(t) of a DDPM schedule has a kink (cubic) or a jump (linear) at every training step k / N,
+  # so t(rho) is only piecewise smooth and Gauss-Legendre in log rho converges algebraically. The
+  # reference integrates in t with g, split at every training step (smooth pieces, 8 nodes each).
+  from sgm_jax.discrete_schedule import DiscreteVPSchedule
+  sde = DiscreteVPSchedule.from_sde(sde_lib.VPSDE(), 1000, interpolation=interpolation)
+  ts = schedules.get_time_grid("quadratic", sde, 20, sde.default_sampling_eps)
+  _, C = dc.exponential_ab_coefficients(sde, ts, 3)
+  coef = dc.sde_coefficients(sde, ts)
+  x, w = np.polynomial.legendre.leggauss(8)
+  for k in range(ts.size - 1):
+    knots = np.arange(np.ceil(ts[k + 1] * sde.N), np.floor(ts[k] * sde.N) + 1) / sde.N
+    ends = np.unique(np.concatenate([[ts[k + 1]], knots, [ts[k]]]))
+    lo, hi = ends[:-1, None], ends[1:, None]
+    tau = (0.5 * (lo + hi) + 0.5 * (hi - lo) * x).ravel()
+    at = dc.sde_coefficients(sde, tau)
+    weight = (coef["alpha"][k + 1] / at["alpha"] * at["g"] ** 2 / (2.0 * at["sigma"])
+              * (0.5 * (hi - lo) * w).ravel())
+    nodes = ts[k - np.arange(min(3, k) + 1)]
+    want = np.array([-np.sum(_lagrange(tau, nodes, j) * weight) for j in range(nodes.size)])
+    np.testing.assert_allclose(C[k, :nodes.size], want, rtol=0, atol=tol * np.abs(want).max())
+  ddim = coef["alpha"][1:] * (coef["rho"][1:] - coef["rho"][:-1])
+  np.testing.assert_allclose(C.sum(axis=1), ddim, rtol=1e-12)
+
+
+def test_tab_rejects_a_wrong_t_from_rho():
+  class HalfTime(sde_lib.VESDE):
+    def t_from_rho(self, rho):
+      return 0.5 * super().t_from_rho(rho)
+  sde = HalfTime()
+  ts = schedules.get_time_grid("uniform", sde, 5, 1e-5)
+  with pytest.raises(ValueError, match="t_from_rho"):
+    dc.exponential_ab_coefficients(sde, ts, 2)
 
 
 def test_tab_coefficients_against_scipy_quad_with_closed_form_vp_integrand():

@@ -136,12 +136,34 @@ def test_dpm_solver_first_step_is_ddim():
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10)
 
 
+@pytest.mark.parametrize("num_steps", [2, 3])
+def test_dpm_solver_lower_order_final_is_a_ddim_last_step(num_steps):
+  """With lower_order_final the last update of DPM-Solver++(2M) is first order: for two steps the
+  whole run is DDIM on the same (log-SNR) grid; without it, the second-order last step differs.
+  Below 15 steps it is the default, as in diffusers."""
+  sde = SDES["vp"]
+  with jax.enable_x64(True):
+    x_T = jax.random.normal(jax.random.PRNGKey(3), (5, 2), jnp.float64)
+    run = lambda name, **o: np.asarray(sampling.get_sampler(name, sde, (5, 2), num_steps=num_steps,
+                                                            **o)(jax.random.PRNGKey(0),
+                                                                 GM.score_fn(sde), x_T)[0])
+    low = run("dpm_solver", time_grid="log_rho")
+    high = run("dpm_solver", time_grid="log_rho", lower_order_final=False)
+    ddim = run("ddim", time_grid="log_rho")
+  if num_steps == 2:
+    np.testing.assert_allclose(low, ddim, rtol=1e-10)
+  assert np.abs(low - high).max() > 1e-3
+  assert not np.allclose(high, ddim, rtol=1e-3)
+  info = lambda n: sampling.get_sampler("dpm_solver", sde, (5, 2), num_steps=n).info
+  assert info(14)["lower_order_final"] and not info(15)["lower_order_final"]
+
+
 @pytest.mark.parametrize("name,options,match", [
     ("ddim", dict(eta=1.5), "eta"),
     ("ddim", dict(solver="x"), "valid options are .*'denoise'.*'eps'.*'eta'.*'time_grid'"),
     ("heun", dict(time_grid="karras"), "valid values are .*'polynomial_rho'"),
     ("heun", dict(s_churn=1.0), "valid options are .*'eps'.*'time_grid'"),
-    ("dpm_solver", dict(order=3), "valid options are .*'eps'.*'time_grid'"),
+    ("dpm_solver", dict(order=4), r"\[1, 2, 3\], got 4"),
     ("dpm_solver", dict(eps=0.0), "eps"),
 ])
 def test_bad_options_raise_listing_valid_ones(name, options, match):

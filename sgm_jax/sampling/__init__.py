@@ -26,6 +26,7 @@ SAMPLERS = {
     "dpm_solver": ("dpm_solver", "build_dpm_solver_sampler"),
     "deis": ("deis", "build_deis_sampler"),
     "ipndm": ("deis", "build_ipndm_sampler"),
+    "unipc": ("unipc", "build_unipc_sampler"),
 }
 
 
