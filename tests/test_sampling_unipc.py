@@ -8,17 +8,15 @@ import numpy as np
 import pytest
 
 from oracle_flow import digits_oracle, exact_flow_map
-from sgm_jax import sampling, sde_lib, toy
+from sgm_jax import sampling, toy
 from sgm_jax.errors import InputError
 from sgm_jax.sampling import unipc
+from test_sampler_hooks import Recorder
 from test_sampling_deis import measured_order
+from test_sampling_exponential import GM, SDES, CountingScore
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
-GM = toy.GaussianMixture.create(jnp.array([[-1.5, 0.0], [1.5, 0.5], [0.0, -1.5]]),
-                                jnp.array([0.3, 0.4, 0.35]), jnp.array([0.5, 0.3, 0.2]))
-SDES = {"ve": sde_lib.VESDE(sigma_min=0.01, sigma_max=10.0), "vp": sde_lib.VPSDE(),
-        "subvp": sde_lib.subVPSDE()}
 VP = SDES["vp"]
 GM3 = toy.GaussianMixture.create(jnp.array([[-1.0, 0.5, 0.0], [1.0, -0.5, 0.5]]),
                                  jnp.array([0.3, 0.4]), jnp.array([0.5, 0.5]))
@@ -165,20 +163,6 @@ def test_phi_functions_and_weights():
 
 
 # --- nfe, float32, determinism --------------------------------------------------------------------
-class CountingScore:
-  """The oracle score, counting its evaluations at run time through a debug callback."""
-
-  def __init__(self, sde):
-    self.fn, self.count = GM.score_fn(sde), 0
-
-  def _increment(self):
-    self.count += 1
-
-  def __call__(self, x, t):
-    jax.debug.callback(self._increment)
-    return self.fn(x, t)
-
-
 CASES = [  # (sampler, options, nfe for num_steps n, SDEs)
     ("unipc", {}, lambda n: n, ("ve", "vp", "subvp")),
     ("unipc", dict(order=1, corrector=False), lambda n: n, ("vp",)),
@@ -209,21 +193,6 @@ def test_nfe_exact_finite_and_pure_in_float32(name, options, nfe_of, sde_name, n
 
 
 # --- hooks ----------------------------------------------------------------------------------------
-class Recorder:
-  """A hook that zeros coordinate 0 and records, at run time, each call's time and key."""
-
-  def __init__(self):
-    self.times, self.keys = [], []
-
-  def _record(self, t, key):
-    self.times.append(float(t))
-    self.keys.append(tuple(np.asarray(key).ravel().tolist()))
-
-  def __call__(self, x, t, key):
-    jax.debug.callback(self._record, t, jax.random.key_data(key))
-    return x.at[:, 0].set(0.0)
-
-
 @pytest.mark.parametrize("name,options", [("unipc", {}), ("unipc", dict(corrector=False)),
                                           ("unipc", dict(denoise=True)),
                                           ("dpm_solver", dict(order=3))])
