@@ -55,7 +55,7 @@ def flow_problem():
 ])
 def test_convergence_order(flow_problem, name, steps, order):
   """Least-squares slope of log RMS error against log num_steps, in float64, on each sampler's
-  default time grid (uniform, polynomial in rho, uniform in log-SNR)."""
+  default time grid (uniform, polynomial in rho, quadratic in t)."""
   gm, sde, x_T, ref = flow_problem
   errors = []
   with jax.enable_x64(True):

@@ -47,7 +47,7 @@ def polynomial_t(sde: SDE, num_steps: int, eps: float, order: float = 2.0) -> np
   if order <= 0:
     raise InputError(f"order of the polynomial time grid must be > 0, got {order!r}")
   u = np.linspace(sde.T ** (1.0 / order), eps ** (1.0 / order), n + 1)
-  return u ** order
+  return _snap_ends(u ** order, sde.T, eps)  # (eps^{1/p})^p can be eps - 1 ulp
 
 
 def polynomial_rho(sde: SDE, num_steps: int, eps: float, order: float = 7.0) -> np.ndarray:
