@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgm_jax.errors import InputError, check_positive
+from sgm_jax.errors import InputError, check_positive, check_positive_int
 from sgm_jax.sde_lib import SDE, VPSDE
 
 Array = jax.Array
@@ -58,12 +58,6 @@ _KNOT_TOLERANCE = 1e-4
 # Newton iterations inverting a monotone cubic piece from the linear guess (quadratic convergence:
 # 4 reach float64 precision on smooth schedules; the rest guard kinks such as cosine's max_beta).
 _NEWTON_STEPS = 8
-
-
-def _check_positive_int(name: str, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise InputError(f"{name} must be a positive integer, got {value!r}")
-  return int(value)
 
 
 def _as_vector(name: str, values) -> np.ndarray:
@@ -167,7 +161,7 @@ class DiscreteVPSchedule(VPSDE):
   def linear(cls, num_train_timesteps: int = 1000, beta_start: float = 1e-4,
              beta_end: float = 0.02, interpolation: str = "cubic") -> "DiscreteVPSchedule":
     """DDPM's (Ho et al. 2020) and diffusers' 'linear': betas linspace(beta_start, beta_end, N)."""
-    n = _check_positive_int("num_train_timesteps", num_train_timesteps)
+    n = check_positive_int("num_train_timesteps", num_train_timesteps)
     b0, b1 = check_positive("beta_start", beta_start), check_positive("beta_end", beta_end)
     return cls.from_betas(np.linspace(b0, b1, n, dtype=np.float64), interpolation)
 
@@ -177,7 +171,7 @@ class DiscreteVPSchedule(VPSDE):
                     ) -> "DiscreteVPSchedule":
     """diffusers' 'scaled_linear' (Stable Diffusion, latent diffusion): betas
     linspace(sqrt(beta_start), sqrt(beta_end), N)^2."""
-    n = _check_positive_int("num_train_timesteps", num_train_timesteps)
+    n = check_positive_int("num_train_timesteps", num_train_timesteps)
     b0, b1 = check_positive("beta_start", beta_start), check_positive("beta_end", beta_end)
     return cls.from_betas(np.linspace(math.sqrt(b0), math.sqrt(b1), n, dtype=np.float64) ** 2,
                           interpolation)
@@ -188,7 +182,7 @@ class DiscreteVPSchedule(VPSDE):
     """The cosine schedule of improved DDPM (Nichol & Dhariwal 2021, Eq. 17), diffusers'
     'squaredcos_cap_v2': beta_n = min(1 - abar((n + 1) / N) / abar(n / N), max_beta) with
     abar(u) = cos((u + s) / (1 + s) pi / 2)^2."""
-    n = _check_positive_int("num_train_timesteps", num_train_timesteps)
+    n = check_positive_int("num_train_timesteps", num_train_timesteps)
     s = check_positive("s", s)
     if check_positive("max_beta", max_beta) >= 1.0:
       raise InputError(f"max_beta must be a float in (0, 1), got {max_beta!r}")
@@ -220,7 +214,7 @@ class DiscreteVPSchedule(VPSDE):
                ) -> "DiscreteVPSchedule":
     """The discrete schedule of a VP SDE at t_n = (n + 1) / N: abar_n = alpha(t_n)^2 (float64).
     Between the steps it differs from the SDE by the interpolation of B = -2 log alpha."""
-    n = _check_positive_int("num_train_timesteps", num_train_timesteps)
+    n = check_positive_int("num_train_timesteps", num_train_timesteps)
     t = np.arange(1, n + 1, dtype=np.float64) / n
     with jax.enable_x64(True):
       alpha = np.asarray(sde.alpha(jnp.asarray(t)), np.float64)

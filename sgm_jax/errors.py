@@ -36,3 +36,10 @@ def check_positive(name: str, value) -> float:
       or not value > 0):
     raise InputError(f"{name} must be a positive number, got {value!r}")
   return float(value)
+
+
+def check_positive_int(name: str, value) -> int:
+  """value as an int if it is an integer >= 1 (not a bool); else an InputError naming it."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    raise InputError(f"{name} must be a positive integer, got {value!r}")
+  return int(value)

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from sgm_jax.errors import InputError
+from sgm_jax.errors import InputError, check_positive_int
 from sgm_jax.sde_lib import SDE
 
 
 def _check_steps(num_steps) -> int:
-  if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps < 1:
-    raise InputError(f"num_steps must be a positive integer, got {num_steps!r}")
-  return int(num_steps)
+  return check_positive_int("num_steps", num_steps)
 
 
 def _check_eps(sde: SDE, eps: float) -> float:
