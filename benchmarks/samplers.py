@@ -4,6 +4,7 @@
     python benchmarks/samplers.py --quick         # smoke run: a few samplers, NFE 10 and 20, B=64
     python benchmarks/samplers.py --out /tmp/samplers     # also write /tmp/samplers.md and .json
     python benchmarks/samplers.py --grids                 # + the main samplers on every time grid
+    python benchmarks/samplers.py --tuned --nfe 5 10      # + grids tuned to the score (tuning.py)
     python benchmarks/samplers.py --single-thread         # loaded machine: 1 XLA thread, CPU clock
 
 For every sampler variant and NFE in {5, 10, 20, 50, 100} (num_steps chosen so that the NFE is the
@@ -35,6 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sgm_jax import sampling  # noqa: E402
+from sgm_jax.sampling import tuning  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +95,24 @@ GRID_SWEEP = ("ddim", "dpm_solver++(2M)", "dpm_solver++(3M)", "unipc", "deis tAB
               "ipndm", "heun (EDM)")
 GRIDS = ("uniform", "quadratic", "log_rho", "polynomial_rho")
 
+# --tuned: these samplers again on grids tuned to the problem's score (sgm_jax.sampling.tuning),
+# from warm-up draws of x_T with a seed other than the scored batch's
+TUNED = ("unipc", "deis tAB3", "dpm_solver++(3M)", "ipndm")
+TUNE_SEED_OFFSET = 1000
+
 ADAPTIVE_TOLS = (1e-2, 1e-3, 1e-4, 1e-5)
 QUICK_ADAPTIVE_TOLS = (1e-3,)
+
+
+@dataclasses.dataclass(frozen=True)
+class TunedGrid:
+  """The time_grid option of a --tuned case: tune_time_grid's budget; the grid is made in run_case."""
+
+  num_warmup: int
+  max_evals: int
+
+  def __str__(self):
+    return f"tuned (warm-up {self.num_warmup}, {self.max_evals} runs)"
 
 
 def run_case(problem: common.Problem, spec: Spec, num_steps: int, options: dict, target,
@@ -103,6 +121,13 @@ def run_case(problem: common.Problem, spec: Spec, num_steps: int, options: dict,
                    f"rtol=atol={options['rtol']:g}", str(target))
   key = jax.random.PRNGKey(1)
   x_T = jnp.asarray(problem.x_T)
+  if isinstance(options.get("time_grid"), TunedGrid):
+    request, start = options["time_grid"], time.perf_counter()
+    options = dict(options, time_grid=tuning.tune_time_grid(
+        spec.name, problem.sde, problem.score_fn, problem.shape, num_steps,
+        key=jax.random.PRNGKey(problem.seed + TUNE_SEED_OFFSET), num_warmup=request.num_warmup,
+        max_evals=request.max_evals, **{k: v for k, v in options.items() if k != "time_grid"}))
+    row.note = f"grid tuned in {time.perf_counter() - start:.0f} s"
   sampler = sampling.get_sampler(spec.name, problem.sde, problem.shape, num_steps=num_steps,
                                  **options)
   x0, nfe = common.block(sampler(key, problem.score_fn, x_T=x_T))
@@ -237,6 +262,12 @@ def parse_args(argv=None):
   p.add_argument("--repeats", type=int, default=None, help="timed calls per case (3; --quick: 1)")
   p.add_argument("--grids", action="store_true",
                  help=f"also run {', '.join(GRID_SWEEP)} on every time grid {GRIDS}")
+  p.add_argument("--tuned", action="store_true",
+                 help=f"also run {', '.join(TUNED)} on grids tuned by sgm_jax.sampling.tuning")
+  p.add_argument("--tune-warmup", type=int, default=tuning.DEFAULT_WARMUP,
+                 help="warm-up draws of x_T for --tuned")
+  p.add_argument("--tune-evals", type=int, default=tuning.DEFAULT_MAX_EVALS,
+                 help="sampler runs per tuned grid for --tuned")
   p.add_argument("--std", type=float, default=0.05, help="std of the mixture components")
   p.add_argument("--seed", type=int, default=0, help="seed of x_T")
   p.add_argument("--single-thread", action="store_true",
@@ -263,6 +294,11 @@ def main(argv=None) -> int:
         if (v.label, v.options) not in seen:
           specs.append(v)
           seen.add((v.label, v.options))
+  if args.tuned:
+    request = TunedGrid(args.tune_warmup, args.tune_evals)
+    specs += [dataclasses.replace(s, options=s.options + (("time_grid", request),)) for s in SPECS
+              if s.label in TUNED and not any(k == "time_grid" for k, _ in s.options)
+              and (not args.only or any(o in s.label for o in args.only))]
   tols = QUICK_ADAPTIVE_TOLS if args.quick else ADAPTIVE_TOLS
   with_dopri = not args.only or any(o in "ode dopri5" for o in args.only)
   wall_start = time.perf_counter()

@@ -155,9 +155,26 @@ def tweedie_denoise(score_fn: Callable, x: Array, t: Array, alpha: Array, sigma:
   return (x + sigma ** 2 * eval_score(score_fn, x, t)) / alpha
 
 
-def sampling_grid(sde, name: str, num_steps: int, eps: Optional[float]) -> np.ndarray:
-  """Host float64 time grid `name` (schedules.TIME_GRIDS) from T to eps (default: the SDE's)."""
+def check_grid_eps(ts: np.ndarray, eps) -> None:
+  """An explicit grid fixes eps: an eps option must be absent or equal its last point."""
+  if eps is not None and not np.isclose(float(eps), ts[-1], rtol=1e-12, atol=0.0):
+    raise InputError(f"eps={eps!r} contradicts the explicit time grid, which ends at {ts[-1]!r}; "
+                     "leave eps out")
+
+
+def grid_name(time_grid) -> str:
+  """What info['time_grid'] records: the grid's name, or 'explicit' for an array of times."""
+  return time_grid if isinstance(time_grid, str) else "explicit"
+
+
+def sampling_grid(sde, name, num_steps: int, eps: Optional[float]) -> np.ndarray:
+  """Host float64 time grid `name` (schedules.TIME_GRIDS) from T to eps (default: the SDE's), or
+  `name` itself if it is an array of times (then eps must be None or its last point)."""
   from sgm_jax.sampling import schedules
+  if not isinstance(name, str):
+    ts = schedules.explicit_time_grid(name, sde, num_steps)
+    check_grid_eps(ts, eps)
+    return ts
   eps = sde.default_sampling_eps if eps is None else eps
   if isinstance(eps, bool) or not isinstance(eps, (int, float)):
     raise InputError(f"eps must be a float in (0, T={sde.T}), got {eps!r}")

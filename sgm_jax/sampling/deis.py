@@ -35,8 +35,16 @@ DEFAULT_TIME_GRID = "quadratic"  # DEIS's default: quadratic in t
 GRIDS_WITH_ORDER = ("polynomial_t", "polynomial_rho")
 
 
-def _time_grid(sde: SDE, num_steps: int, time_grid: str, grid_order: Optional[float],
-               eps: float) -> np.ndarray:
+def _time_grid(sde: SDE, num_steps: int, time_grid, grid_order: Optional[float],
+               eps: Optional[float]) -> np.ndarray:
+  """The named grid (schedules.TIME_GRIDS) to eps (default: the SDE's), or an explicit one."""
+  if not isinstance(time_grid, str):
+    if grid_order is not None:
+      raise InputError("grid_order is an option of named time grids, not of an explicit one")
+    ts = base.sampling_grid(sde, time_grid, num_steps, eps)
+    dc.check_grid(sde, ts)
+    return ts
+  eps = sde.default_sampling_eps if eps is None else eps
   base.check_choice("time_grid", time_grid, schedules.TIME_GRIDS)
   grid_options = {}
   if grid_order is not None:
@@ -175,9 +183,8 @@ def build_deis_sampler(sde: SDE, shape: tuple, num_steps: int, **options: Any) -
     if not dc.order_is_valid(order, 0, 3):
       raise InputError(f"order of DEIS {method!r} must be one of [0, 1, 2, 3], got {order!r}")
   time_grid = options.get("time_grid", DEFAULT_TIME_GRID)
-  eps = options.get("eps", sde.default_sampling_eps)
-  ts = _time_grid(sde, num_steps, time_grid, options.get("grid_order"), eps)
-  info = {"method": method, "time_grid": time_grid, "eps": float(eps), "num_steps": num_steps,
+  ts = _time_grid(sde, num_steps, time_grid, options.get("grid_order"), options.get("eps"))
+  info = {"method": method, "time_grid": base.grid_name(time_grid), "eps": float(ts[-1]), "num_steps": num_steps,
           "ts": ts}
   if method == "rhork":
     info.update(tableau=tableau, nfe=num_steps * len(dc.RK_TABLEAUS[tableau][2]))
@@ -204,9 +211,8 @@ def build_ipndm_sampler(sde: SDE, shape: tuple, num_steps: int, **options: Any) 
   if not dc.order_is_valid(order, 1, 4):
     raise InputError(f"order of iPNDM must be one of [1, 2, 3, 4], got {order!r}")
   time_grid = options.get("time_grid", DEFAULT_TIME_GRID)
-  eps = options.get("eps", sde.default_sampling_eps)
-  ts = _time_grid(sde, num_steps, time_grid, options.get("grid_order"), eps)
+  ts = _time_grid(sde, num_steps, time_grid, options.get("grid_order"), options.get("eps"))
   psi, C = dc.ipndm_coefficients(sde, ts, int(order))
-  info = {"order": int(order), "time_grid": time_grid, "eps": float(eps), "num_steps": num_steps,
+  info = {"order": int(order), "time_grid": base.grid_name(time_grid), "eps": float(ts[-1]), "num_steps": num_steps,
           "nfe": num_steps, "ts": ts}
   return _sampler("ipndm", shape, ts, _multistep_run(sde, shape, ts, psi, C), info, denoise)

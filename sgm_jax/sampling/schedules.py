@@ -80,8 +80,30 @@ TIME_GRIDS = {
 }
 
 
-def get_time_grid(name: str, sde: SDE, num_steps: int, eps: float, **options) -> np.ndarray:
-  """The time grid `name` (see TIME_GRIDS); options such as `order` go to the grid function."""
+def explicit_time_grid(grid, sde: SDE, num_steps: int) -> np.ndarray:
+  """A grid given as times (e.g. from sgm_jax.sampling.tuning): float64, num_steps + 1 strictly
+  decreasing finite times from T to some eps in (0, T)."""
+  ts = np.asarray(grid, dtype=np.float64)
+  if ts.shape != (num_steps + 1,):
+    raise InputError(f"an explicit time grid for {num_steps} steps must hold {num_steps + 1} "
+                     f"times, got shape {ts.shape}")
+  if not (np.all(np.isfinite(ts)) and np.all(np.diff(ts) < 0)):
+    raise InputError(f"an explicit time grid must be strictly decreasing and finite, got {ts}")
+  if not np.isclose(ts[0], sde.T, rtol=0.0, atol=1e-9) or not 0.0 < ts[-1] < sde.T:
+    raise InputError(f"an explicit time grid must run from T={sde.T} down to an eps in (0, T), "
+                     f"got {ts[0]!r} ... {ts[-1]!r}")
+  ts[0] = sde.T
+  return ts
+
+
+def get_time_grid(name, sde: SDE, num_steps: int, eps: float, **options) -> np.ndarray:
+  """The time grid `name` (see TIME_GRIDS); options such as `order` go to the grid function.
+  `name` may also be the grid itself, an array of times (explicit_time_grid); eps is then its
+  last point."""
+  if not isinstance(name, str):
+    if options:
+      raise InputError(f"options {sorted(options)} are for named time grids, not explicit ones")
+    return explicit_time_grid(name, sde, num_steps)
   if name not in TIME_GRIDS:
     raise InputError(f"unknown time grid {name!r}; valid grids are {sorted(TIME_GRIDS)}")
   grid = TIME_GRIDS[name](sde, num_steps, eps, **options)

@@ -144,7 +144,7 @@ def build_unipc_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> ba
   alpha, sigma = base.on_host(sde.alpha, ts), base.on_host(sde.sigma, ts)
   half_lam = 0.5 * base.on_host(sde.log_snr, ts)
   if not np.all(np.diff(half_lam) > 0) or not np.all(np.isfinite(half_lam)):
-    raise InputError(f"the {time_grid!r} grid of {num_steps} steps has repeated or non-finite "
+    raise InputError(f"the {base.grid_name(time_grid)!r} grid of {num_steps} steps has repeated or non-finite "
                      "log-SNR points; use fewer steps or a larger eps")
   c = coefficients(half_lam, alpha, sigma, order, variant, lower_order_final)
   rows = (ts[:-1], alpha[:-1], sigma[:-1], c["c_x"], c["c_m"], c["p_x"], c["p_m"], ts[1:])
@@ -175,5 +175,5 @@ def build_unipc_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> ba
 
   return base.Sampler("unipc", shape, run, dict(
       order=order, variant=variant, corrector=use_corrector, lower_order_final=lower_order_final,
-      time_grid=time_grid, orders=c["orders"], denoise=denoise, nfe=num_steps + int(denoise),
+      time_grid=base.grid_name(time_grid), orders=c["orders"], denoise=denoise, nfe=num_steps + int(denoise),
       ts=ts, t_end=float(ts[-1])))
