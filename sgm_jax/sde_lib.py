@@ -251,8 +251,9 @@ class VESDE(SDE):
     return jnp.flip(smld_sigmas(self.sigma_min, self.sigma_max, self.N))
 
   def timestep(self, t: Array) -> Array:
-    """Index of the discrete noise level for t (rounded, as score_sde's SMLD steps)."""
-    return jnp.round(jnp.asarray(t) * (self.N - 1) / self.T).astype(jnp.int32)
+    """Index of the discrete noise level for t (truncated, as score_sde's SMLD steps; the 1e-4
+    tolerance of `VPSDE.timestep`)."""
+    return jnp.floor(jnp.asarray(t) * (self.N - 1) / self.T + 1e-4).astype(jnp.int32)
 
   def discretize(self, x, t):
     # SMLD: x_i = x_{i-1} + sqrt(sigma_i^2 - sigma_{i-1}^2) z (Eq. 45, sigma_{-1} = 0).

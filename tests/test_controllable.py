@@ -264,7 +264,7 @@ def test_noise_conditional_wrn_mapping():
         "vp": (ctl.NoiseConditionalLogits(model, VP)(params, x, t),
                apply(x / VP.alpha(t)[:, None, None, None], VP.rho(t))),
     }
-    log_prob_fn = ctl.wrn_log_prob_fn(model, params, VP)
+    log_prob_fn = ctl.wrn_log_prob_fn(model, params, VP, input_normalization=None)
     out["log_prob"] = log_prob_fn(x, t, jnp.array([0, 2]))
     out["score"] = ctl.conditional_score_fn(lambda x, t: -x, log_prob_fn, 1, 2.0)(x, t)
     return out

@@ -1,7 +1,10 @@
 """The noise-conditional classifier of `config.classifier` at the config edge: its spec, network,
 checkpoint layout in workdir/classifier/, and its log p_t(y | x) for class-conditional sampling.
 
-Trained by `--mode train_classifier`, used by `--mode sample --class_label`.
+Trained by `--mode train_classifier`, used by `--mode sample --class_label`. With
+`config.classifier.checkpoint` set, `--mode sample --class_label` uses score_sde's released
+classifier instead (its checkpoint, or the file `python -m sgm_jax.convert --classifier` writes),
+with score_sde's CIFAR-10 input normalization, as its `get_logit_fn` applies it.
 """
 from __future__ import annotations
 
@@ -36,6 +39,10 @@ class ClassifierSpec:
   snapshot_freq: int = 200
   eval_examples: int = 1000
   scale: float = 1.0  # default classifier weight of --class_label sampling
+  # An original score_sde classifier checkpoint (bare parameter tree) to use instead of the one
+  # trained in workdir/classifier; set blocks_per_group and channel_multiplier to its sizes or
+  # leave them out (models.create_classifier then builds score_sde's WRN-28-10).
+  checkpoint: Optional[str] = None
 
   @classmethod
   def from_config(cls, config: Any) -> "ClassifierSpec":
@@ -51,6 +58,9 @@ class ClassifierSpec:
                          f"{' >= 2' if name == 'num_classes' else ''}, got {value!r}")
     if not spec.lr > 0:
       raise InputError(f"config.classifier.lr must be > 0, got {spec.lr!r}")
+    if spec.checkpoint is not None and not (isinstance(spec.checkpoint, str) and spec.checkpoint):
+      raise InputError("config.classifier.checkpoint must be the path of a score_sde classifier "
+                       f"checkpoint or None, got {spec.checkpoint!r}")
     return spec
 
 
@@ -64,8 +74,10 @@ def classifier_parts(config: Any, sde: sde_lib.SDE, image_shape: tuple):
   spec = ClassifierSpec.from_config(config)
   model = create_classifier(spec.num_classes, spec.blocks_per_group, spec.channel_multiplier)
   x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  params = model.init(jax.random.PRNGKey(int(config.seed) + 7), x, jnp.ones((1,)))["params"]
-  return spec, controllable.NoiseConditionalLogits(model, sde), params, optax.adam(spec.lr)
+  key = jax.random.PRNGKey(int(config.seed) + 7)
+  params = jax.jit(model.init)(key, x, jnp.ones((1,)))["params"]  # eager init: seconds of dispatch
+  logits_fn = controllable.NoiseConditionalLogits(model, sde, input_normalization=None)
+  return spec, logits_fn, params, optax.adam(spec.lr)
 
 
 def classifier_state(params, opt_state, step: int) -> dict:
@@ -73,9 +85,31 @@ def classifier_state(params, opt_state, step: int) -> dict:
   return {"params": params, "opt_state": opt_state, "step": np.asarray(step, np.int64)}
 
 
+# score_sde's get_logit_fn normalizes with the CIFAR-10 statistics of data in [0, 1].
+CONVERTED_INPUT_NORMALIZATION = "score_sde_cifar10"
+
+
+def load_converted_classifier_log_prob(config: Any, sde: sde_lib.SDE, image_shape: tuple):
+  """(log_prob_fn(x, t, y), None) of score_sde's classifier at config.classifier.checkpoint,
+  with score_sde's input normalization; it was trained on data in [0, 1] (data.centered=False)."""
+  from sgm_jax import convert, models
+  spec = ClassifierSpec.from_config(config)
+  if bool(get_field(config.data, "centered", False)):
+    raise InputError("score_sde's classifier (config.classifier.checkpoint) was trained on data "
+                     "in [0, 1]; this config has data.centered=True (data in [-1, 1])")
+  model = models.create_classifier(config)  # as the converter builds it (WRN-28-10 by default)
+  variables = convert.load_classifier_variables(spec.checkpoint, model,
+                                                (1,) + tuple(image_shape))
+  log_prob_fn = controllable.wrn_log_prob_fn(model, variables["params"], sde,
+                                             input_normalization=CONVERTED_INPUT_NORMALIZATION)
+  return log_prob_fn, None
+
+
 def load_classifier_log_prob(config: Any, workdir: str, sde: sde_lib.SDE, image_shape: tuple):
   """(log_prob_fn(x, t, y), step) of the classifier trained in workdir/classifier (newest
-  checkpoint)."""
+  checkpoint), or of score_sde's classifier at config.classifier.checkpoint (step None)."""
+  if ClassifierSpec.from_config(config).checkpoint:
+    return load_converted_classifier_log_prob(config, sde, image_shape)
   out_dir = os.path.join(workdir, CLASSIFIER_DIR)
   if not has_checkpoints(out_dir):
     raise CheckpointError(f"no classifier in {out_dir}; train it first with "

@@ -15,6 +15,11 @@ a VE-perturbed sample at noise scale rho(t). `NoiseConditionalLogits` therefore 
 x_t / alpha(t) and rho(t): for VE (alpha = 1, rho = sigma) this is exactly score_sde's use; for VP
 and sub-VP it is the equivalent VE noise level, and the chain rule through x / alpha gives the
 1 / alpha factor of grad_x automatically.
+
+score_sde's `get_logit_fn` (models/utils.py) standardizes each channel with the CIFAR-10 mean and
+std of data in [0, 1] before its WRN, so its released classifier only gives the original's
+log p_t(y | x) and gradient with that input normalization (`input_normalization=
+"score_sde_cifar10"`); classifiers trained here see x_t / alpha(t) as it is (None).
 """
 from __future__ import annotations
 
@@ -90,26 +95,80 @@ def classifier_log_prob_fn(logits_fn: LogitsFn, params) -> Partial:
 
 
 # --- score_sde's noise-conditional WRN -------------------------------------------------------
+# name -> (per-channel mean, per-channel std) subtracted from / dividing the classifier's input.
+INPUT_NORMALIZATIONS = {
+    # score_sde models/utils.py get_logit_fn: CIFAR-10 channel statistics of data in [0, 1].
+    "score_sde_cifar10": ((0.49139968, 0.48215841, 0.44653091),
+                          (0.24703223, 0.24348513, 0.26158784)),
+}
+Normalization = Optional[tuple[tuple[float, ...], tuple[float, ...]]]
+
+
+def input_normalization_values(normalization: Any) -> Normalization:
+  """(mean, std) tuples of an input normalization: None (none), a name of INPUT_NORMALIZATIONS,
+  or a (mean, std) pair of per-channel sequences (std > 0)."""
+  if normalization is None:
+    return None
+  if isinstance(normalization, str):
+    if normalization not in INPUT_NORMALIZATIONS:
+      raise InputError(f"unknown input normalization {normalization!r}; valid values are "
+                       f"{sorted(INPUT_NORMALIZATIONS)}, a (mean, std) pair, or None")
+    return INPUT_NORMALIZATIONS[normalization]
+  try:
+    mean, std = normalization
+    mean = tuple(float(m) for m in np.ravel(mean))
+    std = tuple(float(s) for s in np.ravel(std))
+  except (TypeError, ValueError):
+    raise InputError(f"input normalization must be None, one of {sorted(INPUT_NORMALIZATIONS)} "
+                     f"or a (mean, std) pair of per-channel sequences, got {normalization!r}"
+                     ) from None
+  if not mean or len(mean) != len(std) or not all(s > 0 for s in std):
+    raise InputError(f"input normalization needs as many means as stds (one per channel) and "
+                     f"every std > 0, got mean {mean} and std {std}")
+  return mean, std
+
+
 @dataclasses.dataclass(frozen=True)
 class NoiseConditionalLogits:
   """logits(params, x_t, t) of a classifier conditioned on the VE noise scale (models/wideresnet):
-  applied to x_t / alpha(t) at noise scale rho(t) = sigma(t) / alpha(t) (see the module doc).
+  applied to x_t / alpha(t) at noise scale rho(t) = sigma(t) / alpha(t) (see the module doc),
+  after the per-channel `input_normalization` ((x_t / alpha - mean) / std) if one is given.
 
   params is the bare parameter tree (score_sde's released classifier checkpoint format).
+  `input_normalization`: None for classifiers trained here; "score_sde_cifar10" for converted
+  score_sde classifiers (what its get_logit_fn does); or a (mean, std) pair.
   """
 
   model: nn.Module
   sde: SDE
+  input_normalization: Any = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "input_normalization",
+                       input_normalization_values(self.input_normalization))
 
   def __call__(self, params, x: Array, t: Array) -> Array:
     t = batch_times(t, x, x.dtype)
     scaled = x / batch_expand(self.sde.alpha(t).astype(x.dtype), x)
+    if self.input_normalization is not None:
+      channels = len(self.input_normalization[0])
+      if scaled.shape[-1] != channels:
+        raise InputError(f"input normalization has {channels} channels, the images "
+                         f"{scaled.shape[-1]} (shape {scaled.shape})")
+      per_channel = (1,) * (scaled.ndim - 1) + (channels,)
+      mean, std = (jnp.asarray(v, x.dtype).reshape(per_channel) for v in self.input_normalization)
+      scaled = (scaled - mean) / std
     return self.model.apply({"params": params}, scaled, self.sde.rho(t).astype(x.dtype))
 
 
-def wrn_log_prob_fn(model: nn.Module, params, sde: SDE) -> Partial:
-  """log_prob_fn(x, t, y) of score_sde's noise-conditional WRN classifier under `sde`."""
-  return classifier_log_prob_fn(NoiseConditionalLogits(model, sde), params)
+def wrn_log_prob_fn(model: nn.Module, params, sde: SDE, *, input_normalization: Any) -> Partial:
+  """log_prob_fn(x, t, y) of a noise-conditional WRN classifier under `sde`.
+
+  `input_normalization` must be stated: "score_sde_cifar10" for score_sde's released classifier
+  (converted with `python -m sgm_jax.convert --classifier`), None for one trained here
+  (`train_classifier`, `--mode train_classifier`), or a (mean, std) pair.
+  """
+  return classifier_log_prob_fn(NoiseConditionalLogits(model, sde, input_normalization), params)
 
 
 # --- the labelled Gaussian-mixture oracle ------------------------------------------------------

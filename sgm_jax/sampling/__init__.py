@@ -28,6 +28,11 @@ SAMPLERS = {
     "ipndm": ("deis", "build_ipndm_sampler"),
     "unipc": ("unipc", "build_unipc_sampler"),
 }
+# (name, variant option) -> (module, builder) for variants built by a module of their own; the
+# builder gets the options without 'variant'
+VARIANT_BUILDERS = {
+    ("pc", "score_sde"): ("pc_score_sde", "build_score_sde_pc_sampler"),
+}
 
 
 def get_sampler(name: str, sde, shape, num_steps: int = 1000, **options) -> Sampler:
@@ -48,6 +53,9 @@ def get_sampler(name: str, sde, shape, num_steps: int = 1000, **options) -> Samp
   thresholding = data_prediction.check_thresholding_options(
       **{k: options.pop(k) for k in GENERIC_OPTIONS if k in options})
   module_name, builder = SAMPLERS[name]
+  variant = options.get("variant")
+  if isinstance(variant, str) and (name, variant) in VARIANT_BUILDERS:
+    module_name, builder = VARIANT_BUILDERS[name, options.pop("variant")]
   module = importlib.import_module(f"sgm_jax.sampling.{module_name}")
   sampler = getattr(module, builder)(sde, tuple(int(d) for d in shape), num_steps, **options)
   info, denoise = sampler.info, bool(sampler.info.get("denoise", False))

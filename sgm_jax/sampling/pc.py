@@ -4,7 +4,8 @@ Each of the num_steps steps on a time grid t_0 = T > t_1 > ... > t_n = eps runs 
 t_i to t_{i+1}, then n_steps_each corrector steps at t_{i+1}: the order of the paper's Algorithms 2
 and 3 (score_sde's code runs the corrector first, at t_i). Predictors move along the reverse SDE
 (Eq. 6) or, with probability_flow, the probability-flow ODE (Eq. 13); correctors are Langevin MCMC
-at a fixed time, which leaves p_t invariant.
+at a fixed time, which leaves p_t invariant. variant='score_sde' is score_sde's own loop instead
+(corrector first, its discretizations, its noise removal): sgm_jax/sampling/pc_score_sde.py.
 
 Discretizations between grid points t > s use the SDE's exact Gaussian kernel
 x_t = a x_s + G z with a = alpha(t) / alpha(s) and G^2 = sigma(t)^2 - a^2 sigma(s)^2, so on a
@@ -32,6 +33,8 @@ CORRECTORS = ("langevin", "ald", "none")
 # 'ald', 'none') are the same.
 PREDICTOR_ALIASES = {"ancestral_sampling": "ancestral"}
 CORRECTOR_ALIASES: dict[str, str] = {}
+# 'default': this module's loop; 'score_sde': score_sde's loop as written (pc_score_sde.py).
+VARIANTS = ("default", "score_sde")
 
 
 def predictor_corrector_names(predictor: str, corrector: str) -> tuple[str, str]:
@@ -87,23 +90,26 @@ def _per_sample_norm(v: Array) -> Array:
   return jnp.sqrt(jnp.sum(v.reshape(v.shape[0], -1) ** 2, axis=-1))
 
 
-def langevin_step(score_fn: Callable, x: Array, t: Array, z: Array, snr: float) -> Array:
-  """Langevin corrector (Song et al. Alg. 4-5): x + e s + sqrt(2 e) z, e = 2 (snr |z| / |s|)^2.
+def langevin_step(score_fn: Callable, x: Array, t: Array, z: Array, snr: float,
+                  alpha: Array = 1.0) -> Array:
+  """Langevin corrector (Song et al. Alg. 4-5): x + e s + sqrt(2 e) z, e = 2 alpha (snr |z|/|s|)^2.
 
   |z| and |s| are batch means of per-sample norms on this device (score_sde pmeaned them).
-  score_sde also scales e by DDPM's 1 - beta_i for VP and sub-VP, a factor of about
-  1 - beta(t) / N that depends on the SDE's N rather than on the sampling grid; it is left out.
+  score_sde also scales e by alpha = DDPM's 1 - beta_i for VP and sub-VP, a factor of about
+  1 - beta(t) / N that depends on the SDE's N rather than on the sampling grid; the default pc
+  leaves it out (alpha = 1), variant='score_sde' passes it.
   """
   grad = base.eval_score(score_fn, x, t)
   ratio = jnp.mean(_per_sample_norm(z)) / jnp.mean(_per_sample_norm(grad))
-  step = 2.0 * (snr * ratio) ** 2
+  step = 2.0 * alpha * (snr * ratio) ** 2
   return x + step * grad + jnp.sqrt(2.0 * step) * z
 
 
-def ald_step(score_fn: Callable, x: Array, t: Array, z: Array, snr: float, sigma: Array) -> Array:
+def ald_step(score_fn: Callable, x: Array, t: Array, z: Array, snr: float, sigma: Array,
+             alpha: Array = 1.0) -> Array:
   """Annealed Langevin dynamics (Song & Ermon 2019, as score_sde's ALD corrector):
-  x + e s + sqrt(2 e) z with e = 2 (snr sigma(t))^2."""
-  step = 2.0 * (snr * sigma) ** 2
+  x + e s + sqrt(2 e) z with e = 2 alpha (snr sigma(t))^2 (alpha as in `langevin_step`)."""
+  step = 2.0 * alpha * (snr * sigma) ** 2
   return x + step * base.eval_score(score_fn, x, t) + jnp.sqrt(2.0 * step) * z
 
 
@@ -130,6 +136,25 @@ def _step_coefficients(alpha: np.ndarray, sigma: np.ndarray, lam: np.ndarray) ->
   )
 
 
+def checked_pc_options(options: dict, denoise_default: bool) -> tuple:
+  """(predictor, corrector, snr, n_steps_each, probability_flow, denoise) of the options that
+  every variant shares, with their defaults; an InputError names any bad value."""
+  predictor, corrector = predictor_corrector_names(options.get("predictor", "reverse_diffusion"),
+                                                   options.get("corrector", "langevin"))
+  n_each = options.get("n_steps_each", 1)
+  probability_flow = base.bool_option(options, "probability_flow")
+  denoise = base.bool_option(options, "denoise", denoise_default)
+  if predictor == "none" and corrector == "none":
+    raise InputError("predictor and corrector cannot both be 'none'")
+  snr = check_positive("snr", options.get("snr", 0.16))
+  if isinstance(n_each, bool) or not isinstance(n_each, (int, np.integer)) or n_each < 1:
+    raise InputError(f"n_steps_each must be a positive integer, got {n_each!r}")
+  if predictor == "ancestral" and probability_flow:
+    raise InputError("probability_flow is not defined for the 'ancestral' predictor; "
+                     "use 'euler_maruyama' or 'reverse_diffusion'")
+  return predictor, corrector, snr, n_each, probability_flow, denoise
+
+
 def build_pc_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> base.Sampler:
   """Predictor-corrector sampler (Song et al. 2021, Algorithms 2-3).
 
@@ -138,25 +163,21 @@ def build_pc_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> base.
   snr (0.16), n_steps_each (1), probability_flow (False), denoise (False: final Tweedie step),
   eps (sde.default_sampling_eps), time_grid ('uniform'). nfe = n [predictor] +
   n * n_steps_each [corrector] + [denoise].
+
+  variant (in VARIANTS): 'default' (the above) or 'score_sde', score_sde's `get_pc_sampler` as
+  written (pc_score_sde.build_score_sde_pc_sampler: the same options but time_grid, and denoise
+  True by default).
   """
+  variant = options.pop("variant", "default")
+  base.check_choice("variant", variant, VARIANTS)
+  if variant != "default":  # get_sampler builds the others (VARIANT_BUILDERS in sampling/__init__)
+    raise InputError(f"build_pc_sampler builds variant 'default'; get_sampler('pc', ..., "
+                     f"variant={variant!r}) builds the others")
   allowed = ("predictor", "corrector", "snr", "n_steps_each", "probability_flow", "denoise", "eps",
-             "time_grid")
+             "time_grid", "variant")
   base.check_options("pc", options, allowed, generic=base.GENERIC_OPTIONS)
-  predictor = options.get("predictor", "reverse_diffusion")
-  corrector = options.get("corrector", "langevin")
-  snr = options.get("snr", 0.16)
-  n_each = options.get("n_steps_each", 1)
-  probability_flow = base.bool_option(options, "probability_flow")
-  denoise = base.bool_option(options, "denoise")
-  predictor, corrector = predictor_corrector_names(predictor, corrector)
-  if predictor == "none" and corrector == "none":
-    raise InputError("predictor and corrector cannot both be 'none'")
-  snr = check_positive("snr", snr)
-  if isinstance(n_each, bool) or not isinstance(n_each, (int, np.integer)) or n_each < 1:
-    raise InputError(f"n_steps_each must be a positive integer, got {n_each!r}")
-  if predictor == "ancestral" and probability_flow:
-    raise InputError("probability_flow is not defined for the 'ancestral' predictor; "
-                     "use 'euler_maruyama' or 'reverse_diffusion'")
+  predictor, corrector, snr, n_each, probability_flow, denoise = checked_pc_options(
+      options, denoise_default=False)
   ts = base.sampling_grid(sde, options.get("time_grid", "uniform"), num_steps, options.get("eps"))
   alpha, sigma = base.on_host(sde.alpha, ts), base.on_host(sde.sigma, ts)
   coeffs = _step_coefficients(alpha, sigma, base.on_host(sde.log_snr, ts))
@@ -203,7 +224,7 @@ def build_pc_sampler(sde: SDE, shape: tuple, num_steps: int, **options) -> base.
     x, _ = lax.scan(step, x, xs)
     return x, jnp.asarray(nfe_steps, jnp.int32)
 
-  info = dict(predictor=predictor, corrector=corrector, snr=snr, n_steps_each=n_each,
-              probability_flow=probability_flow, denoise=denoise, nfe=nfe, ts=ts,
-              t_end=float(ts[-1]))
+  info = dict(variant="default", predictor=predictor, corrector=corrector, snr=snr,
+              n_steps_each=n_each, probability_flow=probability_flow, denoise=denoise, nfe=nfe,
+              ts=ts, t_end=float(ts[-1]))
   return base.Sampler("pc", shape, run, info)
