@@ -1,21 +1,30 @@
 """`main.py --mode eval`: what config.eval enables of the test loss, test-set bits/dim, the
-denoising error per noise level, and FD / IS / out-of-range share of samples, for one checkpoint.
+denoising error per noise level, and FD / IS / out-of-range share of samples, for one checkpoint
+or, when config.eval sets begin_ckpt and end_ckpt, for each checkpoint of that range.
 
 Each finished batch is saved under workdir/eval/ckpt_<step>/ (outputs.BatchProgress), so an
-interrupted evaluation resumes where it stopped.
+interrupted evaluation resumes where it stopped; over a range of checkpoints, one whose summary
+(eval/ckpt_<step>/result.json) was written with the same settings is not evaluated again.
+
+`eval.protocol` chooses how samples are scored ('sgm_jax', or 'score_sde': samples quantized to
+uint8 before the FID Inception, statistics of the whole training split, one Inception Score split);
+a field of config.eval that is set (not None) replaces the protocol's value of it
+(PROTOCOL_DEFAULTS).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import numpy as np
 
 from sgm_jax import datasets, io_utils, sampling
+from sgm_jax.checkpoints import CheckpointError, CheckpointStore, has_checkpoints
 from sgm_jax.cli import outputs, setup
 from sgm_jax.errors import InputError
 
@@ -39,32 +48,194 @@ def eval_parts(config: Any, images: bool) -> list[str]:
   return parts
 
 
+# How samples are scored. `None` values are taken from elsewhere in the config: score_sde samples
+# with config.sampling.method in config.model.num_scales steps. reference_examples 0: every image
+# of the training split.
+PROTOCOL_DEFAULTS = {
+    "sgm_jax": dict(feature_extractor="effnet", quantize_samples=False, reference_examples=2048,
+                    inception_score_splits=10, sampler="deis", num_steps=10),
+    "score_sde": dict(feature_extractor="inception", quantize_samples=True, reference_examples=0,
+                      inception_score_splits=1, sampler=None, num_steps=None),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleProtocol:
+  """How `run_eval` scores samples, resolved from config.eval before any work."""
+
+  name: str
+  feature_extractor: str  # 'inception' (FID) or 'effnet' (FD-EffNet)
+  quantize_samples: bool  # score_sde: np.clip(x * 255, 0, 255).astype(uint8) before features
+  reference_examples: Optional[int]  # training images of the reference statistics; None: all
+  reference_statistics: str  # a statistics file used instead of the data ('' for none)
+  inception_score_splits: int
+  sampler: str
+  num_steps: int
+
+
+def sample_protocol(config: Any) -> SampleProtocol:
+  """config.eval.protocol's values, each replaced by the config.eval field of its name unless that
+  is absent or None (an ml_collections placeholder, which the command line can still set)."""
+  ev = config.eval
+  name = str(setup.get_field(ev, "protocol", "sgm_jax"))
+  if name not in PROTOCOL_DEFAULTS:
+    raise InputError(f"unknown eval.protocol {name!r}; valid protocols are "
+                     f"{sorted(PROTOCOL_DEFAULTS)}")
+  defaults = dict(PROTOCOL_DEFAULTS[name])
+  if name == "score_sde":
+    defaults["sampler"] = str(setup.get_field(config.sampling, "method", "pc")).lower()
+    defaults["num_steps"] = int(config.model.num_scales)
+  values = {k: setup.get_field(ev, k, None) for k in defaults}
+  values = {k: defaults[k] if v is None else v for k, v in values.items()}
+  count = int(values["reference_examples"])
+  if count < 0:
+    raise InputError(f"eval.reference_examples must be >= 0 (0: the whole training split), got "
+                     f"{count}")
+  splits = int(values["inception_score_splits"])
+  if splits < 1:
+    raise InputError(f"eval.inception_score_splits must be >= 1, got {splits}")
+  return SampleProtocol(
+      name=name, feature_extractor=str(values["feature_extractor"]),
+      quantize_samples=bool(values["quantize_samples"]), reference_examples=count or None,
+      reference_statistics=str(setup.get_field(ev, "reference_statistics", "") or ""),
+      inception_score_splits=splits, sampler=str(values["sampler"]),
+      num_steps=int(values["num_steps"]))
+
+
 def check_eval_sizes(config: Any, dataset: datasets.Dataset, parts: list[str]) -> None:
-  """Fail before any work when config.eval asks for more images than a split holds."""
+  """Fail before any work when config.eval asks for more images than a split holds, or names a
+  feature network's weights or a reference statistics file that do not exist."""
   ev = config.eval
   needs = []
   if "denoising_error" in parts:
     needs += [("denoising_examples", 256, "test"), ("denoising_reference", 2048, "train")]
-  if "sampling" in parts:
-    needs += [("reference_examples", 2048, "train")]
   for field, default, split in needs:
     wanted, available = int(setup.get_field(ev, field, default)), dataset.num_examples(split)
     if wanted > available:
       raise InputError(f"eval.{field}={wanted} is more than the {available} images of the "
                        f"{split} split of {config.data.dataset!r}; set "
                        f"--config.eval.{field}={available} or less")
+  if "sampling" not in parts:
+    return
+  protocol = sample_protocol(config)
+  from sgm_jax.evaluation import features
+  features.resolve_weights(protocol.feature_extractor,
+                           setup.get_field(ev, "inception_weights", None) or None)
+  if protocol.reference_statistics:
+    if not os.path.isfile(protocol.reference_statistics):
+      raise InputError(f"eval.reference_statistics={protocol.reference_statistics!r} is not a "
+                       "file")
+    return
+  wanted, available = protocol.reference_examples, dataset.num_examples("train")
+  if wanted is not None and wanted > available:
+    raise InputError(f"eval.reference_examples={wanted} is more than the {available} images of "
+                     f"the train split of {config.data.dataset!r}; set "
+                     f"--config.eval.reference_examples={available} or less (0: all of them)")
+
+
+def checkpoint_range(config: Any) -> Optional[tuple[int, int]]:
+  """(eval.begin_ckpt, eval.end_ckpt), or None when the config sets neither."""
+  ev = config.eval
+  begin, end = setup.get_field(ev, "begin_ckpt", None), setup.get_field(ev, "end_ckpt", None)
+  if begin is None and end is None:
+    return None
+  if begin is None or end is None or int(begin) < 0 or int(begin) > int(end):
+    raise InputError(f"eval.begin_ckpt and eval.end_ckpt must both be set with "
+                     f"0 <= begin_ckpt <= end_ckpt, got {begin} and {end}")
+  return int(begin), int(end)
+
+
+def checkpoint_steps(config: Any, workdir: str) -> list[int]:
+  """The training steps of the checkpoints eval.begin_ckpt..end_ckpt that `workdir` holds.
+
+  score_sde numbers its checkpoints step // training.snapshot_freq, so checkpoint k is step
+  k * snapshot_freq here. An error naming the steps there are when none of the range exists.
+  """
+  begin, end = checkpoint_range(config)
+  freq = int(config.training.snapshot_freq)
+  wanted = [k * freq for k in range(begin, end + 1)]
+  stored: set[int] = set()
+  if has_checkpoints(workdir):
+    store = CheckpointStore(workdir)
+    try:
+      stored = {step for step, _ in store.all_steps()}
+    finally:
+      store.close()
+  found = [step for step in wanted if step in stored]
+  if not found:
+    raise CheckpointError(
+        f"no checkpoint of eval.begin_ckpt={begin}..eval.end_ckpt={end} (steps {wanted[0]}.."
+        f"{wanted[-1]} at training.snapshot_freq={freq}) in {workdir}; it has steps "
+        f"{sorted(stored)}. Choose the range with --config.eval.begin_ckpt / end_ckpt, or one "
+        "checkpoint with --checkpoint_step")
+  missing = sorted(set(wanted) - stored)
+  if missing:
+    logging.info("evaluating the %d checkpoints of steps %s; not in %s: steps %s", len(found),
+                 found, workdir, missing)
+  return found
 
 
 def run_eval(config: Any, workdir: str, checkpoint_step: Any = None,
              sampler_name: str | None = None, num_steps: int | None = None,
              num_samples: int | None = None, **sampler_options) -> dict:
+  """Evaluate the EMA parameters of the given checkpoint; without one, of every checkpoint of
+  eval.begin_ckpt..end_ckpt that exists (when the config sets them), else of the latest.
+
+  Over a range, checkpoints already evaluated with the same settings are skipped (their stored
+  summary is used), and the last checkpoint's summary is returned with `checkpoints`, the
+  summaries of all of them. See `evaluate_checkpoint` for what is computed.
+  """
+  args = (sampler_name, num_steps, num_samples)
+  if checkpoint_step is not None or checkpoint_range(config) is None:
+    return evaluate_checkpoint(config, workdir, checkpoint_step, *args, **sampler_options)
+  summaries = []
+  for step in checkpoint_steps(config, workdir):
+    done = _finished_summary(workdir, step, _settings(config, *args, sampler_options))
+    if done is not None:
+      logging.info("checkpoint %d was evaluated with these settings already; skipped", step)
+      summaries.append(done)
+    else:
+      summaries.append(evaluate_checkpoint(config, workdir, step, *args, **sampler_options))
+  return dict(summaries[-1], checkpoints=summaries)
+
+
+def _settings(config: Any, sampler_name, num_steps, num_samples, sampler_options) -> dict:
+  """What a checkpoint's evaluation depends on besides the checkpoint (JSON-normalized)."""
+  def as_dict(section):
+    return section.to_dict() if hasattr(section, "to_dict") else dict(vars(section))
+  ev = {k: v for k, v in as_dict(config.eval).items() if k not in ("begin_ckpt", "end_ckpt")}
+  settings = dict(eval=ev, sampling=as_dict(config.sampling), sampler=sampler_name,
+                  num_steps=num_steps, num_samples=num_samples, sampler_options=sampler_options)
+  return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
+def _summary_path(workdir: str, step: int) -> str:
+  return os.path.join(workdir, "eval", f"ckpt_{step}", "result.json")
+
+
+def _finished_summary(workdir: str, step: int, settings: dict) -> Optional[dict]:
+  """The stored summary of checkpoint `step` if it was made with `settings`, else None."""
+  try:
+    with open(_summary_path(workdir, step)) as f:
+      stored = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return stored.get("result") if stored.get("settings") == settings else None
+
+
+def evaluate_checkpoint(config: Any, workdir: str, checkpoint_step: Any = None,
+                        sampler_name: str | None = None, num_steps: int | None = None,
+                        num_samples: int | None = None, **sampler_options) -> dict:
   """Evaluate the EMA parameters of the latest (or the given) checkpoint.
 
   Computes what config.eval enables of the test loss, test-set bits/dim, the denoising error per
   noise level and FD (FD-EffNet offline, or FID with Inception weights), IS and the out-of-range
-  share of samples. The sampler is eval.sampler with the config's options (as --mode sample);
-  `sampler_options` replace single ones. The summary is appended to workdir/eval/results.jsonl.
+  share of samples, scored as eval.protocol says (`sample_protocol`). The sampler is the
+  protocol's (eval.sampler) with the config's options (as --mode sample); `sampler_options`
+  replace single ones. The summary is appended to workdir/eval/results.jsonl and written, with
+  the settings, to workdir/eval/ckpt_<step>/result.json.
   """
+  settings = _settings(config, sampler_name, num_steps, num_samples, sampler_options)
   sde, model, dataset = setup.build(config)
   example_shape = datasets.example_shape(dataset.spec)
   parts = eval_parts(config, images=len(example_shape) == 3)
@@ -87,6 +258,8 @@ def run_eval(config: Any, workdir: str, checkpoint_step: Any = None,
   path = os.path.join(workdir, "eval", "results.jsonl")
   io_utils.append_line(path, json.dumps(result))
   result["results_file"] = path
+  with io_utils.atomic_write(_summary_path(workdir, step), "w") as f:
+    json.dump(dict(result=result, settings=settings), f)
   return result
 
 
@@ -191,20 +364,50 @@ def _denoising_error(config: Any, dataset, sde, score_fn, out_dir: str, key) -> 
   return dict(result.as_dict(), png=path)
 
 
+def _reference_statistics(config: Any, workdir: str, dataset, extractor, protocol) -> tuple:
+  """(FeatureStatistics, description) of the protocol's reference: a statistics file, or the
+  features of eval.reference_examples (or all) training images, computed once and cached."""
+  from sgm_jax.evaluation import features, statistics_files
+  if protocol.reference_statistics:
+    ref = statistics_files.load_reference_statistics(protocol.reference_statistics)
+    if ref.mean.shape[0] != extractor.feature_dim:
+      raise InputError(
+          f"eval.reference_statistics {protocol.reference_statistics} holds {ref.mean.shape[0]}-d "
+          f"features, but eval.feature_extractor={extractor.name!r} gives {extractor.feature_dim}"
+          "; published FID statistics need eval.feature_extractor='inception'")
+    return ref, protocol.reference_statistics
+  centered = bool(config.data.centered)
+  available = dataset.num_examples("train")
+  count = protocol.reference_examples or available
+  ref_batches = (dict(image=_to_unit(b["image"], centered), mask=b["mask"])
+                 for b in dataset.eval_iterator("train", uniform_dequantization=False))
+  cache = features.default_cache_path(os.path.join(workdir, "eval"), extractor.name,
+                                      str(config.data.dataset), "train",
+                                      int(config.data.image_size), count)
+  ref = features.dataset_statistics(extractor, ref_batches, cache,
+                                    dataset=str(config.data.dataset), split="train",
+                                    image_size=int(config.data.image_size), count=count,
+                                    available=available)
+  return ref, f"{count} training images"
+
+
 def _eval_samples(config: Any, workdir: str, dataset, sde, score_fn, out_dir: str, key,
                   sampler_name: str | None, num_steps: int | None, num_samples: int | None,
                   overrides: dict) -> dict:
-  """FD (FD-EffNet, or FID with Inception weights), IS and the out-of-range share of samples."""
+  """FD (FD-EffNet, or FID with Inception weights), IS and the out-of-range share of samples,
+  scored as eval.protocol says; the reference statistics are ready before any sample is drawn."""
   from tqdm import tqdm
   from sgm_jax.evaluation import features, metrics
   ev = config.eval
+  protocol = sample_protocol(config)
   centered = bool(config.data.centered)
   example_shape = datasets.example_shape(dataset.spec)
-  name = str(setup.get_field(ev, "feature_extractor", "effnet"))
+  name = protocol.feature_extractor
   extractor = features.get_feature_extractor(name,
                                              setup.get_field(ev, "inception_weights", None) or None)
-  sampler_name = sampler_name or str(setup.get_field(ev, "sampler", "deis"))
-  num_steps = int(num_steps or setup.get_field(ev, "num_steps", 10))
+  ref, reference = _reference_statistics(config, workdir, dataset, extractor, protocol)
+  sampler_name = sampler_name or protocol.sampler
+  num_steps = int(num_steps or protocol.num_steps)
   n = int(num_samples or setup.get_field(ev, "num_samples", 1024))
   if n < 1:
     raise InputError(f"num_samples must be >= 1, got {n}")
@@ -213,7 +416,8 @@ def _eval_samples(config: Any, workdir: str, dataset, sde, score_fn, out_dir: st
   sampler = sampling.get_sampler(sampler_name, sde, (batch,) + tuple(example_shape),
                                  num_steps=num_steps, **options)
   tag = f"{sampler_name}_{num_steps}" + "".join(f"_{k}-{v}" for k, v in sorted(options.items()))
-  progress = outputs.BatchProgress(os.path.join(out_dir, f"samples_{tag}"))
+  scoring = f"{name}_uint8" if protocol.quantize_samples else name
+  progress = outputs.BatchProgress(os.path.join(out_dir, f"samples_{tag}_{scoring}"))
   for i in tqdm(range(-(-n // batch)), desc=f"samples ({sampler_name})", unit="batch",
                 dynamic_ncols=True):
     if i in progress.done:
@@ -221,7 +425,7 @@ def _eval_samples(config: Any, workdir: str, dataset, sde, score_fn, out_dir: st
     x, nfe = sampler(jax.random.fold_in(key, 10 ** 6 + i), score_fn)
     x = np.asarray(x)
     x01 = _to_unit(x, centered)
-    feats = extractor(x01)
+    feats = extractor(features.quantize_samples(x01) if protocol.quantize_samples else x01)
     progress.add(i, features=feats["features"], logits=feats["logits"], nfe=np.asarray(nfe),
                  out_of_range=outputs.out_of_range_share(x, centered), max_abs=np.abs(x).max(),
                  first=x01[:0] if i else x01)
@@ -229,23 +433,15 @@ def _eval_samples(config: Any, workdir: str, dataset, sde, score_fn, out_dir: st
   png = os.path.join(out_dir, f"samples_{tag}.png")
   io_utils.save_image_grid(progress.done[0]["first"], png, data_range=(0.0, 1.0),
                            upscale=max(1, 128 // example_shape[0]))
-  ref_count = int(setup.get_field(ev, "reference_examples", 2048))
-  ref_batches = (dict(image=_to_unit(b["image"], centered), mask=b["mask"])
-                 for b in dataset.eval_iterator("train", uniform_dequantization=False))
-  cache = features.default_cache_path(os.path.join(workdir, "eval"), name,
-                                      str(config.data.dataset), "train",
-                                      int(config.data.image_size), ref_count)
-  ref = features.dataset_statistics(extractor, ref_batches, cache,
-                                    dataset=str(config.data.dataset), split="train",
-                                    image_size=int(config.data.image_size), count=ref_count,
-                                    available=dataset.num_examples("train"))
   mu, cov = metrics.gaussian_statistics(sample_features)
   fd = metrics.frechet_distance(mu, cov, ref.mean, ref.cov)
   probs = metrics.softmax(progress.gather("logits")[:n])
-  is_mean, is_std = metrics.inception_score(probs, splits=min(10, n))
+  is_mean, is_std = metrics.inception_score(probs,
+                                            splits=min(protocol.inception_score_splits, n))
   return {features.METRIC_NAMES[name]: fd, f"IS ({name})": is_mean, f"IS ({name}) std": is_std,
-          "num_samples": n, "reference_examples": ref_count, "sampler": sampler_name,
-          "num_steps": num_steps, "nfe": float(progress.gather("nfe").mean()),
-          "sampler_options": options,
+          "num_samples": n, "reference_examples": ref.count or None, "reference": reference,
+          "protocol": protocol.name, "quantized_samples": protocol.quantize_samples,
+          "sampler": sampler_name, "num_steps": num_steps,
+          "nfe": float(progress.gather("nfe").mean()), "sampler_options": options,
           "out_of_range": float(progress.gather("out_of_range").mean()),
           "max_abs": float(progress.gather("max_abs").max()), "samples_png": png}

@@ -1,7 +1,8 @@
 """Random access to one split of a dataset: the `Source` protocol and its three kinds.
 
-A source returns raw uint8 images already fitted to the spec's size (or float points for the toy
-sets) and their labels; scaling, flips and dequantization happen later, in the pipeline.
+A source returns raw images already fitted to the spec's size, uint8 (float32 on the 0-255 scale
+for the datasets fitted as score_sde fits them, image_ops.score_sde_fit), or float points for the
+toy sets, and their labels; scaling, flips and dequantization happen later, in the pipeline.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import numpy as np
 
 
 class Source(Protocol):
-  """Random access to one split: raw uint8 images (already of the spec's size) or float points."""
+  """Random access to one split: raw images (already of the spec's size; uint8, or float32 on the
+  0-255 scale) or float points."""
 
   def __len__(self) -> int: ...
 

@@ -1,7 +1,10 @@
 """Sources read with tensorflow-datasets: CIFAR-10, SVHN, CelebA, LSUN, MNIST, any 'tfds:<name>'.
 
-Data prepared as ArrayRecord is read with `tfds.data_source` (random access, no TensorFlow); when
-that fails, `_tfds_fallback` explains why, or reads TFRecord data through TensorFlow if installed.
+CIFAR-10, SVHN, CelebA and LSUN are cropped and resized as score_sde's datasets.py does
+(`image_ops.score_sde_fit`); MNIST and 'tfds:<name>' images as every other source
+(`image_ops.fit_image`). Data prepared as ArrayRecord is read with `tfds.data_source` (random
+access, no TensorFlow); when that fails, `_tfds_fallback` explains why, or reads TFRecord data
+through TensorFlow if installed.
 """
 from __future__ import annotations
 
@@ -10,18 +13,18 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from sgm_jax.datasets.image_ops import fit_image
+from sgm_jax.datasets.image_ops import SCORE_SDE_DATASETS, fit_image, score_sde_fit
 from sgm_jax.datasets.sources import ArraySource, Source, TfdsSource
 from sgm_jax.datasets.spec import DatasetNotFoundError, DataSpec, normalize_name
 from sgm_jax.errors import InputError, MissingDependencyError
 
-# tfds: (builder name, eval split, fixed crop size); LSUN's builder name takes the category.
+# tfds: (builder name, eval split); LSUN's builder name takes the category.
 TFDS_BUILDERS = {
-    "cifar10": ("cifar10", "test", None),
-    "svhn": ("svhn_cropped", "test", None),
-    "celeba": ("celeb_a", "validation", 140),
-    "lsun": ("lsun/{category}", "validation", None),
-    "mnist": ("mnist", "test", None),
+    "cifar10": ("cifar10", "test"),
+    "svhn": ("svhn_cropped", "test"),
+    "celeba": ("celeb_a", "validation"),
+    "lsun": ("lsun/{category}", "validation"),
+    "mnist": ("mnist", "test"),
 }
 
 
@@ -37,12 +40,14 @@ def _import_tfds():
 
 
 def load_tfds(spec: DataSpec, split: str, builder_name: str, eval_split: str = "test",
-              crop: Optional[int] = None) -> Source:
-  """Split `split` of tfds builder `builder_name` ('test' / 'eval' read `eval_split`)."""
+              fit: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> Source:
+  """Split `split` of tfds builder `builder_name` ('test' / 'eval' read `eval_split`); each image
+  is fitted by `fit` (default: image_ops.fit_image to the spec's size and channels)."""
   tfds = _import_tfds()
   tfds_split = eval_split if split in ("test", "eval") else split
-  fit = functools.partial(fit_image, image_size=spec.image_size, num_channels=spec.num_channels,
-                          crop=crop)
+  if fit is None:
+    fit = functools.partial(fit_image, image_size=spec.image_size,
+                            num_channels=spec.num_channels)
   try:
     records = tfds.data_source(builder_name, split=tfds_split, data_dir=spec.data_dir,
                                download=spec.download)
@@ -96,10 +101,14 @@ def _tfds_fallback(tfds, spec: DataSpec, builder_name: str, split: str, fit: Cal
 def load_tfds_named(spec: DataSpec, split: str) -> Source:
   """A dataset of `TFDS_BUILDERS` by its display name (LSUN needs config.data.category)."""
   name = normalize_name(spec.dataset)
-  builder, eval_split, crop = TFDS_BUILDERS[name]
+  builder, eval_split = TFDS_BUILDERS[name]
   if name == "lsun":
     if not spec.category:
       raise InputError("dataset 'LSUN' needs config.data.category, e.g. 'church_outdoor' or "
                        "'bedroom'")
     builder = builder.format(category=spec.category)
-  return load_tfds(spec, split, builder, eval_split, crop)
+  fit = None
+  if name in SCORE_SDE_DATASETS:
+    fit = functools.partial(score_sde_fit, dataset=name, image_size=spec.image_size,
+                            num_channels=spec.num_channels)
+  return load_tfds(spec, split, builder, eval_split, fit)

@@ -79,6 +79,12 @@ class FeatureExtractor:
             "logits": np.concatenate([np.asarray(l, np.float32) for l in logits])}
 
 
+def quantize_samples(x01) -> np.ndarray:
+  """score_sde's 8-bit samples: np.clip(x * 255, 0, 255).astype(np.uint8) of samples in [0, 1],
+  which truncates (a value just below k / 255 becomes k - 1), before the Inception network."""
+  return np.clip(np.asarray(x01, np.float32) * 255.0, 0, 255).astype(np.uint8)
+
+
 def _file_id(path: str) -> str:
   """Name, size and SHA-256 prefix of a weights file: changes whenever the weights do."""
   digest = hashlib.sha256()
