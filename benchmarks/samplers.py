@@ -74,6 +74,7 @@ SPECS = (
     Spec("unipc", "unipc", (("variant", "bh1"),), _per_step(1)),
     Spec("unipc", "unipc", (("order", 2),), _per_step(1)),
     Spec("unipc", "unipc", (("order", 2), ("time_grid", "quadratic")), _per_step(1)),
+    Spec("unipc", "unipc", (("order", 2), ("lower_order_final", False)), _per_step(1)),
     Spec("heun (EDM)", "heun", (), _per_step(2, -1)),
     Spec("deis tAB1", "deis", (("method", "tab"), ("order", 1)), _per_step(1)),
     Spec("deis tAB2", "deis", (("method", "tab"), ("order", 2)), _per_step(1)),
@@ -95,9 +96,11 @@ GRID_SWEEP = ("ddim", "dpm_solver++(2M)", "dpm_solver++(3M)", "unipc", "deis tAB
               "ipndm", "heun (EDM)")
 GRIDS = ("uniform", "quadratic", "log_rho", "polynomial_rho")
 
-# --tuned: these samplers again on grids tuned to the problem's score (sgm_jax.sampling.tuning),
-# from warm-up draws of x_T with a seed other than the scored batch's
-TUNED = ("unipc", "deis tAB3", "dpm_solver++(3M)", "ipndm")
+# --tuned: these (label, options) again on grids tuned to the problem's score
+# (sgm_jax.sampling.tuning), from warm-up draws of x_T with a seed other than the scored batch's,
+# at the NFEs of --tune-nfe
+TUNED = (("unipc", ()), ("unipc", (("order", 2), ("lower_order_final", False))))
+TUNED_NFES = (5, 10)
 TUNE_SEED_OFFSET = 1000
 
 ADAPTIVE_TOLS = (1e-2, 1e-3, 1e-4, 1e-5)
@@ -263,7 +266,10 @@ def parse_args(argv=None):
   p.add_argument("--grids", action="store_true",
                  help=f"also run {', '.join(GRID_SWEEP)} on every time grid {GRIDS}")
   p.add_argument("--tuned", action="store_true",
-                 help=f"also run {', '.join(TUNED)} on grids tuned by sgm_jax.sampling.tuning")
+                 help="also run unipc (defaults; order 2 without lower_order_final) on grids "
+                      "tuned by sgm_jax.sampling.tuning")
+  p.add_argument("--tune-nfe", type=int, nargs="+", default=list(TUNED_NFES),
+                 help="target NFEs of the --tuned cases")
   p.add_argument("--tune-warmup", type=int, default=tuning.DEFAULT_WARMUP,
                  help="warm-up draws of x_T for --tuned")
   p.add_argument("--tune-evals", type=int, default=tuning.DEFAULT_MAX_EVALS,
@@ -294,11 +300,12 @@ def main(argv=None) -> int:
         if (v.label, v.options) not in seen:
           specs.append(v)
           seen.add((v.label, v.options))
+  tuned_specs = []
   if args.tuned:
     request = TunedGrid(args.tune_warmup, args.tune_evals)
-    specs += [dataclasses.replace(s, options=s.options + (("time_grid", request),)) for s in SPECS
-              if s.label in TUNED and not any(k == "time_grid" for k, _ in s.options)
-              and (not args.only or any(o in s.label for o in args.only))]
+    tuned_specs = [dataclasses.replace(s, options=s.options + (("time_grid", request),))
+                   for s in SPECS if (s.label, s.options) in TUNED
+                   and (not args.only or any(o in s.label for o in args.only))]
   tols = QUICK_ADAPTIVE_TOLS if args.quick else ADAPTIVE_TOLS
   with_dopri = not args.only or any(o in "ode dopri5" for o in args.only)
   wall_start = time.perf_counter()
@@ -318,7 +325,8 @@ def main(argv=None) -> int:
     net_call_s = common.score_call_seconds(net_score, problem.x_T)
     common.log(f"network: {net_desc}; one jitted call at B={batch}: {net_call_s * 1e3:.2f} ms")
 
-  cases = [(s, t) for s in specs for t in targets]
+  cases = [(s, t) for s in specs for t in targets] + [(s, t) for s in tuned_specs
+                                                      for t in args.tune_nfe]
   if with_dopri:
     cases += [(Spec("ode dopri5 (adaptive)", "ode", (("solver", "dopri5"),), None), tol)
               for tol in tols]
