@@ -10,6 +10,8 @@ center|random|FILE.png), colorize (RGB models), interpolate (--num_points); thei
 --input (an .npz with 'images', or an image file) or the test split, and --sampler picks the method
 (any sampler; ode with a fixed-step solver). Results go to workdir/controllable/ (PNG, .npz, .json).
 Config fields can be overridden on the command line, e.g. --config.training.batch_size=32.
+Several processes (train, sample): the same command in each with --coordinator_address HOST:PORT
+--num_processes N --process_id I, or --distributed auto where JAX finds the cluster (TPU pods).
 Sampler options: --sampler deis --num_steps 10 --sampler_option order=2 ...
 Log lines: --verbosity=-1 (warnings only), 0 (default: sgm-jax's progress), 1 (libraries' too).
 Errors: a mistake in the input is one line `error: ...` (exit code 2); a fault shows its
@@ -17,6 +19,7 @@ traceback (exit code 1).
 """
 import json
 import logging
+import os
 import sys
 import traceback
 
@@ -47,7 +50,18 @@ flags.DEFINE_string("input", None, "inpaint/colorize/interpolate: input images (
 flags.DEFINE_string("mask", "right", "--mode inpaint: region to fill in (left, right, top, "
                     "bottom, center, random) or a mask image (white = known).")
 flags.DEFINE_integer("num_points", 8, "--mode interpolate: images per interpolation path.")
+flags.DEFINE_string("coordinator_address", None, "Several processes (jax.distributed): HOST:PORT "
+                    "of process 0, the same for every process of the job.")
+flags.DEFINE_integer("num_processes", None, "Several processes: how many the job has.")
+flags.DEFINE_integer("process_id", None, "Several processes: this one's index, 0 .. "
+                     "num_processes - 1 (process 0 writes the files).")
+flags.DEFINE_enum("distributed", "flags", ["flags", "auto"], "flags: start jax.distributed when "
+                  "--coordinator_address/--num_processes/--process_id are given; auto: always, "
+                  "with JAX detecting what they leave out (TPU pods, SLURM, Open MPI).")
 flags.mark_flags_as_required(["config", "workdir", "mode"])
+
+# Modes that split their work over the processes of a job; the others run on one process.
+MULTI_PROCESS_MODES = ("train", "sample")
 
 
 PYTHON_CONSTANTS = {"True": True, "False": False, "None": None}
@@ -96,6 +110,7 @@ def _configure_logging():
 def main(argv):
   del argv
   _configure_logging()
+  _initialize_distributed()
   from sgm_jax.cli import evaluate, sample, train, train_classifier
   config, workdir = FLAGS.config, FLAGS.workdir
   mode = FLAGS.mode
@@ -130,6 +145,20 @@ def main(argv):
       shown["denoising_error"] = result["denoising_error"]["png"]
     print(f"evaluation of checkpoint {result['checkpoint_step']}: {json.dumps(shown)}\n"
           f"appended to {result['results_file']}")
+
+
+def _initialize_distributed():
+  """jax.distributed for a job of several processes (before anything touches the devices)."""
+  import jax
+  from sgm_jax import parallel
+  from sgm_jax.errors import InputError
+  started = parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                            FLAGS.process_id, auto=FLAGS.distributed == "auto")
+  if started and jax.process_count() > 1 and FLAGS.mode not in MULTI_PROCESS_MODES:
+    raise InputError(f"--mode {FLAGS.mode} runs in one process; modes that run over several "
+                     f"processes are {list(MULTI_PROCESS_MODES)}")
+  if started and not parallel.is_first_process():  # one copy of the progress lines and results
+    sys.stdout = open(os.devnull, "w")
 
 
 def _run_controllable(config, workdir, mode):

@@ -67,7 +67,7 @@ def measure(config_path: str, steps: int, batch_size: int, data_dir: str) -> dic
   p_step = parallel.fused_steps(step_fn)
   batches = dataset.batches_fn()(0)
   host = np.asarray(next(batches))
-  device_batch = jax.device_put(host.reshape((1, 1) + host.shape))
+  device_batch = jax.device_put(host.reshape((1,) + host.shape))  # (n_steps, batch, ...)
   rstate = parallel.replicate(state)
   rstate, m = p_step(rstate, device_batch)  # compile
   jax.block_until_ready(m)

@@ -21,6 +21,7 @@ import shutil
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from sgm_jax.errors import InputError, UserError
@@ -158,6 +159,8 @@ class CheckpointStore:
     if writer and jax.process_index() == 0:
       for d in (PERIODIC_DIR, SNAPSHOT_DIR):
         _remove_unfinished_saves(os.path.join(workdir, d))
+    if writer:  # the other processes of a job look at the directories once they are clean
+      _sync_processes("sgm_jax_checkpoint_store_clean")
     self.periodic = _manager(os.path.join(workdir, PERIODIC_DIR), keep)
     self.snapshot = _manager(os.path.join(workdir, SNAPSHOT_DIR), 1)
     self._unreadable: set[tuple[str, int]] = set()  # (kind, step) that restore could not read
@@ -169,7 +172,9 @@ class CheckpointStore:
     return os.path.join(str(self._managers()[kind].directory), str(step))
 
   def save(self, step: int, state: Any, kind: str = "periodic") -> None:
-    """Save `state` (an unreplicated pytree of arrays) as step `step`.
+    """Save `state` (a pytree of arrays) as step `step`. Every process of a job calls it with
+    the same step; jax.Arrays are saved as they are placed (a replicated global array is written
+    once, not once per process or device), other leaves as numpy arrays.
 
     A step that exists already is kept, unless `restore` found it unreadable: then it is replaced
     by a complete checkpoint of `state` (see _replace)."""
@@ -180,7 +185,8 @@ class CheckpointStore:
     exists = step in manager.all_steps()
     if exists and (kind, step) not in self._unreadable:
       return
-    state = jax.device_get(state)
+    state = jax.tree_util.tree_map(
+        lambda x: x if isinstance(x, jax.Array) else np.asarray(x), state)
     with _orbax_loops_finish_their_tasks():
       if exists:
         self._replace(kind, step, state)
@@ -302,6 +308,5 @@ def _reason(error: BaseException) -> str:
 
 def _sync_processes(name: str) -> None:
   """Wait for every process (multi-host) to get here; nothing to do for one process."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
+  from sgm_jax import parallel
+  parallel.sync_processes(name)

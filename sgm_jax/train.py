@@ -1,9 +1,10 @@
 """Train state (params, EMA, optimizer), the pure train step, and the preemption-safe train loop.
 
 The step is written for one device and one example's loss (vmapped over the batch); parallel.py
-pmaps it. Randomness is folded, not threaded: the key of example i at step s is
-fold_in(fold_in(PRNGKey(seed), s), global index of i), so a resumed run, and a run over a different
-number of devices with the same global batch, draws exactly the same noise.
+runs it on every device of every process. Randomness is folded, not threaded: the key of example
+i at step s is fold_in(fold_in(PRNGKey(seed), s), global index of i), so a resumed run, and a run
+over a different number of devices or processes with the same global batch, draws exactly the
+same noise.
 """
 from __future__ import annotations
 
@@ -266,62 +267,81 @@ def train_loop(workdir: str, state: TrainState, step_fn: Callable,
                batches: Callable[[int], Iterator[np.ndarray]], spec: LoopSpec,
                schedule: Optional[optax.Schedule] = None,
                stats: Optional[dict] = None) -> TrainState:
-  """Run (and resume) training in `workdir`; returns the final unreplicated state.
+  """Run (and resume) training in `workdir` on every device of every process; returns the final
+  state as host arrays.
 
   If `stats` is a dict it receives the wall time and number of steps after the first (compiling)
   device call: 'steady_seconds', 'steady_steps'.
 
-  `batches(start_step)` yields this host's (local_batch, ...) training batches from `start_step`
-  on, the same ones an uninterrupted run would see there. Checkpoints: a preemption snapshot every
-  `snapshot_freq_for_preemption` steps and a kept checkpoint every `snapshot_freq` steps and at the
-  end. A NaN/Inf loss stops training with TrainingDiverged and saves nothing.
+  `batches(start_step)` yields this process's (batch_size / process_count, ...) block of the
+  training batches from `start_step` on, the same ones an uninterrupted run would see there.
+  Checkpoints: a preemption snapshot every `snapshot_freq_for_preemption` steps and a kept
+  checkpoint every `snapshot_freq` steps and at the end. Losses stay on the devices until a log or
+  checkpoint step; a NaN/Inf loss among them stops training with TrainingDiverged and saves
+  nothing. With several processes every stop (time limit, NaN) is decided by all of them together,
+  and only process 0 writes the loss log, TensorBoard events and the loss curve.
   """
   from tqdm import tqdm
+  parallel.check_divisible(spec.batch_size, "training.batch_size")
+  first = parallel.is_first_process()
   store = CheckpointStore(workdir, keep=spec.keep_checkpoints, writer=True)
   try:
+    rstate = parallel.replicate(state)  # a new copy: the caller's `state` survives donation
+    del state
     resumed = store.latest_step() is not None
     if resumed:  # the newest readable checkpoint; a damaged newer one is replaced when saved again
-      state = store.restore(state)
-      logging.info("resumed from step %d", int(state.step))
-    start = int(state.step)
-    n_dev = jax.local_device_count()
-    local_batch = spec.batch_size // jax.process_count()
-    if spec.batch_size % (jax.process_count() * n_dev):
-      raise InputError(f"training.batch_size={spec.batch_size} must be divisible by the number of "
-                       f"devices ({jax.process_count() * n_dev})")
-    loss_log = _LossLog(os.path.join(workdir, "train_log.csv"), start)
+      rstate = store.restore(rstate)  # global arrays of rstate's replicated sharding
+      logging.info("resumed from step %d", int(parallel.to_host(rstate.step)))
+    start = int(parallel.to_host(rstate.step))
+    loss_log = _LossLog(os.path.join(workdir, "train_log.csv"), start) if first else None
     writer = _summary_writer(workdir)
     p_step = parallel.fused_steps(step_fn)
-    rstate = parallel.replicate(state)
     data = batches(start)
     step, t0, last_good = start, time.time(), (start if resumed else None)
     first_call_done, first_call_step = None, start
+    pending = []  # (first step, metrics on the devices) of the calls not yet looked at
     # With a time limit the bar's total is the step where it runs out, so its ETA is honest.
     desc = "train" if spec.max_seconds is None else (
         f"train (stops after {tqdm.format_interval(spec.max_seconds)})")
     bar = tqdm(total=spec.n_iters, initial=start, desc=desc, unit="step", dynamic_ncols=True,
-               mininterval=2.0)
+               mininterval=2.0, disable=not first)
+
+    def look_at_losses():
+      """Fetch the pending losses: log them, and stop on NaN/Inf (all processes alike)."""
+      if not pending:
+        return
+      fetched = parallel.to_host([m for _, m in pending])
+      at = np.concatenate([s + 1 + np.arange(len(m["loss"]))  # the step each loss ends at
+                           for (s, _), m in zip(pending, fetched)])
+      pending.clear()
+      losses = np.concatenate([np.asarray(m["loss"]) for m in fetched])
+      lrs = (np.concatenate([np.asarray(m["lr"]) for m in fetched]) if "lr" in fetched[0]
+             else np.zeros(len(losses)))
+      finite = np.isfinite(losses)
+      if parallel.any_process(not finite.all()):
+        shown, bad = "NaN/Inf", ""
+        if not finite.all():
+          shown, bad = losses[~finite][0], f" at step {at[np.argmin(finite)] - 1}"
+        raise TrainingDiverged(
+            f"training loss became {shown}{bad}; stopped without saving. The last good checkpoint "
+            f"({'none' if last_good is None else f'step {last_good}'}) in {workdir} is intact.")
+      for s, loss, lr in zip(at, losses, lrs):
+        if s % spec.log_freq == 0 or s == spec.n_iters:
+          if loss_log is not None:
+            loss_log.append(s, float(loss), float(lr))
+          if writer is not None:
+            writer.add_scalar("loss", float(loss), s)
+            writer.add_scalar("lr", float(lr), s)
+      bar.set_postfix(loss=f"{float(losses[-1]):.4g}", refresh=False)
+
     while step < spec.n_iters:
       n = min(spec.n_jitted_steps, spec.n_iters - step)
       host = np.stack([next(data) for _ in range(n)])            # (n, local_batch, ...)
-      host = host.reshape((n, n_dev, local_batch // n_dev) + host.shape[2:]).swapaxes(0, 1)
-      rstate, metrics = p_step(rstate, host)
-      losses = np.asarray(metrics["loss"][0])
+      rstate, metrics = p_step(rstate, parallel.from_process_batches(host, axis=1))
+      pending.append((step, metrics))
       if first_call_done is None:
         first_call_done, first_call_step = time.time(), step + n
-      if not np.all(np.isfinite(losses)):
-        bad = step + int(np.argmin(np.isfinite(losses)))
-        raise TrainingDiverged(
-            f"training loss became {losses[~np.isfinite(losses)][0]} at step {bad}; stopped "
-            f"without saving. The last good checkpoint ({'none' if last_good is None else f'step {last_good}'}"
-            f") in {workdir} is intact.")
-      lrs = np.asarray(metrics["lr"][0]) if "lr" in metrics else np.zeros(n)
-      for i in range(n):
-        if (step + i + 1) % spec.log_freq == 0 or step + i + 1 == spec.n_iters:
-          loss_log.append(step + i + 1, float(losses[i]), float(lrs[i]))
-          if writer is not None:
-            writer.add_scalar("loss", float(losses[i]), step + i + 1)
-            writer.add_scalar("lr", float(lrs[i]), step + i + 1)
+      logs = (step + n) // spec.log_freq > step // spec.log_freq or step + n == spec.n_iters
       step += n
       if spec.max_seconds is not None:  # rate after the first (compiling) call once known
         since_step, since = ((first_call_step, first_call_done) if step > first_call_step
@@ -330,28 +350,31 @@ def train_loop(workdir: str, state: TrainState, step_fn: Callable,
         bar.total = _expected_end_step(step, spec.n_iters, spec.n_jitted_steps, spec.max_seconds,
                                        now - t0, (step - since_step) / max(now - since, 1e-9))
       bar.update(n)
-      bar.set_postfix(loss=f"{float(losses[-1]):.4g}", refresh=False)
-      out_of_time = spec.max_seconds is not None and time.time() - t0 >= spec.max_seconds
-      if step % spec.snapshot_freq == 0 or step == spec.n_iters or out_of_time:
-        store.save(step, parallel.unreplicate(rstate), kind="periodic")
-        last_good = step
-      elif step % spec.snapshot_freq_for_preemption == 0:
-        store.save(step, parallel.unreplicate(rstate), kind="snapshot")
+      out_of_time = spec.max_seconds is not None and parallel.any_process(
+          time.time() - t0 >= spec.max_seconds)
+      kind = ("periodic" if step % spec.snapshot_freq == 0 or step == spec.n_iters or out_of_time
+              else "snapshot" if step % spec.snapshot_freq_for_preemption == 0 else None)
+      if logs or kind is not None:
+        look_at_losses()  # before a save: never checkpoint a diverged state
+      if kind is not None:
+        store.save(step, rstate, kind=kind)
         last_good = step
       if out_of_time:
         logging.info("stopping after %.0f s (training.max_seconds) at step %d", time.time() - t0,
                      step)
         break
+    look_at_losses()
     bar.total = step  # stopped by the time limit: done, not short of n_iters
     bar.close()
+    state = parallel.to_host(rstate)
     if stats is not None and first_call_done is not None:
       stats.update(steady_seconds=time.time() - first_call_done,
                    steady_steps=step - first_call_step)
-    state = parallel.unreplicate(rstate)
-    loss_log.close()
     if writer is not None:
       writer.close()
-    plot_loss_curve(*loss_log.read(), os.path.join(workdir, "loss_curve.png"))
+    if loss_log is not None:
+      loss_log.close()
+      plot_loss_curve(*loss_log.read(), os.path.join(workdir, "loss_curve.png"))
     return state
   finally:
     store.close()

@@ -1,4 +1,4 @@
-"""A training workdir: one process at a time, and one config for its whole life."""
+"""A training workdir: one job at a time, and one config for its whole life."""
 from __future__ import annotations
 
 import fcntl
@@ -31,8 +31,10 @@ class WorkdirError(UserError, RuntimeError):
 class WorkdirLock:
   """An exclusive, non-blocking lock on `workdir/.lock`, held while training runs.
 
-  The OS releases it when the process dies (even by SIGKILL), so a stale lock never blocks a
-  restart.
+  One job holds it: with several processes (jax.distributed), process 0 takes the lock for all of
+  them and tells the others whether it got it, so the processes of one job share the workdir and
+  every process of a second job is refused. The OS releases the lock when its holder dies (even by
+  SIGKILL), so a stale lock never blocks a restart.
   """
 
   def __init__(self, workdir: str):
@@ -41,21 +43,39 @@ class WorkdirLock:
     self._file = None
 
   def __enter__(self):
+    from sgm_jax import parallel
+    refused = None
+    if parallel.is_first_process():
+      try:
+        self._file = self._lock(parallel.job_id())
+      except WorkdirError as e:
+        refused = e
+    if parallel.any_process(refused is not None) and refused is None:  # a collective decision
+      self.__exit__()
+      refused = WorkdirError(
+          f"workdir {os.path.dirname(self.path)} is in use by another job (process 0 of this job "
+          "was refused its lock); wait for it to finish or use another --workdir")
+    if refused is not None:
+      raise refused
+    return self
+
+  def _lock(self, holder: str):
     f = open(self.path, "a+")
     try:
       fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       f.seek(0)
-      holder = f.read().strip() or "unknown"
+      held_by = f.read().strip() or "unknown"
       f.close()
+      if held_by.isdigit():  # the lock file of an older version: a pid
+        held_by = f"pid {held_by}"
       raise WorkdirError(f"workdir {os.path.dirname(self.path)} is in use by another process "
-                         f"(pid {holder}); wait for it to finish or use another --workdir")
+                         f"({held_by}); wait for it to finish or use another --workdir") from None
     f.seek(0)
     f.truncate()
-    f.write(str(os.getpid()))
+    f.write(holder)
     f.flush()
-    self._file = f
-    return self
+    return f
 
   def __exit__(self, *exc):
     if self._file is not None:
@@ -89,8 +109,9 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
   return [] if a == b else [f"{prefix[:-1]}: {b!r} in the workdir, {a!r} now"]
 
 
-def check_or_record_config(workdir: str, config: Any) -> None:
-  """Record the config on first use; afterwards refuse a config that would train something else."""
+def check_or_record_config(workdir: str, config: Any, record: bool = True) -> None:
+  """Record the config on first use; afterwards refuse a config that would train something else.
+  With several processes all of them check, and only process 0 records (`record`)."""
   path = os.path.join(workdir, CONFIG_FILE)
   current = _identity(config)
   if os.path.exists(path):
@@ -107,6 +128,8 @@ def check_or_record_config(workdir: str, config: Any) -> None:
       shown = "; ".join(diffs[:8]) + ("; ..." if len(diffs) > 8 else "")
       raise WorkdirError(f"workdir {workdir} belongs to a different config ({shown}). Use a new "
                          "--workdir, or the config it was created with.")
+    return
+  if not record:
     return
   full = _as_dict(config) if hasattr(config, "to_json_best_effort") else {}
   with atomic_write(path, "w") as f:

@@ -7,9 +7,10 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from sgm_jax import controllable, io_utils, sampling, sde_lib
+from sgm_jax import controllable, io_utils, parallel, sampling, sde_lib
 from sgm_jax.cli import classifier, outputs, setup
 from sgm_jax.errors import InputError
 
@@ -20,7 +21,7 @@ def run_sample(config: Any, workdir: str, sampler_name: str | None = None,
                classifier_scale: float | None = None, **sampler_options) -> dict:
   """Sample from the EMA parameters of a checkpoint.
 
-  Writes workdir/samples/<sampler>_<steps>steps_ckpt<step>[_class<y>].{png,npz}; returns their
+  Writes workdir/samples/<sampler>[_<variant>]_<steps>steps_ckpt<step>[_class<y>].{png,npz}; returns their
   paths and the mean nfe per batch. With class_label (an integer, or 'all' to cycle through the
   classes) the score is that of p_t(x | y) through the classifier of --mode train_classifier,
   weighted by classifier_scale (default config.classifier.scale).
@@ -36,28 +37,38 @@ def run_sample(config: Any, workdir: str, sampler_name: str | None = None,
   if num_samples < 1:
     raise InputError(f"num_samples must be >= 1, got {num_samples}")
   sampler_options = setup.sampler_options_from_config(config, sampler_name, sampler_options)
-  batch = min(int(setup.get_field(s, "batch_size", 64)), num_samples)
-  sampler = sampling.get_sampler(sampler_name, sde, (batch,) + example_shape,
+  # The batch of one compiled call is split over every device of every process.
+  batch = parallel.padded_size(min(int(setup.get_field(s, "batch_size", 64)), num_samples))
+  per_device = batch // parallel.device_count()
+  sampler = sampling.get_sampler(sampler_name, sde, (per_device,) + example_shape,
                                  num_steps=num_steps, **sampler_options)
   conditional, suffix = None, ""
   if class_label is not None:
     conditional = _ClassConditional(config, workdir, sde, example_shape, class_label,
                                     classifier_scale)
     suffix = f"_class{conditional.label}"
-  key = jax.random.PRNGKey(int(config.seed) + 1)
+  sample_batch = parallel.map_batches(
+      sample_shard_fn(sampler, sde, example_shape, int(config.seed), conditional))
+  shared = parallel.replicate((trained.score_fn, None if conditional is None
+                               else conditional.log_prob_fn))
   outs, nfes, labels = [], [], []
-  for i in tqdm(range(-(-num_samples // batch)), desc=f"sample {sampler_name}", unit="batch"):
-    fn = trained.score_fn
-    if conditional is not None:
-      fn, y = conditional.score_fn(trained.score_fn, i * batch, batch)
-      labels.append(y)
-    x, nfe = sampler(jax.random.fold_in(key, i), fn)
-    outs.append(np.asarray(x))
-    nfes.append(int(nfe))
+  for i in tqdm(range(-(-num_samples // batch)), desc=f"sample {sampler_name}", unit="batch",
+                disable=not parallel.is_first_process()):
+    y = (np.zeros(batch, np.int32) if conditional is None
+         else conditional.labels(i * batch, batch))
+    x, nfe = sample_batch(shared + (parallel.replicate(np.int32(i * batch)),),
+                          parallel.from_global_batch(y))
+    jax.block_until_ready(nfe)  # an honest progress bar; the samples stay on the devices
+    outs.append(x)
+    nfes.append(nfe)
+    labels.append(y)
+  outs, nfes = parallel.gather((outs, nfes))  # once, for all batches
   samples = np.concatenate(outs)[:num_samples]
-  stem = os.path.join(workdir, "samples",
-                      f"{sampler_name}_{num_steps}steps_ckpt{trained.step}{suffix}")
-  paths = outputs.save_samples(samples, config, stem)
+  variant = sampler_options.get("variant", "default")  # pc's score_sde loop gets files of its own
+  name = sampler_name if variant == "default" else f"{sampler_name}_{variant}"
+  stem = os.path.join(workdir, "samples", f"{name}_{num_steps}steps_ckpt{trained.step}{suffix}")
+  paths = (outputs.save_samples(samples, config, stem) if parallel.is_first_process()
+           else {"npz": stem + ".npz", "png": stem + ".png"})  # process 0 writes
   centered = bool(config.data.centered)
   result = dict(paths, nfe=float(np.mean(nfes)), checkpoint_step=trained.step,
                 num_samples=num_samples, sampler_options=sampler_options,
@@ -81,10 +92,35 @@ class _ClassConditional:
     self.log_prob_fn, self.step = classifier.load_classifier_log_prob(config, workdir, sde,
                                                                       image_shape)
 
-  def score_fn(self, score_fn, start: int, batch: int):
-    """(score_fn of p_t(x | y), y) for samples start..start+batch-1."""
-    y = classifier.class_labels_for(self.label, start, batch, self.num_classes)
-    return controllable.conditional_score_fn(score_fn, self.log_prob_fn, y, self.scale), y
+  def labels(self, start: int, batch: int) -> np.ndarray:
+    """The (batch,) classes of samples start..start+batch-1."""
+    return classifier.class_labels_for(self.label, start, batch, self.num_classes)
+
+  def score_fn(self, score_fn, log_prob_fn, y):
+    """score_fn of p_t(x | y)."""
+    return controllable.conditional_score_fn(score_fn, log_prob_fn, y, self.scale)
+
+
+def sample_shard_fn(sampler, sde: sde_lib.SDE, example_shape: tuple, seed: int,
+                    conditional: _ClassConditional | None = None):
+  """The samples of one device: fn((score_fn, log_prob_fn, start), labels) -> (x, nfe[None]) for
+  global sample indices start + device_index * per_device + 0 .. per_device - 1.
+
+  Sample j starts from the prior draw of fold_in(prior key, j), so a deterministic sampler gives
+  sample j the same value for every batch size and number of devices or processes; stochastic
+  samplers draw their noise from fold_in(noise key, the shard's first index)."""
+  prior_key, noise_key = jax.random.split(jax.random.PRNGKey(seed + 1))
+
+  def fn(shared, y):
+    score_fn, log_prob_fn, start = shared
+    index = start + parallel.global_example_index(y.shape[0])
+    x_T = jax.vmap(lambda j: sde.prior_sampling(jax.random.fold_in(prior_key, j),
+                                                example_shape))(index)
+    if conditional is not None:
+      score_fn = conditional.score_fn(score_fn, log_prob_fn, y)
+    x, nfe = sampler(jax.random.fold_in(noise_key, index[0]), score_fn, x_T=x_T)
+    return x, jnp.reshape(nfe, (1,)).astype(jnp.float32)
+  return fn
 
 
 def comparison_samplers(config: Any) -> list[tuple[str, int]]:

@@ -14,13 +14,9 @@ from sgm_jax.workdir import WorkdirLock, check_or_record_config
 
 
 def run_train(config: Any, workdir: str) -> train.TrainState:
-  """Train (or resume training) in `workdir`; returns the final train state."""
+  """Train (or resume training) in `workdir`; returns the final train state. With several
+  processes (main.py's --coordinator_address ...), every process of the job calls it."""
   os.makedirs(workdir, exist_ok=True)
-  dist = setup.get_field(config, "distributed", None)
-  if dist is not None:  # multi-host: config.distributed.{coordinator_address,num_processes,process_id}
-    parallel.maybe_initialize_distributed(setup.get_field(dist, "coordinator_address", None),
-                                          setup.get_field(dist, "num_processes", None),
-                                          setup.get_field(dist, "process_id", None))
   with WorkdirLock(workdir):
     sde, model, dataset = setup.build(config)
     spec = setup.loop_spec_from_config(config)
@@ -30,7 +26,7 @@ def run_train(config: Any, workdir: str) -> train.TrainState:
     state = setup.initial_state(config, model, example_shape, tx)
     # Recorded only once the config has proven buildable, so a failed first run leaves the
     # workdir free for the corrected config.
-    check_or_record_config(workdir, config)
+    check_or_record_config(workdir, config, record=parallel.is_first_process())
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
     logging.info("model %s with %d parameters; %s; data %s %s", config.model.name, n_params,
                  type(sde).__name__, config.data.dataset, example_shape)
