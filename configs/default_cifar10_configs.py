@@ -35,16 +35,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   evaluate.enable_loss = True
   evaluate.enable_bpd = False
   evaluate.bpd_dataset = 'test'
-  evaluate.protocol = 'score_sde'  # uint8 samples, FID Inception, whole training split
-  # None: the protocol's value (sgm_jax/cli/evaluate.py, PROTOCOL_DEFAULTS); set one to replace it
-  evaluate.feature_extractor = placeholder(str)  # 'inception': needs eval.inception_weights
-  evaluate.inception_weights = ''
-  evaluate.reference_statistics = ''  # a published statistics file instead of the training split
-  evaluate.reference_examples = placeholder(int)  # 0: the whole training split
-  evaluate.quantize_samples = placeholder(bool)
-  evaluate.inception_score_splits = placeholder(int)
-  evaluate.sampler = placeholder(str)  # score_sde: sampling.method
-  evaluate.num_steps = placeholder(int)  # score_sde: model.num_scales
+  use_score_sde_protocol(evaluate)
 
   config.data = data = ml_collections.ConfigDict()
   data.dataset = 'CIFAR10'
@@ -74,3 +65,18 @@ def get_default_configs() -> ml_collections.ConfigDict:
 
   config.seed = 42
   return config
+
+
+def use_score_sde_protocol(evaluate: ml_collections.ConfigDict) -> None:
+  """Set config.eval to score_sde's protocol (sgm_jax/cli/evaluate.py, PROTOCOL_DEFAULTS); shared by
+  the CIFAR-10, CelebA, LSUN, CelebA-HQ and FFHQ configs."""
+  evaluate.protocol = 'score_sde'  # uint8 samples, FID Inception, whole training split
+  # None: the protocol's value; set one (e.g. on the command line) to replace it
+  evaluate.feature_extractor = placeholder(str)  # 'inception': needs eval.inception_weights
+  evaluate.inception_weights = ''
+  evaluate.reference_statistics = ''  # a published statistics file instead of the training split
+  evaluate.reference_examples = placeholder(int)  # 0: the whole training split
+  evaluate.quantize_samples = placeholder(bool)
+  evaluate.inception_score_splits = placeholder(int)
+  evaluate.sampler = placeholder(str)  # score_sde: sampling.method
+  evaluate.num_steps = placeholder(int)  # score_sde: model.num_scales

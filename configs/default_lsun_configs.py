@@ -1,6 +1,6 @@
 """Defaults shared by the 256x256 experiments (LSUN, CelebA-HQ, FFHQ), as in score_sde."""
 import ml_collections
-from ml_collections.config_dict import placeholder
+from configs.default_cifar10_configs import use_score_sde_protocol
 
 
 def get_default_configs() -> ml_collections.ConfigDict:
@@ -35,16 +35,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   evaluate.enable_loss = True
   evaluate.enable_bpd = False
   evaluate.bpd_dataset = 'test'
-  evaluate.protocol = 'score_sde'  # uint8 samples, FID Inception, whole training split
-  # None: the protocol's value (sgm_jax/cli/evaluate.py, PROTOCOL_DEFAULTS); set one to replace it
-  evaluate.feature_extractor = placeholder(str)  # 'inception': needs eval.inception_weights
-  evaluate.inception_weights = ''
-  evaluate.reference_statistics = ''  # a published statistics file instead of the training split
-  evaluate.reference_examples = placeholder(int)  # 0: the whole training split
-  evaluate.quantize_samples = placeholder(bool)
-  evaluate.inception_score_splits = placeholder(int)
-  evaluate.sampler = placeholder(str)  # score_sde: sampling.method
-  evaluate.num_steps = placeholder(int)  # score_sde: model.num_scales
+  use_score_sde_protocol(evaluate)
 
   config.data = data = ml_collections.ConfigDict()
   data.dataset = 'LSUN'

@@ -5,7 +5,7 @@ fields score_sde's JAX training loop needs but this file lacked (training.n_jitt
 eval.enable_* switches) take the values of the other configs.
 """
 import ml_collections
-from ml_collections.config_dict import placeholder
+from configs.default_cifar10_configs import use_score_sde_protocol
 
 
 def get_config():
@@ -44,16 +44,7 @@ def get_config():
   evaluate.enable_loss = True
   evaluate.enable_bpd = False
   evaluate.bpd_dataset = 'test'
-  evaluate.protocol = 'score_sde'  # uint8 samples, FID Inception, whole training split
-  # None: the protocol's value (sgm_jax/cli/evaluate.py, PROTOCOL_DEFAULTS); set one to replace it
-  evaluate.feature_extractor = placeholder(str)  # 'inception': needs eval.inception_weights
-  evaluate.inception_weights = ''
-  evaluate.reference_statistics = ''  # a published statistics file instead of the training split
-  evaluate.reference_examples = placeholder(int)  # 0: the whole training split
-  evaluate.quantize_samples = placeholder(bool)
-  evaluate.inception_score_splits = placeholder(int)
-  evaluate.sampler = placeholder(str)  # score_sde: sampling.method
-  evaluate.num_steps = placeholder(int)  # score_sde: model.num_scales
+  use_score_sde_protocol(evaluate)
 
   config.data = data = ml_collections.ConfigDict()
   data.dataset = 'FFHQ'
