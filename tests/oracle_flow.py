@@ -32,3 +32,25 @@ def exact_flow_map(gm: toy.GaussianMixture, sde, x_T, t_start: float, t_end: flo
 def digits_oracle(num_images: int = 64, std: float = 0.1) -> toy.GaussianMixture:
   """A small digits mixture, cheap enough for convergence tests."""
   return toy.GaussianMixture.from_digits(std=std, num_images=num_images)
+
+
+class CountingScore:
+  """A score function that counts its evaluations at run time: a debug callback runs once per
+  executed call, inside scan and while loops too (diffrax's rejected steps included)."""
+
+  def __init__(self, fn):
+    self.fn, self.count = fn, 0
+
+  def _increment(self):
+    self.count += 1
+
+  def __call__(self, x, t):
+    jax.debug.callback(self._increment)
+    return self.fn(x, t)
+
+  def run(self, sampler, key, x_T=None):
+    """sampler(key, self, x_T), with count reset before and complete after."""
+    self.count = 0
+    out = sampler(key, self, x_T)
+    jax.effects_barrier()
+    return out

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from oracle_flow import CountingScore
 from sgm_jax import sampling, sde_lib, toy
 from sgm_jax.sampling import data_prediction
 
@@ -137,26 +138,6 @@ def test_dynamic_threshold_against_numpy(percentile, data_range):
 
 
 # --- (d) the final denoising jump ----------------------------------------------------------------
-class CountingScore:
-  """SCORE, counting its evaluations at run time through a debug callback."""
-
-  def __init__(self, fn):
-    self.fn, self.count = fn, 0
-
-  def _increment(self):
-    self.count += 1
-
-  def __call__(self, x, t):
-    jax.debug.callback(self._increment)
-    return self.fn(x, t)
-
-  def run(self, sampler):
-    self.count = 0
-    out = sampler(KEY, self, X_T)
-    jax.effects_barrier()
-    return out
-
-
 JUMP_SAMPLERS = [("deis", {}), ("deis", dict(method="rhork")), ("ipndm", {}), ("dpm_solver", {}),
                  ("heun", {})]
 
@@ -168,9 +149,9 @@ def test_final_denoise_is_one_tweedie_step(name, options):
   plain = sampling.get_sampler(name, SDE, SHAPE, num_steps=5, **options)
   denoised = sampling.get_sampler(name, SDE, SHAPE, num_steps=5, denoise=True, **options)
   assert plain.info["denoise"] is False and denoised.info["denoise"] is True
-  x, nfe = score.run(plain)
+  x, nfe = score.run(plain, KEY, X_T)
   assert int(nfe) == score.count == plain.info["nfe"]
-  x0, nfe0 = score.run(denoised)
+  x0, nfe0 = score.run(denoised, KEY, X_T)
   assert int(nfe0) == score.count == denoised.info["nfe"] == plain.info["nfe"] + 1
   t_end = float(denoised.info["ts"][-1])
   assert t_end == pytest.approx(SDE.default_sampling_eps, rel=1e-12)

@@ -5,33 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oracle_flow import digits_oracle, exact_flow_map
+from oracle_flow import CountingScore, digits_oracle, exact_flow_map
 from sgm_jax import sampling, sde_lib, toy
 
 GM = toy.GaussianMixture.create(jnp.array([[-1.5, 0.0], [1.5, 0.5], [0.0, -1.5]]),
                                 jnp.array([0.3, 0.4, 0.35]), jnp.array([0.5, 0.3, 0.2]))
 SDES = {"ve": sde_lib.VESDE(sigma_min=0.01, sigma_max=10.0), "vp": sde_lib.VPSDE(),
         "subvp": sde_lib.subVPSDE(), "tutorial": sde_lib.TutorialSDE(sigma_base=10.0)}
-
-
-class CountingScore:
-  """The oracle score, counting its evaluations at run time through a debug callback."""
-
-  def __init__(self, sde):
-    self.fn, self.count = GM.score_fn(sde), 0
-
-  def _increment(self):
-    self.count += 1
-
-  def __call__(self, x, t):
-    jax.debug.callback(self._increment)
-    return self.fn(x, t)
-
-  def run(self, sampler, key, x_T=None):
-    self.count = 0
-    out = sampler(key, self, x_T)
-    jax.effects_barrier()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +85,7 @@ def test_finite_nfe_exact_and_pure_in_float32(name, options, nfe_of, determinist
                                               num_steps):
   sde = SDES[sde_name]
   sampler = sampling.get_sampler(name, sde, (3, 2), num_steps=num_steps, **options)
-  score = CountingScore(sde)
+  score = CountingScore(GM.score_fn(sde))
   x_T = sde.prior_sampling(jax.random.PRNGKey(3), (3, 2))
   x, nfe = score.run(sampler, jax.random.PRNGKey(0), x_T)
   assert x.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(x)))

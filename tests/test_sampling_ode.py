@@ -5,34 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oracle_flow import digits_oracle, exact_flow_map
+from oracle_flow import CountingScore, digits_oracle, exact_flow_map
 from sgm_jax import sampling, sde_lib, toy
 
 GM = toy.GaussianMixture.create(jnp.array([[-1.5, 0.0], [1.5, 0.5], [0.0, -1.5]]),
                                 jnp.array([0.3, 0.4, 0.35]), jnp.array([0.5, 0.3, 0.2]))
 SDES = {"ve": sde_lib.VESDE(sigma_min=0.01, sigma_max=10.0), "vp": sde_lib.VPSDE(),
         "subvp": sde_lib.subVPSDE()}
-
-
-class CountingScore:
-  """The oracle score, counting its evaluations at run time through a debug callback (inside
-  diffrax's while loop, rejected steps included)."""
-
-  def __init__(self, sde):
-    self.fn, self.count = GM.score_fn(sde), 0
-
-  def _increment(self):
-    self.count += 1
-
-  def __call__(self, x, t):
-    jax.debug.callback(self._increment)
-    return self.fn(x, t)
-
-  def run(self, sampler, key, x_T=None):
-    self.count = 0
-    out = sampler(key, self, x_T)
-    jax.effects_barrier()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +68,7 @@ def test_adaptive_dopri5_meets_its_tolerance_and_is_a_pure_function_of_x_T(flow_
 def test_fixed_step_finite_and_nfe_exact_in_float32(sde_name, solver, num_steps, per_step):
   sde = SDES[sde_name]
   sampler = sampling.get_sampler("ode", sde, (3, 2), num_steps=num_steps, solver=solver)
-  score = CountingScore(sde)
+  score = CountingScore(GM.score_fn(sde))
   x, nfe = score.run(sampler, jax.random.PRNGKey(0))
   assert x.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(x)))
   assert nfe.dtype == jnp.int32 and int(nfe) == score.count == num_steps * per_step
@@ -107,7 +86,7 @@ def test_finite_nfe_exact_and_deterministic(sde_name, solver, options):
   options = dict(options)
   num_steps = options.pop("num_steps", 1)
   sampler = sampling.get_sampler("ode", sde, (3, 2), num_steps=num_steps, solver=solver, **options)
-  score = CountingScore(sde)
+  score = CountingScore(GM.score_fn(sde))
   x_T = sde.prior_sampling(jax.random.PRNGKey(3), (3, 2))
   x, nfe = score.run(sampler, jax.random.PRNGKey(0), x_T)
   assert bool(jnp.all(jnp.isfinite(x)))

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from oracle_flow import CountingScore
 from sgm_jax import sampling, sde_lib, toy
 from sgm_jax.sampling import pc
 
@@ -17,27 +18,6 @@ SUBVP = sde_lib.subVPSDE()
 SDES = {"ve": VE, "vp": VP, "subvp": SUBVP}
 N_SAMPLES = 4000
 Z = 5.0  # tolerance in standard errors
-
-
-class CountingScore:
-  """The oracle score, counting its evaluations at run time (a debug callback runs once per
-  executed call, inside scan and while loops too)."""
-
-  def __init__(self, sde):
-    self.fn, self.count = GM.score_fn(sde), 0
-
-  def _increment(self):
-    self.count += 1
-
-  def __call__(self, x, t):
-    jax.debug.callback(self._increment)
-    return self.fn(x, t)
-
-  def run(self, sampler, key, x_T=None):
-    self.count = 0
-    out = sampler(key, self, x_T)
-    jax.effects_barrier()
-    return out
 
 
 def assert_matches_oracle(x, sde, t, z=Z):
@@ -106,7 +86,7 @@ def test_finite_and_nfe_exact_in_float32(sde_name, num_steps):
   sde = SDES[sde_name]
   sampler = sampling.get_sampler("pc", sde, (3, 2), num_steps=num_steps, n_steps_each=2,
                                  denoise=True)
-  score = CountingScore(sde)
+  score = CountingScore(GM.score_fn(sde))
   x, nfe = score.run(sampler, jax.random.PRNGKey(0))
   assert x.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(x)))
   assert nfe.dtype == jnp.int32 and int(nfe) == score.count == num_steps * 3 + 1
@@ -119,7 +99,7 @@ def test_finite_and_nfe_exact_in_float32(sde_name, num_steps):
 ])
 def test_nfe_counts_only_what_runs(options, per_step):
   sampler = sampling.get_sampler("pc", VP, (3, 2), num_steps=4, **options)
-  score = CountingScore(VP)
+  score = CountingScore(GM.score_fn(VP))
   x, nfe = score.run(sampler, jax.random.PRNGKey(0), jnp.ones((3, 2)))
   assert int(nfe) == score.count == 4 * per_step
   assert bool(jnp.all(jnp.isfinite(x)))

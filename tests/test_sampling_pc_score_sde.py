@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from oracle_flow import CountingScore
 from sgm_jax import sampling, sde_lib, toy
 from sgm_jax.sampling import pc_score_sde
 
@@ -142,20 +143,6 @@ def test_float32_run_is_the_reference_to_rounding():
   np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-5)
 
 
-class CountingScore:
-  """The oracle score, counting its evaluations at run time."""
-
-  def __init__(self, sde):
-    self.fn, self.count = GM.score_fn(sde), 0
-
-  def _increment(self):
-    self.count += 1
-
-  def __call__(self, x, t):
-    jax.debug.callback(self._increment)
-    return self.fn(x, t)
-
-
 @pytest.mark.parametrize("options,per_step", [
     (dict(), 2),  # noise removal costs no evaluation
     (dict(n_steps_each=3, corrector="ald"), 4),
@@ -164,7 +151,7 @@ class CountingScore:
 ])
 def test_nfe_is_what_runs(options, per_step):
   sampler = sampling.get_sampler("pc", VE, SHAPE, num_steps=6, variant="score_sde", **options)
-  score = CountingScore(VE)
+  score = CountingScore(GM.score_fn(VE))
   x, nfe = sampler(jax.random.PRNGKey(0), score)
   jax.effects_barrier()
   assert int(nfe) == score.count == sampler.info["nfe"] == 6 * per_step

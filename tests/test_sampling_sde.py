@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from oracle_flow import CountingScore
 from sgm_jax import sampling, sde_lib, toy
 from sgm_jax.sampling import milstein
 
@@ -12,20 +13,6 @@ GM = toy.GaussianMixture.create(jnp.array([[-1.5, 0.0], [1.5, 0.5], [0.0, -1.5]]
 SDES = {"ve": sde_lib.VESDE(sigma_min=0.01, sigma_max=10.0), "vp": sde_lib.VPSDE(),
         "subvp": sde_lib.subVPSDE(), "tutorial": sde_lib.TutorialSDE(sigma_base=10.0)}
 N_SAMPLES = 4000
-
-
-class CountingScore:
-  """The oracle score, counting its evaluations at run time through a debug callback."""
-
-  def __init__(self, sde):
-    self.fn, self.count = GM.score_fn(sde), 0
-
-  def _increment(self):
-    self.count += 1
-
-  def __call__(self, x, t):
-    jax.debug.callback(self._increment)
-    return self.fn(x, t)
 
 
 @pytest.mark.parametrize("sde_name", ["ve", "subvp"])
@@ -93,7 +80,7 @@ def test_samples_match_the_oracle_distribution(sde_name, num_steps):
 def test_finite_and_nfe_exact_in_float32(sde_name, num_steps):
   sde = SDES[sde_name]
   sampler = sampling.get_sampler("milstein", sde, (3, 2), num_steps=num_steps, denoise=True)
-  score = CountingScore(sde)
+  score = CountingScore(GM.score_fn(sde))
   x, nfe = sampler(jax.random.PRNGKey(0), score)
   jax.effects_barrier()
   assert x.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(x)))

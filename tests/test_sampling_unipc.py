@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oracle_flow import digits_oracle, exact_flow_map
+from oracle_flow import CountingScore, digits_oracle, exact_flow_map
 from sgm_jax import sampling, toy
 from sgm_jax.errors import InputError
 from sgm_jax.sampling import unipc
 from test_sampler_hooks import Recorder
 from test_sampling_deis import measured_order
-from test_sampling_exponential import GM, SDES, CountingScore
+from test_sampling_exponential import GM, SDES
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -181,7 +181,7 @@ IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'defaults'}-{sde_
 def test_nfe_exact_finite_and_pure_in_float32(name, options, nfe_of, sde_name, num_steps):
   sde = SDES[sde_name]
   sampler = sampling.get_sampler(name, sde, (3, 2), num_steps=num_steps, **options)
-  score = CountingScore(sde)
+  score = CountingScore(GM.score_fn(sde))
   x_T = sde.prior_sampling(jax.random.PRNGKey(3), (3, 2))
   x, nfe = sampler(jax.random.PRNGKey(0), score, x_T)
   jax.effects_barrier()
