@@ -129,7 +129,8 @@ def run_case(problem: common.Problem, spec: Spec, num_steps: int, options: dict,
     options = dict(options, time_grid=tuning.tune_time_grid(
         spec.name, problem.sde, problem.score_fn, problem.shape, num_steps,
         key=jax.random.PRNGKey(problem.seed + TUNE_SEED_OFFSET), num_warmup=request.num_warmup,
-        max_evals=request.max_evals, **{k: v for k, v in options.items() if k != "time_grid"}))
+        max_evals=request.max_evals, verbose=True,
+        **{k: v for k, v in options.items() if k != "time_grid"}))
     row.note = f"grid tuned in {time.perf_counter() - start:.0f} s"
   sampler = sampling.get_sampler(spec.name, problem.sde, problem.shape, num_steps=num_steps,
                                  **options)

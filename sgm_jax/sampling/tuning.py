@@ -131,13 +131,17 @@ def tune_time_grid(sampler_name: str, sde: SDE, score_fn: Callable, shape: tuple
   target = np.asarray(teacher(key_run, score_fn, x_T=x_T)[0])
   options = {k: v for k, v in sampler_options.items() if k != "eps"}
 
+  z0 = logits_from_grid(ts0)
   evaluations, start = [0], time.perf_counter()
+  best = dict(error=np.inf, z=z0)  # the simplex starts at z0: never worse than the default grid
 
   def objective(z):
     evaluations[0] += 1
     sampler = get_sampler(sampler_name, sde, warmup_shape, num_steps,
                           time_grid=grid_from_logits(z, T, eps), **options)
     error = rms_error(sampler(key_run, score_fn, x_T=x_T)[0], target)
+    if error < best["error"]:
+      best.update(error=error, z=np.array(z))
     if verbose and evaluations[0] % 25 == 0:
       rate = evaluations[0] / (time.perf_counter() - start)
       print(f"tune_time_grid {sampler_name}: {evaluations[0]}/{max_evals} runs, "
@@ -145,15 +149,13 @@ def tune_time_grid(sampler_name: str, sde: SDE, score_fn: Callable, shape: tuple
             flush=True)
     return error if np.isfinite(error) else np.inf
 
-  z0 = logits_from_grid(ts0)
   simplex = np.vstack([z0, z0 + INITIAL_SIMPLEX_STEP * np.eye(num_steps)])
-  result = scipy.optimize.minimize(objective, z0, method="Nelder-Mead", options=dict(
+  scipy.optimize.minimize(objective, z0, method="Nelder-Mead", options=dict(
       initial_simplex=simplex, maxfev=max_evals, xatol=1e-3, fatol=1e-6, adaptive=True))
-  best = result.x if result.fun <= objective(z0) else z0
-  ts = base.sampling_grid(sde, grid_from_logits(best, T, eps), num_steps, None)
+  ts = base.sampling_grid(sde, grid_from_logits(best["z"], T, eps), num_steps, None)
   if cache is not None:
     stored = _read_cache(cache)
-    stored[entry] = dict(time_grid=ts.tolist(), warmup_error=float(min(result.fun, np.inf)))
+    stored[entry] = dict(time_grid=ts.tolist(), warmup_error=float(best["error"]))
     with io_utils.atomic_write(cache, "w") as f:
       json.dump(stored, f, indent=1)
   return ts
