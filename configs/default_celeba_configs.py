@@ -23,6 +23,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.n_steps_each = 1
   sampling.noise_removal = True
+  sampling.variant = 'score_sde'  # pc: score_sde's own loop (sgm_jax/sampling/pc_score_sde.py)
   sampling.probability_flow = False
   sampling.snr = 0.17
 

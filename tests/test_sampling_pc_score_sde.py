@@ -250,3 +250,18 @@ def test_levels_follow_num_steps():
   np.testing.assert_array_equal(b["timesteps"], np.arange(30)[::-1])
   betas = np.linspace(0.1 / 30, 20.0 / 30, 30)
   np.testing.assert_allclose(a["C"] ** 2, betas[::-1], rtol=1e-12)
+
+
+def test_the_paper_configs_sample_pc_with_score_sde_loop_and_the_small_ones_do_not():
+  import importlib
+  from sgm_jax.cli import setup
+  for module in ("configs.ve.cifar10_ncsnpp_continuous", "configs.vp.cifar10_ddpmpp_continuous",
+                 "configs.ve.celeba_ncsnpp", "configs.ve.ffhq_ncsnpp_continuous"):
+    config = importlib.import_module(module).get_config()
+    options = setup.sampler_options_from_config(config, "pc", {})
+    assert options["variant"] == "score_sde" and options["denoise"] is True, module
+    assert setup.sampler_options_from_config(config, "pc", {"variant": "default"})["variant"] == \
+        "default"  # --sampler_option variant=default
+    assert "variant" not in setup.sampler_options_from_config(config, "deis", {})
+  small = importlib.import_module("configs.fashion_mnist").get_config()
+  assert "variant" not in setup.sampler_options_from_config(small, "pc", {})

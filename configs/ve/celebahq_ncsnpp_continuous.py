@@ -28,6 +28,7 @@ def get_config():
 
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.method = 'pc'
+  sampling.variant = 'score_sde'  # pc: score_sde's own loop (sgm_jax/sampling/pc_score_sde.py)
   sampling.predictor = 'reverse_diffusion'
   sampling.corrector = 'langevin'
   sampling.probability_flow = False

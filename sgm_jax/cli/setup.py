@@ -170,12 +170,13 @@ def restore_trained(config: Any, workdir: str, checkpoint_step: Any = None) -> T
 # config.sampling fields of score_sde's PC sampler -> the pc sampler's options
 PC_CONFIG_OPTIONS = {"predictor": "predictor", "corrector": "corrector", "snr": "snr",
                      "n_steps_each": "n_steps_each", "noise_removal": "denoise",
-                     "probability_flow": "probability_flow"}
+                     "probability_flow": "probability_flow", "variant": "variant"}
 
 
 def sampler_options_from_config(config: Any, sampler_name: str, overrides: dict) -> dict:
   """The options of `sampler_name`: for 'pc', the config's predictor-corrector settings
-  (config.sampling.predictor, corrector, snr, n_steps_each, noise_removal, probability_flow);
+  (config.sampling.predictor, corrector, snr, n_steps_each, noise_removal, probability_flow,
+  variant);
   `overrides` (--sampler_option) replace single entries and keep the rest."""
   options = {}
   if sampler_name == "pc":
