@@ -61,7 +61,7 @@ flags.DEFINE_enum("distributed", "flags", ["flags", "auto"], "flags: start jax.d
 flags.mark_flags_as_required(["config", "workdir", "mode"])
 
 # Modes that split their work over the processes of a job; the others run on one process.
-MULTI_PROCESS_MODES = ("train", "sample")
+MULTI_PROCESS_MODES = ("train", "sample", "eval")
 
 
 PYTHON_CONSTANTS = {"True": True, "False": False, "None": None}

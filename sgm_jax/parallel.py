@@ -259,3 +259,14 @@ def fused_steps(step_fn: Callable, donate_state: bool = True) -> Callable:
 
   return data_parallel(run, (P(), batch_spec(1)), (P(), P()),
                        donate_argnums=(0,) if donate_state else ())
+
+
+def every_process(flags: Any) -> np.ndarray:
+  """Elementwise: whether each of `flags` (a bool array of one shape in every process) is true in
+  every process: a set all processes agree on, e.g. the finished batches of a resumed evaluation
+  that each of them could read."""
+  flags = np.asarray(flags, bool)
+  if jax.process_count() == 1:
+    return flags
+  from jax.experimental import multihost_utils
+  return np.all(multihost_utils.process_allgather(flags.astype(np.uint8)), axis=0).astype(bool)

@@ -10,6 +10,12 @@ interrupted evaluation resumes where it stopped; over a range of checkpoints, on
 uint8 before the FID Inception, statistics of the whole training split, one Inception Score split);
 a field of config.eval that is set (not None) replaces the protocol's value of it
 (PROTOCOL_DEFAULTS).
+
+Several processes (main.py --num_processes): samples and bits/dim are computed data-parallel over
+every device of every process (parallel.map_batches) and gathered once per batch; every process
+computes the test loss and the denoising error itself (small); the features of the samples and
+the reference statistics are computed by process 0 alone, which writes every file. The finished
+batches of a resumed evaluation are those every process can read (JobProgress).
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from sgm_jax import datasets, io_utils, sampling
+from sgm_jax import datasets, io_utils, parallel, sampling
 from sgm_jax.checkpoints import CheckpointError, CheckpointStore, has_checkpoints
 from sgm_jax.cli import outputs, setup
 from sgm_jax.errors import InputError
@@ -191,6 +197,8 @@ def run_eval(config: Any, workdir: str, checkpoint_step: Any = None,
   summaries = []
   for step in checkpoint_steps(config, workdir):
     done = _finished_summary(workdir, step, _settings(config, *args, sampler_options))
+    if parallel.any_process(done is None):  # one decision for every process
+      done = None
     if done is not None:
       logging.info("checkpoint %d was evaluated with these settings already; skipped", step)
       summaries.append(done)
@@ -243,7 +251,8 @@ def evaluate_checkpoint(config: Any, workdir: str, checkpoint_step: Any = None,
   params, step = setup.restore_ema_params(config, workdir, model, example_shape, checkpoint_step)
   score_fn = setup.score_fn_for(config, sde, model, params)
   out_dir = os.path.join(workdir, "eval", f"ckpt_{step}")
-  os.makedirs(out_dir, exist_ok=True)
+  if parallel.is_first_process():
+    os.makedirs(out_dir, exist_ok=True)
   result: dict[str, Any] = dict(checkpoint_step=step, time=time.strftime("%Y-%m-%d %H:%M:%S"))
   key = jax.random.PRNGKey(int(config.seed) + 2)
   if "loss" in parts:
@@ -256,15 +265,44 @@ def evaluate_checkpoint(config: Any, workdir: str, checkpoint_step: Any = None,
     result.update(_eval_samples(config, workdir, dataset, sde, score_fn, out_dir, key,
                                 sampler_name, num_steps, num_samples, sampler_options))
   path = os.path.join(workdir, "eval", "results.jsonl")
-  io_utils.append_line(path, json.dumps(result))
+  if parallel.is_first_process():
+    io_utils.append_line(path, json.dumps(result))
   result["results_file"] = path
-  with io_utils.atomic_write(_summary_path(workdir, step), "w") as f:
-    json.dump(dict(result=result, settings=settings), f)
+  if parallel.is_first_process():
+    with io_utils.atomic_write(_summary_path(workdir, step), "w") as f:
+      json.dump(dict(result=result, settings=settings), f)
+  parallel.sync_processes(f"eval of checkpoint {step}")  # the summary is there for every process
   return result
+
+
+class JobProgress(outputs.BatchProgress):
+  """outputs.BatchProgress of a job of one or several processes: every process reads the
+  finished batches of `directory`, those that every process could read count as done (one
+  decision for all, so all of them compute the same batches together), and only process 0 writes
+  (every process keeps the results it adds)."""
+
+  def __init__(self, directory: str, num_batches: int):
+    super().__init__(directory)
+    read = [i in self.done for i in range(num_batches)]
+    agreed = parallel.every_process(read)  # after every process has read: no write before
+    self.done = {i: v for i, v in self.done.items() if i < num_batches and agreed[i]}
+
+  def add(self, i: int, **arrays) -> None:
+    if parallel.is_first_process():
+      super().add(i, **arrays)
+    else:
+      self.done[i] = {k: np.atleast_1d(np.asarray(v)) for k, v in arrays.items()}
 
 
 def _to_unit(x: np.ndarray, centered: bool) -> np.ndarray:
   return np.clip((x + 1.0) / 2.0 if centered else x, 0.0, 1.0)
+
+
+def _whole_batches(dataset, split: str, **kwargs):
+  """The eval batches of `split`, whole in every process (not the process's slice the data
+  pipeline gives by default): every process computes the same numbers, or splits a batch over
+  all devices itself (parallel.from_global_batch)."""
+  return dataset.eval_iterator(split, process_index=0, process_count=1, **kwargs)
 
 
 def _first_images(batches, count: int) -> np.ndarray:
@@ -286,11 +324,13 @@ def _eval_loss(config: Any, dataset, sde, model, params, out_dir: str, key) -> d
   ev = config.eval
   loss_fn = jax.jit(setup.loss_fn_from_config(config, sde, model, train=False))
   limit = int(setup.get_field(ev, "loss_num_examples", 10 ** 9))
-  progress = outputs.BatchProgress(os.path.join(out_dir, "loss_test"))
   total = min(limit, dataset.num_examples("test"))
-  bar = tqdm(total=total, desc="eval loss (test)", unit="img", dynamic_ncols=True)
+  # Every process computes the loss itself (on one device): small next to sampling.
+  progress = JobProgress(os.path.join(out_dir, "loss_test"), num_batches=total)
+  bar = tqdm(total=total, desc="eval loss (test)", unit="img", dynamic_ncols=True,
+             disable=not parallel.is_first_process())
   seen = 0
-  for i, batch in enumerate(dataset.eval_iterator("test")):
+  for i, batch in enumerate(_whole_batches(dataset, "test")):
     if seen >= limit:
       break
     images = batch["image"][batch["mask"].astype(bool)][: limit - seen]
@@ -306,7 +346,11 @@ def _eval_loss(config: Any, dataset, sde, model, params, out_dir: str, key) -> d
 
 
 def _eval_bpd(config: Any, dataset, sde, score_fn, out_dir: str, key) -> dict:
-  """Bits/dim of the split eval.bpd_dataset through the probability-flow ODE."""
+  """Bits/dim of the split eval.bpd_dataset through the probability-flow ODE.
+
+  Each batch (padded to a multiple of the number of devices) is split over every device of every
+  process; each device solves its own block's ODE with its own adaptive steps and its own key
+  (the batch's key folded with the device index), and the values are gathered once per batch."""
   from tqdm import tqdm
   from sgm_jax import likelihood
   ev = config.eval
@@ -318,20 +362,32 @@ def _eval_bpd(config: Any, dataset, sde, score_fn, out_dir: str, key) -> dict:
       num_probes=int(setup.get_field(ev, "num_probes", 1)),
       rtol=float(setup.get_field(ev, "rtol", 1e-5)), atol=float(setup.get_field(ev, "atol", 1e-5)),
       eps=float(setup.get_field(ev, "likelihood_eps", 1e-5)))
-  progress = outputs.BatchProgress(os.path.join(out_dir, f"bpd_{split}"))
   total = min(limit, dataset.num_examples(split))
-  bar = tqdm(total=total, desc=f"bits/dim ({split})", unit="img", dynamic_ncols=True)
+  progress = JobProgress(os.path.join(out_dir, f"bpd_{split}"), num_batches=total)
+
+  def shard_bpd(shared, x01):
+    score_fn, batch_key = shared
+    bpd, nfe = likelihood.bits_per_dim(jax.random.fold_in(batch_key, parallel.device_index()),
+                                       ll_fn, score_fn, x01, centered, uniform_dequantization=True)
+    return bpd, jax.numpy.reshape(nfe, (1,))
+  bpd_batch = parallel.map_batches(shard_bpd)
+  shared_score_fn = parallel.replicate(score_fn)
+  bar = tqdm(total=total, desc=f"bits/dim ({split})", unit="img", dynamic_ncols=True,
+             disable=not parallel.is_first_process())
   seen = 0
-  for i, batch in enumerate(dataset.eval_iterator(split, uniform_dequantization=False)):
+  for i, batch in enumerate(_whole_batches(dataset, split, uniform_dequantization=False)):
     if seen >= limit:
       break
     mask = batch["mask"][: limit - seen].astype(bool)
     seen += int(mask.sum())
     if i not in progress.done:
       x01 = _to_unit(batch["image"][: len(mask)], centered)
-      bpd, nfe = likelihood.bits_per_dim(jax.random.fold_in(key, i), ll_fn, score_fn, x01,
-                                         centered, uniform_dequantization=True)
-      progress.add(i, bpd=np.asarray(bpd)[mask], nfe=np.asarray(nfe))
+      padding = parallel.padded_size(len(x01)) - len(x01)
+      x01 = np.concatenate([x01, np.zeros((padding,) + x01.shape[1:], x01.dtype)])
+      bpd, nfe = parallel.gather(bpd_batch(
+          (shared_score_fn, parallel.replicate(jax.random.fold_in(key, i))),
+          parallel.from_global_batch(x01)))
+      progress.add(i, bpd=np.asarray(bpd)[: len(mask)][mask], nfe=np.asarray(nfe))
     bar.update(int(mask.sum()))
     bar.set_postfix(bpd=f"{float(progress.gather('bpd').mean()):.3f}", refresh=False)
   bar.close()
@@ -347,20 +403,23 @@ def _denoising_error(config: Any, dataset, sde, score_fn, out_dir: str, key) -> 
   ev = config.eval
   n = int(setup.get_field(ev, "denoising_examples", 256))
   m = int(setup.get_field(ev, "denoising_reference", 2048))
-  test = _first_images(dataset.eval_iterator("test", uniform_dequantization=False), n)
+  test = _first_images(_whole_batches(dataset, "test", uniform_dequantization=False), n)
   reference = None
   if m > 0:
-    reference = _first_images(dataset.eval_iterator("train", uniform_dequantization=False), m)
+    reference = _first_images(_whole_batches(dataset, "train", uniform_dequantization=False), m)
   ts = denoising.noise_levels(sde, int(setup.get_field(ev, "denoising_levels", 16)))
   batch = int(setup.get_field(ev, "batch_size", 128))
   result = denoising.denoising_error(jax.random.fold_in(key, 7), score_fn, sde,
                                      [test[i:i + batch] for i in range(0, len(test), batch)], ts,
                                      reference)
-  path = denoising.plot_denoising_error(
-      result, os.path.join(os.path.dirname(out_dir), "denoising_error.png"),
-      title=f"{config.data.dataset} test images ({result.num_examples}), checkpoint "
-            f"{os.path.basename(out_dir).replace('ckpt_', '')}: mean squared error per pixel")
-  logging.info("denoising error per noise level written to %s", path)
+  # Every process computes it itself (on one device); process 0 writes the plot.
+  path = os.path.join(os.path.dirname(out_dir), "denoising_error.png")
+  if parallel.is_first_process():
+    path = denoising.plot_denoising_error(
+        result, path,
+        title=f"{config.data.dataset} test images ({result.num_examples}), checkpoint "
+              f"{os.path.basename(out_dir).replace('ckpt_', '')}: mean squared error per pixel")
+    logging.info("denoising error per noise level written to %s", path)
   return dict(result.as_dict(), png=path)
 
 
@@ -380,7 +439,7 @@ def _reference_statistics(config: Any, workdir: str, dataset, extractor, protoco
   available = dataset.num_examples("train")
   count = protocol.reference_examples or available
   ref_batches = (dict(image=_to_unit(b["image"], centered), mask=b["mask"])
-                 for b in dataset.eval_iterator("train", uniform_dequantization=False))
+                 for b in _whole_batches(dataset, "train", uniform_dequantization=False))
   cache = features.default_cache_path(os.path.join(workdir, "eval"), extractor.name,
                                       str(config.data.dataset), "train",
                                       int(config.data.image_size), count)
@@ -395,40 +454,63 @@ def _eval_samples(config: Any, workdir: str, dataset, sde, score_fn, out_dir: st
                   sampler_name: str | None, num_steps: int | None, num_samples: int | None,
                   overrides: dict) -> dict:
   """FD (FD-EffNet, or FID with Inception weights), IS and the out-of-range share of samples,
-  scored as eval.protocol says; the reference statistics are ready before any sample is drawn."""
+  scored as eval.protocol says; the reference statistics are ready before any sample is drawn.
+
+  Each batch of samples (padded to a multiple of the number of devices) is drawn by one compiled
+  program over every device of every process (cli.sample.sample_shard_fn: sample j starts from
+  the j-th prior draw, so a deterministic sampler gives the same samples on any number of devices)
+  and gathered once; process 0 extracts their features and records the batch. `key` is unused:
+  the samples' randomness comes from config.seed."""
   from tqdm import tqdm
+  from sgm_jax.cli.sample import sample_shard_fn
   from sgm_jax.evaluation import features, metrics
+  del key
   ev = config.eval
   protocol = sample_protocol(config)
   centered = bool(config.data.centered)
-  example_shape = datasets.example_shape(dataset.spec)
+  example_shape = tuple(datasets.example_shape(dataset.spec))
   name = protocol.feature_extractor
-  extractor = features.get_feature_extractor(name,
-                                             setup.get_field(ev, "inception_weights", None) or None)
-  ref, reference = _reference_statistics(config, workdir, dataset, extractor, protocol)
+  first_process = parallel.is_first_process()
+  if first_process:  # features of the samples and the reference: process 0 alone
+    extractor = features.get_feature_extractor(
+        name, setup.get_field(ev, "inception_weights", None) or None)
+    ref, reference = _reference_statistics(config, workdir, dataset, extractor, protocol)
   sampler_name = sampler_name or protocol.sampler
   num_steps = int(num_steps or protocol.num_steps)
   n = int(num_samples or setup.get_field(ev, "num_samples", 1024))
   if n < 1:
     raise InputError(f"num_samples must be >= 1, got {n}")
   options = setup.sampler_options_from_config(config, sampler_name, overrides)
-  batch = min(int(setup.get_field(config.sampling, "batch_size", 64)), n)
-  sampler = sampling.get_sampler(sampler_name, sde, (batch,) + tuple(example_shape),
+  batch = parallel.padded_size(min(int(setup.get_field(config.sampling, "batch_size", 64)), n))
+  sampler = sampling.get_sampler(sampler_name, sde,
+                                 (batch // parallel.device_count(),) + example_shape,
                                  num_steps=num_steps, **options)
+  # Eval's samples are not --mode sample's: their seed is another one.
+  sample_batch = parallel.map_batches(
+      sample_shard_fn(sampler, sde, example_shape, int(config.seed) + 10 ** 6))
+  shared = parallel.replicate((score_fn, None))
+  no_labels = parallel.from_global_batch(np.zeros(batch, np.int32))
   tag = f"{sampler_name}_{num_steps}" + "".join(f"_{k}-{v}" for k, v in sorted(options.items()))
   scoring = f"{name}_uint8" if protocol.quantize_samples else name
-  progress = outputs.BatchProgress(os.path.join(out_dir, f"samples_{tag}_{scoring}"))
-  for i in tqdm(range(-(-n // batch)), desc=f"samples ({sampler_name})", unit="batch",
-                dynamic_ncols=True):
-    if i in progress.done:
+  num_batches = -(-n // batch)
+  progress = JobProgress(os.path.join(out_dir, f"samples_{tag}_{scoring}"), num_batches)
+  for i in tqdm(range(num_batches), desc=f"samples ({sampler_name})", unit="batch",
+                dynamic_ncols=True, disable=not first_process):
+    if "count" in progress.done.get(i, {}):  # (files without it hold older seeds' samples)
       continue
-    x, nfe = sampler(jax.random.fold_in(key, 10 ** 6 + i), score_fn)
-    x = np.asarray(x)
+    x, nfe = parallel.gather(sample_batch(shared + (parallel.replicate(np.int32(i * batch)),),
+                                          no_labels))
+    if not first_process:
+      continue
+    x = np.asarray(x)[: n - i * batch]  # samples i * batch .. n - 1 of the padded batch
     x01 = _to_unit(x, centered)
     feats = extractor(features.quantize_samples(x01) if protocol.quantize_samples else x01)
     progress.add(i, features=feats["features"], logits=feats["logits"], nfe=np.asarray(nfe),
-                 out_of_range=outputs.out_of_range_share(x, centered), max_abs=np.abs(x).max(),
-                 first=x01[:0] if i else x01)
+                 out_of_range=outputs.out_of_range_share(x, centered), count=len(x),
+                 max_abs=np.abs(x).max(), first=x01[:0] if i else x01)
+  if not first_process:
+    return {"num_samples": n}
+  counts = progress.gather("count")
   sample_features = progress.gather("features")[:n]
   png = os.path.join(out_dir, f"samples_{tag}.png")
   io_utils.save_image_grid(progress.done[0]["first"], png, data_range=(0.0, 1.0),
@@ -443,5 +525,5 @@ def _eval_samples(config: Any, workdir: str, dataset, sde, score_fn, out_dir: st
           "protocol": protocol.name, "quantized_samples": protocol.quantize_samples,
           "sampler": sampler_name, "num_steps": num_steps,
           "nfe": float(progress.gather("nfe").mean()), "sampler_options": options,
-          "out_of_range": float(progress.gather("out_of_range").mean()),
+          "out_of_range": float(np.sum(progress.gather("out_of_range") * counts) / np.sum(counts)),
           "max_abs": float(progress.gather("max_abs").max()), "samples_png": png}

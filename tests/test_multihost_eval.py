@@ -1,0 +1,130 @@
+"""--mode eval over several processes (jax.distributed over loopback, gloo between CPU devices)
+computes what one process with all their devices computes, and resumes from the per-batch files
+of an interrupted evaluation.
+
+The checkpoint is the tiny digits Mixer of tests/test_multihost.py, saved untrained; each run is
+main.py in subprocesses with a fake feature network (the channel means as features: EfficientNet
+would cost minutes on CPU), patched in by a small driver before main.py runs.
+"""
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_multihost import (ROOT, TINY_DIGITS, _finish, _free_port, _gloo_available,  # noqa: E402
+                            _env, _log, _tiny_digits_config)
+
+STEP = 4
+# Every part of the evaluation, each with a few examples; 2 batches of each of loss, bits/dim and
+# samples (batches of 6, padded to 8 over 4 devices), so that a resumed run has work left.
+EVAL = {"batch_size": 6, "enable_loss": True, "loss_num_examples": 12, "enable_bpd": True,
+        "bpd_num_examples": 12, "rtol": 1e-3, "atol": 1e-3, "enable_denoising_error": True,
+        "denoising_examples": 8, "denoising_reference": 16, "denoising_levels": 2,
+        "enable_sampling": True, "reference_examples": 16}
+ARGS = [*TINY_DIGITS, *[f"--config.eval.{k}={v}" for k, v in EVAL.items()], "--mode", "eval",
+        "--sampler", "deis", "--num_steps", "2", "--num_samples", "10"]
+
+_DRIVER = """
+import runpy, sys
+sys.path.insert(0, {root!r})
+import jax
+import numpy as np
+from sgm_jax.evaluation import features
+
+def fake_extractor(name, weights_path=None, *args, **kwargs):
+  def network(variables, x):
+    m = x.mean(axis=(1, 2, 3))
+    return x.mean(axis=(1, 2)), 10.0 * jax.numpy.stack([m, m * m, x.std(axis=(1, 2, 3))], -1)
+  def preprocess(images):
+    x = np.asarray(images, np.float32)
+    return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
+  return features.FeatureExtractor(name, features.METRIC_NAMES[name], 3, 3, 8, 64, "fake",
+                                   preprocess, jax.jit(network), None)
+
+features.get_feature_extractor = fake_extractor
+features.resolve_weights = lambda name, path=None: "fake"
+sys.argv = ["main.py"] + sys.argv[1:]
+runpy.run_path({main!r}, run_name="__main__")
+"""
+
+
+def _start_eval(workdir, num_processes, devices, log_dir, name):
+  import subprocess
+  port = _free_port()
+  code = _DRIVER.format(root=ROOT, main=os.path.join(ROOT, "main.py"))
+  procs = []
+  for i in range(num_processes):
+    extra = ([] if num_processes == 1 else
+             [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
+              f"--process_id={i}"])
+    out = open(os.path.join(log_dir, f"{name}_{i}.out"), "w")
+    err = open(os.path.join(log_dir, f"{name}_{i}.err"), "w")
+    procs.append(subprocess.Popen([sys.executable, "-c", code, "--workdir", str(workdir), *ARGS,
+                                   *extra], cwd=ROOT, env=_env(devices), stdout=out, stderr=err))
+  return procs
+
+
+def _eval(workdir, num_processes, devices, log_dir, name):
+  codes = _finish(_start_eval(workdir, num_processes, devices, log_dir, name), log_dir, name)
+  for i, code in enumerate(codes):
+    assert code == 0, f"{name} process {i}: {_log(log_dir, name, i)[-3000:]}"
+  with open(os.path.join(workdir, "eval", "results.jsonl")) as f:
+    lines = [json.loads(line) for line in f]
+  assert len(lines) == 1, lines  # written once, by process 0
+  return lines[0]
+
+
+def _save_checkpoint(workdir):
+  """The untrained tiny digits state as the checkpoint of step STEP (no step compiled)."""
+  import jax
+  from sgm_jax import datasets
+  from sgm_jax.checkpoints import CheckpointStore
+  from sgm_jax.cli import setup
+  config = _tiny_digits_config()
+  _, model, dataset = setup.build(config)
+  state = setup.initial_state(config, model, datasets.example_shape(dataset.spec),
+                              setup.optimizer_from_config(config).build())
+  store = CheckpointStore(str(workdir), writer=True)
+  try:
+    store.save(STEP, state.replace(step=jax.numpy.asarray(STEP, state.step.dtype)))
+  finally:
+    store.close()
+
+
+def test_two_processes_evaluate_like_one_process_with_all_devices_and_resume(tmp_path):
+  """1 process x 4 devices evaluates; then 2 processes x 2 devices resume from its progress files
+  with the first batch of each part deleted (the one whose examples lie on both processes' devices:
+  the second batch of samples is 2 samples, both on process 0), and append the same numbers."""
+  if not _gloo_available():
+    pytest.skip("no gloo CPU collectives in this jaxlib")
+  one, two = tmp_path / "one_process", tmp_path / "two_processes"
+  _save_checkpoint(one)
+  shutil.copytree(one, two)
+  alone = _eval(one, 1, 4, tmp_path, "eval_1x4")
+  progress = one / "eval" / f"ckpt_{STEP}"
+  parts = sorted(p.name for p in progress.iterdir() if p.is_dir())
+  assert len(parts) == 3, parts  # loss, bits/dim and samples
+  shutil.copytree(progress, two / "eval" / f"ckpt_{STEP}")
+  for part in parts:
+    assert sorted(os.listdir(progress / part)) == ["batch_000000.npz", "batch_000001.npz"]
+    os.remove(two / "eval" / f"ckpt_{STEP}" / part / "batch_000000.npz")
+  together = _eval(two, 2, 2, tmp_path, "eval_2x2")
+  for part in parts:  # recomputed and written again (by process 0)
+    assert sorted(os.listdir(two / "eval" / f"ckpt_{STEP}" / part)) == ["batch_000000.npz",
+                                                                       "batch_000001.npz"]
+  assert "evaluation of checkpoint" in _log(tmp_path, "eval_2x2", 0, "out")
+  assert "evaluation" not in _log(tmp_path, "eval_2x2", 1, "out")
+  assert together["loss_examples"] == alone["loss_examples"] == 12
+  assert together["bpd_examples"] == alone["bpd_examples"] == 12
+  assert together["num_samples"] == alone["num_samples"] == 10
+  compared = ["loss", "bpd", "bpd_stderr", "FD-EffNet", "IS (effnet)", "nfe", "out_of_range",
+              "max_abs"]
+  for key in compared:
+    np.testing.assert_allclose(together[key], alone[key], rtol=1e-4, err_msg=key)
+  for key in ("eps_mse", "x0_mse"):
+    np.testing.assert_allclose(together["denoising_error"][key], alone["denoising_error"][key],
+                               rtol=1e-4, err_msg=key)
