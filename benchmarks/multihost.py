@@ -42,7 +42,7 @@ def measure_sampling(num_samples: int) -> dict:
   import jax
   import numpy as np
   from sgm_jax import parallel, sampling
-  from sgm_jax.cli import sample, setup
+  from sgm_jax.cli import setup
   config = _digits_config()
   sde, model, dataset = setup.build(config)
   example_shape = (8, 8, 1)
@@ -51,7 +51,7 @@ def measure_sampling(num_samples: int) -> dict:
   score_fn = setup.score_fn_for(config, sde, model, params)
   per_device = num_samples // parallel.device_count()
   sampler = sampling.get_sampler("ddim", sde, (per_device,) + example_shape, num_steps=10)
-  run = parallel.map_batches(sample.sample_shard_fn(sampler, sde, example_shape, 0))
+  run = parallel.map_batches(setup.sample_shard_fn(sampler, sde, example_shape, 0))
   shared = parallel.replicate((score_fn, None))
   labels = parallel.from_global_batch(np.zeros(num_samples, np.int32))
 

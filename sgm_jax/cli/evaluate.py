@@ -457,12 +457,11 @@ def _eval_samples(config: Any, workdir: str, dataset, sde, score_fn, out_dir: st
   scored as eval.protocol says; the reference statistics are ready before any sample is drawn.
 
   Each batch of samples (padded to a multiple of the number of devices) is drawn by one compiled
-  program over every device of every process (cli.sample.sample_shard_fn: sample j starts from
+  program over every device of every process (cli.setup.sample_shard_fn: sample j starts from
   the j-th prior draw, so a deterministic sampler gives the same samples on any number of devices)
   and gathered once; process 0 extracts their features and records the batch. `key` is unused:
   the samples' randomness comes from config.seed."""
   from tqdm import tqdm
-  from sgm_jax.cli.sample import sample_shard_fn
   from sgm_jax.evaluation import features, metrics
   del key
   ev = config.eval
@@ -487,7 +486,7 @@ def _eval_samples(config: Any, workdir: str, dataset, sde, score_fn, out_dir: st
                                  num_steps=num_steps, **options)
   # Eval's samples are not --mode sample's: their seed is another one.
   sample_batch = parallel.map_batches(
-      sample_shard_fn(sampler, sde, example_shape, int(config.seed) + 10 ** 6))
+      setup.sample_shard_fn(sampler, sde, example_shape, int(config.seed) + 10 ** 6))
   shared = parallel.replicate((score_fn, None))
   no_labels = parallel.from_global_batch(np.zeros(batch, np.int32))
   tag = f"{sampler_name}_{num_steps}" + "".join(f"_{k}-{v}" for k, v in sorted(options.items()))

@@ -7,7 +7,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sgm_jax import controllable, io_utils, parallel, sampling, sde_lib
@@ -48,7 +47,7 @@ def run_sample(config: Any, workdir: str, sampler_name: str | None = None,
                                     classifier_scale)
     suffix = f"_class{conditional.label}"
   sample_batch = parallel.map_batches(
-      sample_shard_fn(sampler, sde, example_shape, int(config.seed), conditional))
+      setup.sample_shard_fn(sampler, sde, example_shape, int(config.seed), conditional))
   shared = parallel.replicate((trained.score_fn, None if conditional is None
                                else conditional.log_prob_fn))
   outs, nfes, labels = [], [], []
@@ -99,28 +98,6 @@ class _ClassConditional:
   def score_fn(self, score_fn, log_prob_fn, y):
     """score_fn of p_t(x | y)."""
     return controllable.conditional_score_fn(score_fn, log_prob_fn, y, self.scale)
-
-
-def sample_shard_fn(sampler, sde: sde_lib.SDE, example_shape: tuple, seed: int,
-                    conditional: _ClassConditional | None = None):
-  """The samples of one device: fn((score_fn, log_prob_fn, start), labels) -> (x, nfe[None]) for
-  global sample indices start + device_index * per_device + 0 .. per_device - 1.
-
-  Sample j starts from the prior draw of fold_in(prior key, j), so a deterministic sampler gives
-  sample j the same value for every batch size and number of devices or processes; stochastic
-  samplers draw their noise from fold_in(noise key, the shard's first index)."""
-  prior_key, noise_key = jax.random.split(jax.random.PRNGKey(seed + 1))
-
-  def fn(shared, y):
-    score_fn, log_prob_fn, start = shared
-    index = start + parallel.global_example_index(y.shape[0])
-    x_T = jax.vmap(lambda j: sde.prior_sampling(jax.random.fold_in(prior_key, j),
-                                                example_shape))(index)
-    if conditional is not None:
-      score_fn = conditional.score_fn(score_fn, log_prob_fn, y)
-    x, nfe = sampler(jax.random.fold_in(noise_key, index[0]), score_fn, x_T=x_T)
-    return x, jnp.reshape(nfe, (1,)).astype(jnp.float32)
-  return fn
 
 
 def comparison_samplers(config: Any) -> list[tuple[str, int]]:

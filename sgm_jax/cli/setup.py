@@ -10,8 +10,9 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
-from sgm_jax import datasets, losses, models, score, sde_lib, train
+from sgm_jax import datasets, losses, models, parallel, score, sde_lib, train
 from sgm_jax.checkpoints import CheckpointError, CheckpointStore, has_checkpoints
 from sgm_jax.errors import InputError
 
@@ -184,3 +185,27 @@ def sampler_options_from_config(config: Any, sampler_name: str, overrides: dict)
     options = {option: get_field(s, field, None) for field, option in PC_CONFIG_OPTIONS.items()}
     options = {k: v for k, v in options.items() if v is not None}
   return dict(options, **overrides)
+
+
+def sample_shard_fn(sampler, sde: sde_lib.SDE, example_shape: tuple, seed: int,
+                    conditional: Any = None):
+  """The samples of one device: fn((score_fn, log_prob_fn, start), labels) -> (x, nfe[None]) for
+  global sample indices start + device_index * per_device + 0 .. per_device - 1.
+
+  Sample j starts from the prior draw of fold_in(prior key, j), so a deterministic sampler gives
+  sample j the same value for every batch size and number of devices or processes; stochastic
+  samplers draw their noise from fold_in(noise key, the shard's first index). `conditional`, if
+  given, turns the score into that of p_t(x | y): conditional.score_fn(score_fn, log_prob_fn, y)
+  (cli/sample.py's class-conditional sampling)."""
+  prior_key, noise_key = jax.random.split(jax.random.PRNGKey(seed + 1))
+
+  def fn(shared, y):
+    score_fn, log_prob_fn, start = shared
+    index = start + parallel.global_example_index(y.shape[0])
+    x_T = jax.vmap(lambda j: sde.prior_sampling(jax.random.fold_in(prior_key, j),
+                                                example_shape))(index)
+    if conditional is not None:
+      score_fn = conditional.score_fn(score_fn, log_prob_fn, y)
+    x, nfe = sampler(jax.random.fold_in(noise_key, index[0]), score_fn, x_T=x_T)
+    return x, jnp.reshape(nfe, (1,)).astype(jnp.float32)
+  return fn
