@@ -62,8 +62,9 @@ def _env(devices):
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
-def _start(args, num_processes, devices, log_dir, name):
-  """`num_processes` processes of main.py `args` (one job on a fresh loopback port)."""
+def _start(args, num_processes, devices, log_dir, name, program=None):
+  """`num_processes` processes of main.py `args` (one job on a fresh loopback port); `program`:
+  the interpreter's arguments before `args` instead of main.py's path (e.g. ['-c', code])."""
   port = _free_port()
   procs = []
   for i in range(num_processes):
@@ -72,7 +73,8 @@ def _start(args, num_processes, devices, log_dir, name):
               f"--process_id={i}"])
     out = open(os.path.join(log_dir, f"{name}_{i}.out"), "w")
     err = open(os.path.join(log_dir, f"{name}_{i}.err"), "w")
-    procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *args, *extra],
+    procs.append(subprocess.Popen([sys.executable, *(program or [os.path.join(ROOT, "main.py")]),
+                                   *args, *extra],
                                   cwd=ROOT, env=_env(devices), stdout=out, stderr=err))
   return procs
 

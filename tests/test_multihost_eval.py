@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_multihost import (ROOT, TINY_DIGITS, _finish, _free_port, _gloo_available,  # noqa: E402
-                            _env, _log, _tiny_digits_config)
+from test_multihost import (ROOT, TINY_DIGITS, _finish, _gloo_available, _log,  # noqa: E402
+                            _start, _tiny_digits_config)
 
 STEP = 4
 # Every part of the evaluation, each with a few examples; 2 batches of each of loss, bits/dim and
@@ -53,19 +53,9 @@ runpy.run_path({main!r}, run_name="__main__")
 
 
 def _start_eval(workdir, num_processes, devices, log_dir, name):
-  import subprocess
-  port = _free_port()
   code = _DRIVER.format(root=ROOT, main=os.path.join(ROOT, "main.py"))
-  procs = []
-  for i in range(num_processes):
-    extra = ([] if num_processes == 1 else
-             [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
-              f"--process_id={i}"])
-    out = open(os.path.join(log_dir, f"{name}_{i}.out"), "w")
-    err = open(os.path.join(log_dir, f"{name}_{i}.err"), "w")
-    procs.append(subprocess.Popen([sys.executable, "-c", code, "--workdir", str(workdir), *ARGS,
-                                   *extra], cwd=ROOT, env=_env(devices), stdout=out, stderr=err))
-  return procs
+  return _start(["--workdir", str(workdir), *ARGS], num_processes, devices, log_dir, name,
+                program=["-c", code])
 
 
 def _eval(workdir, num_processes, devices, log_dir, name):

@@ -7,17 +7,12 @@ import numpy as np
 import pytest
 
 from oracle_flow import CountingScore
-from sgm_jax import sampling, sde_lib, toy
+from sgm_jax import sampling, sde_lib
 from sgm_jax.sampling import pc_score_sde
+from test_sampling_pc import GM, SDES, SUBVP, VE, VP  # the same 2-D mixture and SDEs
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
-GM = toy.GaussianMixture.create(jnp.array([[-1.5, 0.0], [1.5, 0.5], [0.0, -1.5]]),
-                                jnp.array([0.3, 0.4, 0.35]), jnp.array([0.5, 0.3, 0.2]))
-VE = sde_lib.VESDE(sigma_min=0.01, sigma_max=10.0)
-VP = sde_lib.VPSDE()
-SUBVP = sde_lib.subVPSDE()
-SDES = {"ve": VE, "vp": VP, "subvp": SUBVP}
 SHAPE = (5, 2)
 
 
