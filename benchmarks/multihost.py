@@ -12,6 +12,7 @@ then N devices are selected with CUDA_VISIBLE_DEVICES).
 1. sampling: `--mode sample`'s data-parallel program (cli/sample.py: one jit of shard_map over
    all devices, DDIM-10 on the digits Mixer at its initial weights), samples/s after compiling,
    and the scaling efficiency throughput(N) / (N x throughput(1));
+   eval bits/dim: `--mode eval`'s likelihood program the same way (each device its own ODE);
 2. replicate: host memory (tracemalloc peak of numpy allocations, and the process's peak RSS)
    of placing a train state on N devices the old way (np.stack of N host copies, then a device
    copy) and now (jax.device_put to a replicated sharding);
@@ -70,6 +71,51 @@ def measure_sampling(num_samples: int) -> dict:
   best = min(times)
   return dict(devices=parallel.device_count(), batch=num_samples, per_device=per_device,
               first_call_s=compile_s, batch_s=best, samples_per_s=num_samples / best)
+
+
+def measure_bpd(num_images: int) -> dict:
+  """--mode eval's bits/dim program (cli/evaluate.py: each device solves its own block's
+  probability-flow ODE, Dopri5 at 1e-5, exact divergence off: one Rademacher probe), on digits
+  test images with the Mixer at its initial weights: images/s after compiling."""
+  import jax
+  import numpy as np
+  from sgm_jax import likelihood, parallel
+  from sgm_jax.cli import setup
+  config = _digits_config()
+  sde, model, dataset = setup.build(config)
+  tx = setup.optimizer_from_config(config).build()
+  params = setup.initial_state(config, model, (8, 8, 1), tx).params_ema
+  score_fn = setup.score_fn_for(config, sde, model, params)
+  ll_fn = likelihood.get_likelihood_fn(sde, divergence="rademacher", num_probes=1,
+                                       rtol=1e-5, atol=1e-5, eps=1e-5)
+
+  def shard_bpd(shared, x01):
+    fn, key = shared
+    bpd, nfe = likelihood.bits_per_dim(jax.random.fold_in(key, parallel.device_index()), ll_fn,
+                                       fn, x01, bool(config.data.centered),
+                                       uniform_dequantization=True)
+    return bpd, jax.numpy.reshape(nfe, (1,))
+
+  run = parallel.map_batches(shard_bpd)
+  images = np.random.RandomState(0).randint(0, 17, (num_images, 8, 8, 1)) / 16.0
+  x01 = parallel.from_global_batch(images.astype(np.float32))
+
+  def once(i):
+    return parallel.gather(run((parallel.replicate(score_fn),
+                                parallel.replicate(jax.random.PRNGKey(i))), x01))
+
+  t0 = time.perf_counter()
+  once(0)
+  compile_s = time.perf_counter() - t0
+  times = []
+  for i in range(1, 4):
+    t0 = time.perf_counter()
+    _, nfe = once(i)
+    times.append(time.perf_counter() - t0)
+  best = min(times)
+  return dict(devices=parallel.device_count(), batch=num_images,
+              per_device=num_images // parallel.device_count(), first_call_s=compile_s,
+              batch_s=best, images_per_s=num_images / best, max_nfe=float(np.max(nfe)))
 
 
 def _peak_rss_mb() -> float:
@@ -144,6 +190,8 @@ def measure_train(steps: int, fetch_every_step: bool) -> dict:
 def _worker(args) -> None:
   if args.worker == "sample":
     result = measure_sampling(args.samples)
+  elif args.worker == "bpd":
+    result = measure_bpd(args.samples)
   elif args.worker == "replicate":
     result = measure_replicate(args.method, args.megabytes)
   else:
@@ -162,50 +210,66 @@ def _spawn(devices: int, *worker_args) -> dict:
   return json.loads(lines[-1][len("RESULT "):])
 
 
+PARTS = ("sample", "bpd", "replicate", "train")
+
+
+def _scaling_table(rows: list[dict], rate: str, unit: str) -> None:
+  base = rows[0][rate] / rows[0]["devices"]
+  print(f"| devices | per device | first call (compile) | batch | {unit} | scaling efficiency |")
+  print("|---|---|---|---|---|---|")
+  for r in rows:
+    eff = r[rate] / (r["devices"] * base)
+    print(f"| {r['devices']} | {r['per_device']} | {r['first_call_s']:.1f} s | "
+          f"{r['batch_s'] * 1000:.0f} ms | {r[rate]:.1f} | {100 * eff:.0f} % |")
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4])
   p.add_argument("--samples", type=int, default=96, help="global sampling batch")
   p.add_argument("--megabytes", type=int, default=200, help="train state size for replicate")
   p.add_argument("--steps", type=int, default=200, help="training steps timed")
-  p.add_argument("--worker", choices=["sample", "replicate", "train"], help=argparse.SUPPRESS)
+  p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+                 help="what to measure (default: all)")
+  p.add_argument("--worker", choices=["sample", "bpd", "replicate", "train"],
+                 help=argparse.SUPPRESS)
   p.add_argument("--method", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.worker:
     _worker(args)
     return 0
 
-  rows = [_spawn(n, "--worker", "sample", "--samples", args.samples) for n in args.devices]
-  base = rows[0]["samples_per_s"] / rows[0]["devices"]
-  print(f"\nSampling (DDIM-10, digits Mixer, global batch {args.samples}):\n")
-  print("| devices | per device | first call (compile) | batch | samples/s | scaling efficiency |")
-  print("|---|---|---|---|---|---|")
-  for r in rows:
-    eff = r["samples_per_s"] / (r["devices"] * base)
-    print(f"| {r['devices']} | {r['per_device']} | {r['first_call_s']:.1f} s | "
-          f"{r['batch_s'] * 1000:.0f} ms | {r['samples_per_s']:.0f} | {100 * eff:.0f} % |")
-
+  if "sample" in args.parts:
+    rows = [_spawn(n, "--worker", "sample", "--samples", args.samples) for n in args.devices]
+    print(f"\nSampling (DDIM-10, digits Mixer, global batch {args.samples}):\n")
+    _scaling_table(rows, "samples_per_s", "samples/s")
+  if "bpd" in args.parts:
+    rows = [_spawn(n, "--worker", "bpd", "--samples", args.samples) for n in args.devices]
+    print(f"\nEval bits/dim (Dopri5 at 1e-5, one Rademacher probe, digits Mixer, global batch "
+          f"{args.samples}; max NFE of a device {max(r['max_nfe'] for r in rows):.0f}):\n")
+    _scaling_table(rows, "images_per_s", "images/s")
   n = max(args.devices)
-  rep = [_spawn(n, "--worker", "replicate", "--method", m, "--megabytes", args.megabytes)
-         for m in ("stack", "device_put")]
-  print(f"\nreplicate of a {args.megabytes} MB state onto {n} devices:\n")
-  print("| method | host numpy peak | peak RSS growth | time |")
-  print("|---|---|---|---|")
-  for r in rep:
-    name = ("before: np.stack of N host copies" if r["method"] == "stack"
-            else "now: jax.device_put to a replicated sharding")
-    print(f"| {name} | {r['host_numpy_peak_mb']:.0f} MB | {r['peak_rss_growth_mb']:.0f} MB | "
-          f"{r['seconds']:.2f} s |")
-
-  tr = [_spawn(1, "--worker", "train", "--method", m, "--steps", args.steps)
-        for m in ("fetch", "keep")]
-  print(f"\nTraining step (digits, batch 64, 1 device, {args.steps} steps, data pipeline on):\n")
-  print("| loss | ms / step |")
-  print("|---|---|")
-  for r in tr:
-    how = ("fetched after every step" if r["fetch_every_step"]
-           else "kept on the device until the log step (every 50)")
-    print(f"| {how} | {r['step_ms']:.2f} |")
+  if "replicate" in args.parts:
+    rep = [_spawn(n, "--worker", "replicate", "--method", m, "--megabytes", args.megabytes)
+           for m in ("stack", "device_put")]
+    print(f"\nreplicate of a {args.megabytes} MB state onto {n} devices:\n")
+    print("| method | host numpy peak | peak RSS growth | time |")
+    print("|---|---|---|---|")
+    for r in rep:
+      name = ("before: np.stack of N host copies" if r["method"] == "stack"
+              else "now: jax.device_put to a replicated sharding")
+      print(f"| {name} | {r['host_numpy_peak_mb']:.0f} MB | {r['peak_rss_growth_mb']:.0f} MB | "
+            f"{r['seconds']:.2f} s |")
+  if "train" in args.parts:
+    tr = [_spawn(1, "--worker", "train", "--method", m, "--steps", args.steps)
+          for m in ("fetch", "keep")]
+    print(f"\nTraining step (digits, batch 64, 1 device, {args.steps} steps, data pipeline on):\n")
+    print("| loss | ms / step |")
+    print("|---|---|")
+    for r in tr:
+      how = ("fetched after every step" if r["fetch_every_step"]
+             else "kept on the device until the log step (every 50)")
+      print(f"| {how} | {r['step_ms']:.2f} |")
   return 0
 
 
