@@ -39,6 +39,19 @@ def _digits_config():
   return digits.get_config()
 
 
+def _time_calls(once, repeats: int):
+  """(first call's seconds, best of `repeats` later calls, last result): once(i) runs call i."""
+  t0 = time.perf_counter()
+  once(0)
+  first = time.perf_counter() - t0
+  times = []
+  for i in range(1, repeats + 1):
+    t0 = time.perf_counter()
+    result = once(i)
+    times.append(time.perf_counter() - t0)
+  return first, min(times), result
+
+
 def measure_sampling(num_samples: int) -> dict:
   import jax
   import numpy as np
@@ -60,15 +73,7 @@ def measure_sampling(num_samples: int) -> dict:
     x, nfe = run(shared + (parallel.replicate(np.int32(i * num_samples)),), labels)
     return parallel.gather(x)
 
-  t0 = time.perf_counter()
-  once(0)
-  compile_s = time.perf_counter() - t0
-  times = []
-  for i in range(1, 6):
-    t0 = time.perf_counter()
-    once(i)
-    times.append(time.perf_counter() - t0)
-  best = min(times)
+  compile_s, best, _ = _time_calls(once, 5)
   return dict(devices=parallel.device_count(), batch=num_samples, per_device=per_device,
               first_call_s=compile_s, batch_s=best, samples_per_s=num_samples / best)
 
@@ -104,15 +109,7 @@ def measure_bpd(num_images: int) -> dict:
     return parallel.gather(run((parallel.replicate(score_fn),
                                 parallel.replicate(jax.random.PRNGKey(i))), x01))
 
-  t0 = time.perf_counter()
-  once(0)
-  compile_s = time.perf_counter() - t0
-  times = []
-  for i in range(1, 4):
-    t0 = time.perf_counter()
-    _, nfe = once(i)
-    times.append(time.perf_counter() - t0)
-  best = min(times)
+  compile_s, best, (_, nfe) = _time_calls(once, 3)
   return dict(devices=parallel.device_count(), batch=num_images,
               per_device=num_images // parallel.device_count(), first_call_s=compile_s,
               batch_s=best, images_per_s=num_images / best, max_nfe=float(np.max(nfe)))
