@@ -79,29 +79,19 @@ def measure_sampling(num_samples: int) -> dict:
 
 
 def measure_bpd(num_images: int) -> dict:
-  """--mode eval's bits/dim program (cli/evaluate.py: each device solves its own block's
-  probability-flow ODE, Dopri5 at 1e-5, exact divergence off: one Rademacher probe), on digits
-  test images with the Mixer at its initial weights: images/s after compiling."""
+  """--mode eval's bits/dim program (cli.evaluate.bpd_batch_fn: each device solves its own
+  block's probability-flow ODE with the digits config's eval settings), on digits-like images
+  with the Mixer at its initial weights: images/s after compiling."""
   import jax
   import numpy as np
-  from sgm_jax import likelihood, parallel
-  from sgm_jax.cli import setup
+  from sgm_jax import parallel
+  from sgm_jax.cli import evaluate, setup
   config = _digits_config()
   sde, model, dataset = setup.build(config)
   tx = setup.optimizer_from_config(config).build()
   params = setup.initial_state(config, model, (8, 8, 1), tx).params_ema
   score_fn = setup.score_fn_for(config, sde, model, params)
-  ll_fn = likelihood.get_likelihood_fn(sde, divergence="rademacher", num_probes=1,
-                                       rtol=1e-5, atol=1e-5, eps=1e-5)
-
-  def shard_bpd(shared, x01):
-    fn, key = shared
-    bpd, nfe = likelihood.bits_per_dim(jax.random.fold_in(key, parallel.device_index()), ll_fn,
-                                       fn, x01, bool(config.data.centered),
-                                       uniform_dequantization=True)
-    return bpd, jax.numpy.reshape(nfe, (1,))
-
-  run = parallel.map_batches(shard_bpd)
+  run = evaluate.bpd_batch_fn(config, sde)
   images = np.random.RandomState(0).randint(0, 17, (num_images, 8, 8, 1)) / 16.0
   x01 = parallel.from_global_batch(images.astype(np.float32))
 
@@ -242,8 +232,9 @@ def main(argv=None) -> int:
     _scaling_table(rows, "samples_per_s", "samples/s")
   if "bpd" in args.parts:
     rows = [_spawn(n, "--worker", "bpd", "--samples", args.samples) for n in args.devices]
-    print(f"\nEval bits/dim (Dopri5 at 1e-5, one Rademacher probe, digits Mixer, global batch "
-          f"{args.samples}; max NFE of a device {max(r['max_nfe'] for r in rows):.0f}):\n")
+    print(f"\nEval bits/dim (--mode eval's program with the digits config's eval settings, "
+          f"digits Mixer, global batch {args.samples}; max NFE of a device "
+          f"{max(r['max_nfe'] for r in rows):.0f}):\n")
     _scaling_table(rows, "images_per_s", "images/s")
   n = max(args.devices)
   if "replicate" in args.parts:

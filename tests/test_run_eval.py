@@ -1,6 +1,7 @@
 """--mode eval and the sampler options of the command line: the config's PC settings survive a
 single --sampler_option, eval computes what config.eval enables (the test loss too) or says that
-nothing is enabled, checks its sizes before any work, and saves its progress per batch."""
+nothing is enabled, checks its sizes before any work, saves its progress per batch, and its bits/dim program equals
+a direct computation."""
 import importlib
 import json
 import os
@@ -146,3 +147,28 @@ def test_a_damaged_progress_file_is_recomputed_not_fatal(tmp_path):
   path.write_bytes(path.read_bytes()[:40])  # a truncated zip
   again = outputs.BatchProgress(str(tmp_path))
   assert sorted(again.done) == [0] and float(again.gather("loss")[0]) == 1.0
+
+
+def test_the_eval_bits_per_dim_program_equals_a_direct_computation(digits_workdir):
+  """bpd_batch_fn (what --mode eval runs on every device) gives, on one device, the bits/dim of
+  likelihood.bits_per_dim with the config's ODE settings and the batch key folded with device 0."""
+  import jax
+  from sgm_jax import likelihood, parallel
+  config = _config()
+  with config.unlocked():
+    config.eval.update(divergence="rademacher", num_probes=2, rtol=1e-3, atol=1e-3,
+                       likelihood_eps=1e-4)
+  trained = setup.restore_trained(config, digits_workdir)
+  x01 = (np.random.RandomState(0).randint(0, 17, (4, 8, 8, 1)) / 16.0).astype(np.float32)
+  key = jax.random.PRNGKey(3)
+  bpd, nfe = parallel.gather(evaluate.bpd_batch_fn(config, trained.sde)(
+      (parallel.replicate(trained.score_fn), parallel.replicate(key)),
+      parallel.from_global_batch(x01)))
+  ev = config.eval
+  ll_fn = likelihood.get_likelihood_fn(trained.sde, divergence=ev.divergence,
+                                       num_probes=ev.num_probes, rtol=ev.rtol, atol=ev.atol,
+                                       eps=ev.likelihood_eps)
+  expected, expected_nfe = likelihood.bits_per_dim(
+      jax.random.fold_in(key, 0), ll_fn, trained.score_fn, x01, bool(config.data.centered))
+  np.testing.assert_allclose(np.asarray(bpd), np.asarray(expected), rtol=1e-5)
+  assert float(np.asarray(nfe)[0]) == float(expected_nfe)

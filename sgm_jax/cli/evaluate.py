@@ -345,6 +345,28 @@ def _eval_loss(config: Any, dataset, sde, model, params, out_dir: str, key) -> d
               loss_examples=int(np.sum(counts)))
 
 
+def bpd_batch_fn(config: Any, sde) -> Any:
+  """--mode eval's bits/dim program over every device: f((score_fn, batch_key), x01) -> (bits/dim
+  per image, NFE per device), both replicated inputs, x01 a global batch in [0, 1] split over the
+  devices; each device solves its block's probability-flow ODE (config.eval's divergence, probes,
+  tolerances) with its own adaptive steps and the batch key folded with its index."""
+  from sgm_jax import likelihood
+  ev = config.eval
+  centered = bool(config.data.centered)
+  ll_fn = likelihood.get_likelihood_fn(
+      sde, divergence=str(setup.get_field(ev, "divergence", "rademacher")),
+      num_probes=int(setup.get_field(ev, "num_probes", 1)),
+      rtol=float(setup.get_field(ev, "rtol", 1e-5)), atol=float(setup.get_field(ev, "atol", 1e-5)),
+      eps=float(setup.get_field(ev, "likelihood_eps", 1e-5)))
+
+  def shard_bpd(shared, x01):
+    score_fn, batch_key = shared
+    bpd, nfe = likelihood.bits_per_dim(jax.random.fold_in(batch_key, parallel.device_index()),
+                                       ll_fn, score_fn, x01, centered, uniform_dequantization=True)
+    return bpd, jax.numpy.reshape(nfe, (1,))
+  return parallel.map_batches(shard_bpd)
+
+
 def _eval_bpd(config: Any, dataset, sde, score_fn, out_dir: str, key) -> dict:
   """Bits/dim of the split eval.bpd_dataset through the probability-flow ODE.
 
@@ -352,25 +374,13 @@ def _eval_bpd(config: Any, dataset, sde, score_fn, out_dir: str, key) -> dict:
   process; each device solves its own block's ODE with its own adaptive steps and its own key
   (the batch's key folded with the device index), and the values are gathered once per batch."""
   from tqdm import tqdm
-  from sgm_jax import likelihood
   ev = config.eval
   centered = bool(config.data.centered)
   split = str(setup.get_field(ev, "bpd_dataset", "test"))
   limit = int(setup.get_field(ev, "bpd_num_examples", 10 ** 9))
-  ll_fn = likelihood.get_likelihood_fn(
-      sde, divergence=str(setup.get_field(ev, "divergence", "rademacher")),
-      num_probes=int(setup.get_field(ev, "num_probes", 1)),
-      rtol=float(setup.get_field(ev, "rtol", 1e-5)), atol=float(setup.get_field(ev, "atol", 1e-5)),
-      eps=float(setup.get_field(ev, "likelihood_eps", 1e-5)))
   total = min(limit, dataset.num_examples(split))
   progress = JobProgress(os.path.join(out_dir, f"bpd_{split}"), num_batches=total)
-
-  def shard_bpd(shared, x01):
-    score_fn, batch_key = shared
-    bpd, nfe = likelihood.bits_per_dim(jax.random.fold_in(batch_key, parallel.device_index()),
-                                       ll_fn, score_fn, x01, centered, uniform_dequantization=True)
-    return bpd, jax.numpy.reshape(nfe, (1,))
-  bpd_batch = parallel.map_batches(shard_bpd)
+  bpd_batch = bpd_batch_fn(config, sde)
   shared_score_fn = parallel.replicate(score_fn)
   bar = tqdm(total=total, desc=f"bits/dim ({split})", unit="img", dynamic_ncols=True,
              disable=not parallel.is_first_process())
