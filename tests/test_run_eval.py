@@ -1,7 +1,7 @@
 """--mode eval and the sampler options of the command line: the config's PC settings survive a
 single --sampler_option, eval computes what config.eval enables (the test loss too) or says that
-nothing is enabled, checks its sizes before any work, saves its progress per batch, and its bits/dim program equals
-a direct computation."""
+nothing is enabled, checks its sizes before any work, saves its progress per batch, and its
+bits/dim program equals a direct computation."""
 import importlib
 import json
 import os
