@@ -3,11 +3,12 @@
     python benchmarks/trained_samplers.py --workdir runs/fashion_mnist [--config configs/fashion_mnist.py]
 
 For each sampler (DEIS-10, DPM-Solver-10, UniPC-10, DDIM-50, the adaptive ODE (Dopri5), PC-500, and DEIS-10
-with dynamic thresholding and the final denoising jump) it runs `main.py --mode eval`'s sampling
-part (`sgm_jax.cli.evaluate.run_eval` with bits/dim and the denoising diagnostic off): `--num_samples` samples
+with dynamic thresholding and the final denoising jump), with the config's options (its
+sampling.score_scale among them), and for DEIS-10 and PC-500 once more without score scaling, it
+runs `main.py --mode eval`'s sampling part (`sgm_jax.cli.evaluate.run_eval` with bits/dim and the denoising diagnostic off): `--num_samples` samples
 (default 1,024) against the cached statistics of 2,048 training images. Every batch is saved, so
 an interrupted run resumes. Prints a markdown table, writes it with the JSON to --out, and puts the
-first 64 samples of each sampler side by side in --out.png.
+first 64 samples of each sampler run with the config's options side by side in --out.png.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ SAMPLERS = (  # (label, sampler, steps, options)
     ("predictor-corrector, 500 steps", "pc", 500, {}),
     ("DEIS 10 + dynamic thresholding + final denoising", "deis", 10,
      {"thresholding": "dynamic", "denoise": True}),
+    ("DEIS tAB3, 10 steps, score_scale 1", "deis", 10, {"score_scale": 1}),
+    ("predictor-corrector, 500 steps, score_scale 1", "pc", 500, {"score_scale": 1}),
 )
 
 
@@ -74,6 +77,8 @@ def main() -> None:
                      seconds=time.time() - start, checkpoint_step=result["checkpoint_step"],
                      num_samples=result["num_samples"]))
     nfe = f"{result['nfe']:.0f}"
+    if options:  # the figure: the samplers as the config runs them
+      continue
     panels.append((result["samples_png"], f"{name} {steps if name != 'ode' else ''} "
                    f"({nfe} NFE): {100 * result['out_of_range']:.2f} % out".replace("  ", " ")))
   if not rows:

@@ -51,6 +51,18 @@ def test_one_sampler_option_keeps_the_configs_other_pc_settings():
   assert setup.sampler_options_from_config(config, "deis", {"order": 2}) == {"order": 2}
 
 
+def test_the_configs_score_scale_reaches_every_sampler_and_one_means_none():
+  config = _config()
+  config.sampling.score_scale = 1.02
+  assert setup.sampler_options_from_config(config, "deis", {}) == {"score_scale": 1.02}
+  assert setup.sampler_options_from_config(config, "pc", {})["score_scale"] == 1.02
+  # --sampler_option score_scale=1 turns it off: the options (and names of cached runs) of
+  # an unscaled sampler
+  assert setup.sampler_options_from_config(config, "deis", {"score_scale": 1}) == {}
+  config.sampling.score_scale = 1.0
+  assert setup.sampler_options_from_config(config, "deis", {"order": 2}) == {"order": 2}
+
+
 def test_sample_and_eval_use_the_same_sampler_settings(digits_workdir):
   config = _config()
   config.sampling.snr = 0.05

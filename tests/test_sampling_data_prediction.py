@@ -2,6 +2,7 @@
 off means bit-identical samplers; 'clip'/'dynamic' keep samples in range where the exact oracle
 overshoots; threshold() against numpy; the jump against Tweedie's formula; option checking."""
 import importlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -194,3 +195,48 @@ def test_final_denoise_uses_the_thresholded_score():
 def test_bad_options_raise(name, options, match):
   with pytest.raises(ValueError, match=match):
     sampling.get_sampler(name, SDE, SHAPE, num_steps=4, **options)
+
+
+# --- (f) score scaling ----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["deis", "pc", "dpm_solver"])
+def test_score_scale_one_is_bit_identical_and_other_scales_equal_a_scaled_score(name):
+  reference = _build_directly(name, 4)
+  x_ref, _ = reference(KEY, SCORE, X_T)
+  for off in (None, 1, 1.0):
+    sampler = sampling.get_sampler(name, SDE, SHAPE, num_steps=4, score_scale=off)
+    assert sampler.info["score_scale"] is None
+    np.testing.assert_array_equal(np.asarray(sampler(KEY, SCORE, X_T)[0]), np.asarray(x_ref))
+  scaled = sampling.get_sampler(name, SDE, SHAPE, num_steps=4, score_scale=1.25)
+  assert scaled.info["score_scale"] == 1.25
+  x, _ = scaled(KEY, SCORE, X_T)
+  x_direct, _ = reference(KEY, jax.tree_util.Partial(lambda x, t: 1.25 * SCORE(x, t)), X_T)
+  np.testing.assert_allclose(np.asarray(x), np.asarray(x_direct), rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(x) - np.asarray(x_ref)).max() > 1e-2  # the scale changes the samples
+
+
+def test_score_scale_on_a_gaussian_gives_the_closed_form_of_the_scaled_flow():
+  """Data N(0, s0^2): s = -x / v(t), v = alpha^2 s0^2 + sigma^2, and the flow with c s is
+  d ln x / dt = -beta (1 - c / v) / 2, so x(t_end) = x(T) exp(int_t_end^T beta (1 - c / v) dt / 2)
+  for each coordinate; c > 1 contracts the samples toward the mode more than the exact flow."""
+  s0, c = 0.5, 1.1
+  gaussian = toy.GaussianMixture.create(jnp.zeros((1, 2)), jnp.array([s0]))
+  ratios = {}
+  for scale in (1.0, c):
+    sampler = sampling.get_sampler("ode", SDE, SHAPE, score_scale=scale, rtol=1e-7, atol=1e-7)
+    x, _ = sampler(KEY, gaussian.score_fn(SDE), X_T)
+    ratios[scale] = np.asarray(x) / np.asarray(X_T)
+  t = np.linspace(sampler.info["t_end"], SDE.T, 200_001)
+  beta = SDE.beta_min + t * (SDE.beta_max - SDE.beta_min)
+  v = np.asarray(SDE.alpha(jnp.asarray(t))) ** 2 * s0 ** 2 + np.asarray(
+      SDE.sigma(jnp.asarray(t))) ** 2
+  for scale, ratio in ratios.items():
+    want = np.exp(np.trapezoid(beta * (1 - scale / v), t) / 2)
+    np.testing.assert_allclose(ratio, want, rtol=2e-4)
+  assert ratios[c].max() < ratios[1.0].min()
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "1.1"])
+def test_bad_score_scale_raises(bad):
+  with pytest.raises(ValueError, match=r"score_scale must be a finite number > 0.*got " +
+                     re.escape(repr(bad))):
+    sampling.get_sampler("deis", SDE, SHAPE, num_steps=4, score_scale=bad)

@@ -177,14 +177,18 @@ PC_CONFIG_OPTIONS = {"predictor": "predictor", "corrector": "corrector", "snr": 
 def sampler_options_from_config(config: Any, sampler_name: str, overrides: dict) -> dict:
   """The options of `sampler_name`: for 'pc', the config's predictor-corrector settings
   (config.sampling.predictor, corrector, snr, n_steps_each, noise_removal, probability_flow,
-  variant);
-  `overrides` (--sampler_option) replace single entries and keep the rest."""
-  options = {}
+  variant); for every sampler config.sampling.score_scale;
+  `overrides` (--sampler_option) replace single entries and keep the rest. A score_scale of 1 (no
+  scaling) is left out, so that its runs are named and cached as the unscaled ones."""
+  s = config.sampling
+  options = {"score_scale": get_field(s, "score_scale", None)}
   if sampler_name == "pc":
-    s = config.sampling
-    options = {option: get_field(s, field, None) for field, option in PC_CONFIG_OPTIONS.items()}
-    options = {k: v for k, v in options.items() if v is not None}
-  return dict(options, **overrides)
+    options.update({option: get_field(s, field, None)
+                    for field, option in PC_CONFIG_OPTIONS.items()})
+  options = dict({k: v for k, v in options.items() if v is not None}, **overrides)
+  if options.get("score_scale", None) == 1 and not isinstance(options["score_scale"], bool):
+    del options["score_scale"]
+  return options
 
 
 def sample_shard_fn(sampler, sde: sde_lib.SDE, example_shape: tuple, seed: int,

@@ -42,7 +42,8 @@ def get_sampler(name: str, sde, shape, num_steps: int = 1000, **options) -> Samp
     thresholding: None (default) | 'none' | 'clip' | 'dynamic': threshold the data prediction
       x0 = E[x_0 | x_t] of the score at every evaluation (off: the sampler is unchanged);
     threshold_percentile (0.995): the percentile of 'dynamic' thresholding, in (0, 1];
-    data_range ((-1.0, 1.0)): the pair lo < hi that x0 is thresholded to.
+    data_range ((-1.0, 1.0)): the pair lo < hi that x0 is thresholded to;
+    score_scale (None: off): a number c > 0, the loop and the final jump see c * score.
   """
   if name not in SAMPLERS:
     raise InputError(f"unknown sampler {name!r}; valid samplers are {sorted(SAMPLERS)}")
@@ -50,8 +51,9 @@ def get_sampler(name: str, sde, shape, num_steps: int = 1000, **options) -> Samp
     raise InputError(f"num_steps must be a positive integer, got {num_steps!r}")
   if len(tuple(shape)) < 2 or any(int(d) < 1 for d in shape):
     raise InputError(f"shape must be a batch shape (B, ...) of positive sizes, got {shape!r}")
-  thresholding = data_prediction.check_thresholding_options(
-      **{k: options.pop(k) for k in GENERIC_OPTIONS if k in options})
+  generic = {k: options.pop(k) for k in GENERIC_OPTIONS if k in options}
+  score_scale = data_prediction.check_score_scale(generic.pop("score_scale", None))
+  thresholding = data_prediction.check_thresholding_options(**generic)
   module_name, builder = SAMPLERS[name]
   variant = options.get("variant")
   if isinstance(variant, str) and (name, variant) in VARIANT_BUILDERS:
@@ -61,9 +63,10 @@ def get_sampler(name: str, sde, shape, num_steps: int = 1000, **options) -> Samp
   info, denoise = sampler.info, bool(sampler.info.get("denoise", False))
   if thresholding["thresholding"] is None:
     thresholding = dict(thresholding=None)
-    if not denoise:
-      info.update(thresholding)
+    if not denoise and score_scale is None:
+      info.update(thresholding, score_scale=None)
       return sampler
   run = data_prediction.complete_run(sampler.run, sde, num_steps, denoise, info["t_end"],
-                                     **thresholding)
-  return Sampler(sampler.name, sampler.shape, run, {**info, **thresholding}, sampler.hook_error)
+                                     score_scale, **thresholding)
+  return Sampler(sampler.name, sampler.shape, run,
+                 {**info, **thresholding, "score_scale": score_scale}, sampler.hook_error)

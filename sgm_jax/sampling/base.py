@@ -79,7 +79,7 @@ class Sampler:
 
 
 # Options that get_sampler takes for every sampler (sgm_jax/sampling/data_prediction.py).
-GENERIC_OPTIONS = ("thresholding", "threshold_percentile", "data_range")
+GENERIC_OPTIONS = ("thresholding", "threshold_percentile", "data_range", "score_scale")
 
 
 def check_options(sampler_name: str, options: Mapping[str, Any], allowed: Iterable[str],

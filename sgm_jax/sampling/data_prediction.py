@@ -1,5 +1,8 @@
 """Options on the data prediction x0 = E[x_0 | x_t] that every sampler shares.
 
+- Score scaling: s' = c s at every evaluation, i.e. eps' = c eps (the epsilon scaling of Ning et
+  al. 2024, "Elucidating the exposure bias in diffusion models", with c = 1 / lambda); c > 1
+  sharpens the samples of a network that under-fits (README: "Score scaling").
 - Thresholding: clip x0 to the data range, or Imagen's dynamic thresholding (Saharia et al. 2022,
   Sec. 2.3; DPM-Solver++, Lu et al. 2022, Sec. 5), applied through the score:
       x0 = (x + sigma^2 s) / alpha,   x0' = threshold(x0),   s' = (alpha x0' - x) / sigma^2,
@@ -7,8 +10,8 @@
 - The final denoising jump: x0 = E[x_0 | x_eps] by Tweedie's formula at the grid's last time
   (Song et al. 2021, App. G; Jolicoeur-Martineau et al. 2021), one more evaluation.
 
-`get_sampler` (sgm_jax/sampling/__init__.py) takes the thresholding options for every sampler and
-composes `complete_run` with the un-jitted loop of the sampler it builds: the loop on the
+`get_sampler` (sgm_jax/sampling/__init__.py) takes these options for every sampler and composes
+`complete_run` with the un-jitted loop of the sampler it builds: the loop on the scaled, then
 thresholded score, then, for samplers built with the option `denoise`, the final jump.
 """
 from __future__ import annotations
@@ -102,13 +105,43 @@ def thresholded_score_fn(sde: SDE, score_fn: Callable, method: str,
   return jax.tree_util.Partial(wrapper, base.as_traceable(score_fn))
 
 
+# --- score scaling --------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _ScaledScore:
+  """score_fn times a constant (hashable, compared by value: the static part of a Partial)."""
+
+  scale: float
+
+  def __call__(self, score_fn: Callable, x: Array, t: Array, *args) -> Array:
+    score = score_fn(x, t, *args)
+    return score * jnp.asarray(self.scale, score.dtype)
+
+
+def scaled_score_fn(score_fn: Callable, scale: float) -> jax.tree_util.Partial:
+  """score_fn times `scale`, as a Partial (a pytree argument of jit)."""
+  return jax.tree_util.Partial(_ScaledScore(float(scale)), base.as_traceable(score_fn))
+
+
+def check_score_scale(score_scale: Any) -> Optional[float]:
+  """The score_scale option as a float, None if off (None or 1); raises an InputError naming a
+  value that is not a finite number > 0."""
+  if score_scale is None:
+    return None
+  if (isinstance(score_scale, bool) or not isinstance(score_scale, (int, float))
+      or not math.isfinite(score_scale) or not score_scale > 0):
+    raise InputError(f"score_scale must be a finite number > 0 (1: the score unchanged), got "
+                     f"{score_scale!r}")
+  return None if score_scale == 1 else float(score_scale)
+
+
 def complete_run(run: Callable, sde: SDE, num_steps: int, denoise: bool, t_end: float,
-                 thresholding: Optional[str] = None,
+                 score_scale: Optional[float] = None, thresholding: Optional[str] = None,
                  threshold_percentile: float = DEFAULT_PERCENTILE,
                  data_range: tuple[float, float] = DEFAULT_DATA_RANGE) -> Callable:
   """The sampler program around a loop `run(key, score_fn, x_T, hook) -> (x, nfe)` of num_steps.
 
-  With `thresholding` the loop runs on the thresholded score. With `denoise` the jump
+  With `score_scale` the loop runs on that multiple of the score, with `thresholding` on the
+  thresholded (and scaled) score. With `denoise` the jump
   x0 = E[x_0 | x_eps] (Tweedie) at t_end follows, one more evaluation (nfe + 1), with alpha(t_end)
   and sigma(t_end) computed on the host; under thresholding the jump's x0 is threshold(x0) up to
   rounding, and thresholding it once more puts the samples exactly in data_range. The hook then
@@ -118,6 +151,8 @@ def complete_run(run: Callable, sde: SDE, num_steps: int, denoise: bool, t_end: 
   alpha_end, sigma_end = (float(base.on_host(f, t_end)) for f in (sde.alpha, sde.sigma))
 
   def complete(key, score_fn, x_T, hook=None):
+    if score_scale is not None:
+      score_fn = scaled_score_fn(score_fn, score_scale)
     if thresholding is not None:
       score_fn = thresholded_score_fn(sde, score_fn, thresholding, threshold_percentile,
                                       data_range)
