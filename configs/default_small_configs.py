@@ -43,7 +43,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
   sampling.num_samples = 64
   sampling.pc_num_steps = 500  # the PC run of main.py --mode all
   # Every sampler run from this config sees score_scale * score (None: 1, the score unchanged);
-  # > 1 sharpens the samples of an under-fitted network (README "Score scaling").
+  # > 1 cleans the samples of an under-fitted network of high-frequency residue (README "Score
+  # scaling").
   sampling.score_scale = ml_collections.config_dict.placeholder(float)
 
   config.eval = evaluate = ml_collections.ConfigDict()

@@ -2,7 +2,8 @@
 
 - Score scaling: s' = c s at every evaluation, i.e. eps' = c eps (the epsilon scaling of Ning et
   al. 2024, "Elucidating the exposure bias in diffusion models", with c = 1 / lambda); c > 1
-  sharpens the samples of a network that under-fits (README: "Score scaling").
+  removes high-frequency residue from the samples of an under-fitted network (README: "Score
+  scaling").
 - Thresholding: clip x0 to the data range, or Imagen's dynamic thresholding (Saharia et al. 2022,
   Sec. 2.3; DPM-Solver++, Lu et al. 2022, Sec. 5), applied through the score:
       x0 = (x + sigma^2 s) / alpha,   x0' = threshold(x0),   s' = (alpha x0' - x) / sigma^2,
