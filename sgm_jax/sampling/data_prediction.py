@@ -1,4 +1,4 @@
-"""Options on the data prediction x0 = E[x_0 | x_t] that every sampler shares.
+"""Options on the score and its data prediction x0 = E[x_0 | x_t] that every sampler shares.
 
 - Score scaling: s' = c s at every evaluation, i.e. eps' = c eps (the epsilon scaling of Ning et
   al. 2024, "Elucidating the exposure bias in diffusion models", with c = 1 / lambda); c > 1
