@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from sgm_jax import datasets, losses, models, parallel, score, sde_lib, train
 from sgm_jax.checkpoints import CheckpointError, CheckpointStore, has_checkpoints
 from sgm_jax.errors import InputError
+from sgm_jax.sampling import data_prediction
 
 
 def get_field(section: Any, key: str, default: Any) -> Any:
@@ -186,8 +187,8 @@ def sampler_options_from_config(config: Any, sampler_name: str, overrides: dict)
     options.update({option: get_field(s, field, None)
                     for field, option in PC_CONFIG_OPTIONS.items()})
   options = dict({k: v for k, v in options.items() if v is not None}, **overrides)
-  if options.get("score_scale", None) == 1 and not isinstance(options["score_scale"], bool):
-    del options["score_scale"]
+  if "score_scale" in options and data_prediction.check_score_scale(options["score_scale"]) is None:
+    del options["score_scale"]  # 1: off
   return options
 
 
