@@ -240,3 +240,22 @@ def test_bad_score_scale_raises(bad):
   with pytest.raises(ValueError, match=r"score_scale must be a finite number > 0.*got " +
                      re.escape(repr(bad))):
     sampling.get_sampler("deis", SDE, SHAPE, num_steps=4, score_scale=bad)
+
+
+@pytest.mark.parametrize("name", ["pc", "deis"])
+def test_the_final_jump_uses_the_scaled_score(name):
+  """With score_scale c and the final jump, the jump is Tweedie's formula on c * score:
+  x0 = (x + sigma^2 c s(x, eps)) / alpha at the end of the scaled loop (pc: the small configs'
+  path). The loop ends at eps = 0.1, where the jump moves x by sigma^2 s, not by ~1e-6."""
+  c, options = 1.5, dict(score_scale=1.5, eps=0.1)
+  plain = sampling.get_sampler(name, SDE, SHAPE, num_steps=4, **options)
+  denoised = sampling.get_sampler(name, SDE, SHAPE, num_steps=4, denoise=True, **options)
+  x, _ = plain(KEY, SCORE, X_T)
+  x0, nfe = denoised(KEY, SCORE, X_T)
+  assert int(nfe) == plain.info["nfe"] + 1
+  t_end = jnp.full((SHAPE[0],), float(denoised.info["ts"][-1]))
+  alpha, sigma = (np.asarray(f(t_end))[:, None] for f in (SDE.alpha, SDE.sigma))
+  want = (np.asarray(x) + sigma ** 2 * c * np.asarray(SCORE(x, t_end))) / alpha
+  np.testing.assert_allclose(np.asarray(x0), want, rtol=1e-5, atol=1e-5)
+  unscaled = (np.asarray(x) + sigma ** 2 * np.asarray(SCORE(x, t_end))) / alpha
+  assert np.abs(unscaled - want).max() > 1e-2  # the scale is visible in the jump
