@@ -184,3 +184,98 @@ def test_the_eval_bits_per_dim_program_equals_a_direct_computation(digits_workdi
       jax.random.fold_in(key, 0), ll_fn, trained.score_fn, x01, bool(config.data.centered))
   np.testing.assert_allclose(np.asarray(bpd), np.asarray(expected), rtol=1e-5)
   assert float(np.asarray(nfe)[0]) == float(expected_nfe)
+
+
+def _fake_feature_network(monkeypatch):
+  """EfficientNet would cost a minute on CPU: features are the means of the image's quadrants."""
+  import jax
+  from sgm_jax.evaluation import features
+
+  def extractor(name, weights_path=None, *args, **kwargs):
+    def network(variables, x):
+      h, w = x.shape[1] // 2, x.shape[2] // 2
+      f = jax.numpy.stack([x[:, i:i + h, j:j + w].mean(axis=(1, 2, 3))
+                           for i in (0, h) for j in (0, w)], axis=-1)
+      return f, 10.0 * f[:, :3]
+    return features.FeatureExtractor(name, features.METRIC_NAMES[name], 4, 3, 8, 64, "fake",
+                                     lambda images: np.asarray(images, np.float32),
+                                     jax.jit(network), None)
+  monkeypatch.setattr(features, "get_feature_extractor", extractor)
+  monkeypatch.setattr(features, "resolve_weights", lambda name, path=None: "fake")
+
+
+def _checkpoints_of(workdir, new_workdir):
+  import shutil
+  shutil.copytree(workdir, new_workdir, ignore=shutil.ignore_patterns("eval", "samples"))
+  return str(new_workdir)
+
+
+def test_eval_with_another_seed_gives_that_seeds_numbers(digits_workdir, tmp_path, monkeypatch):
+  """Seed 42 then 43 in one workdir (over a checkpoint range, so the stored summary is checked
+  too): the second evaluation reuses none of seed 42's batches or summary and reports what seed 43
+  gives in a fresh workdir; the results rows name their seeds."""
+  _fake_feature_network(monkeypatch)
+  shared = _checkpoints_of(digits_workdir, tmp_path / "shared")
+  fresh = _checkpoints_of(digits_workdir, tmp_path / "fresh")
+  config = _config()
+  config.eval.enable_sampling = True
+  config.eval.sampler, config.eval.num_steps, config.eval.num_samples = "deis", 2, 8
+  config.eval.reference_examples = 8
+  config.eval.begin_ckpt = config.eval.end_ckpt = 1  # step 2
+  first = evaluate.run_eval(config, shared)
+  config.seed = 43
+  second = evaluate.run_eval(config, shared)
+  alone = evaluate.run_eval(config, fresh)
+  assert (first["seed"], second["seed"], alone["seed"]) == (42, 43, 43)
+  assert second["FD-EffNet"] == pytest.approx(alone["FD-EffNet"], rel=1e-6)
+  assert second["FD-EffNet"] != pytest.approx(first["FD-EffNet"], rel=1e-3)
+  rows = [json.loads(line) for line in open(os.path.join(shared, "eval", "results.jsonl"))]
+  assert [row["seed"] for row in rows] == [42, 43]
+  assert evaluate.run_eval(config, shared)["FD-EffNet"] == second["FD-EffNet"]  # summary reused
+  assert len(open(os.path.join(shared, "eval", "results.jsonl")).readlines()) == 2
+
+
+def test_sample_file_names_say_what_changes_the_samples():
+  stem = outputs.sample_file_stem
+  assert stem("ddim", 3, {}, 2) == "ddim_3steps_ckpt2"
+  assert stem("deis", 10, {"score_scale": 1.5, "order": 2}, 7) == \
+      "deis_10steps_order-2_score_scale-1.5_ckpt7"
+  # the adaptive ODE by its solver and tolerances, not by the steps it does not use
+  assert stem("ode", 1, {}, 2) == "ode_dopri5_tol1e-05_ckpt2"
+  assert stem("ode", 1, {"solver": "tsit5", "rtol": 1e-3}, 2) == \
+      "ode_tsit5_rtol0.001_atol1e-05_ckpt2"
+  assert stem("ode", 4, {"solver": "heun"}, 2) == "ode_heun_4steps_ckpt2"
+  # pc: the config's predictor-corrector fields at pc's defaults are left out
+  config_pc = dict(predictor="reverse_diffusion", corrector="langevin", snr=0.16, n_steps_each=1,
+                   denoise=True, probability_flow=False)
+  assert stem("pc", 500, config_pc, 2) == "pc_500steps_denoise_ckpt2"
+  assert stem("pc", 500, dict(config_pc, snr=0.1, denoise=False), 2) == \
+      "pc_500steps_snr-0.1_ckpt2"  # (denoise=False: pc's default)
+  assert stem("pc", 500, dict(config_pc, variant="score_sde"), 2) == "pc_score_sde_500steps_ckpt2"
+  # values that are no short text: a digest, the same for the same value
+  grid = stem("deis", 3, {"time_grid": [1.0, 0.5, 1e-3]}, 2)
+  assert grid == stem("deis", 3, {"time_grid": (1.0, 0.5, 0.001)}, 2)
+  assert grid != stem("deis", 3, {"time_grid": [1.0, 0.4, 1e-3]}, 2)
+  assert "/" not in stem("deis", 3, {"time_grid": "../x"}, 2)
+
+
+def test_sample_files_of_other_options_or_seeds_are_never_overwritten(digits_workdir, tmp_path):
+  workdir = _checkpoints_of(digits_workdir, tmp_path / "wd")
+  config = _config()
+  plain = run_sample(config, workdir, "deis", 2, 2)
+  scaled = run_sample(config, workdir, "deis", 2, 2, score_scale=1.5)
+  assert os.path.basename(plain["npz"]) == "deis_2steps_ckpt2.npz"
+  assert os.path.basename(scaled["npz"]) == "deis_2steps_score_scale-1.5_ckpt2.npz"
+  with np.load(plain["npz"]) as f:
+    plain_samples = f["samples"]
+  again = run_sample(config, workdir, "deis", 2, 2)  # the same settings: its own files, replaced
+  assert again["npz"] == plain["npz"]
+  config.seed = 43  # another seed: the name of seed 42's samples is taken, they are kept
+  other = run_sample(config, workdir, "deis", 2, 2)
+  assert other["npz"] != plain["npz"] and other["npz"].startswith(plain["npz"][:-4] + "_")
+  assert os.path.exists(other["png"])
+  with np.load(plain["npz"]) as f, np.load(other["npz"]) as g:
+    np.testing.assert_array_equal(f["samples"], plain_samples)
+    assert not np.array_equal(g["samples"], plain_samples)
+  assert run_sample(config, workdir, "deis", 2, 2)["npz"] == other["npz"]
+  assert len(os.listdir(os.path.join(workdir, "samples"))) == 6  # 3 runs: .npz and .png each

@@ -2,9 +2,12 @@
 denoising error per noise level, and FD / IS / out-of-range share of samples, for one checkpoint
 or, when config.eval sets begin_ckpt and end_ckpt, for each checkpoint of that range.
 
-Each finished batch is saved under workdir/eval/ckpt_<step>/ (outputs.BatchProgress), so an
-interrupted evaluation resumes where it stopped; over a range of checkpoints, one whose summary
-(eval/ckpt_<step>/result.json) was written with the same settings is not evaluated again.
+Each finished batch is saved under workdir/eval/ckpt_<step>/ (outputs.BatchProgress) with the
+settings its numbers depend on (the checkpoint, config.seed, the SDE, network and data, and the
+part's own: sampler, options, steps, protocol, sizes, number of devices; `_part_settings`), so an
+interrupted evaluation resumes where it stopped, and a batch of other settings is computed again,
+never reused. Over a range of checkpoints, one whose summary (eval/ckpt_<step>/result.json) was
+written with the same settings is not evaluated again.
 
 `eval.protocol` chooses how samples are scored ('sgm_jax', or 'score_sde': samples quantized to
 uint8 before the FID Inception, statistics of the whole training split, one Inception Score split);
@@ -207,14 +210,40 @@ def run_eval(config: Any, workdir: str, checkpoint_step: Any = None,
   return dict(summaries[-1], checkpoints=summaries)
 
 
+# config.training fields of the training loop alone (no effect on the loss or the score)
+TRAINING_LOOP_FIELDS = ("n_iters", "batch_size", "n_jitted_steps", "log_freq", "eval_freq",
+                        "snapshot_freq", "snapshot_freq_for_preemption", "keep_checkpoints",
+                        "max_seconds")
+
+
+def _section(section: Any, leave_out: tuple = ()) -> dict:
+  """A config section as a dict, without the fields `leave_out`."""
+  items = section.to_dict() if hasattr(section, "to_dict") else dict(vars(section))
+  return {k: v for k, v in items.items() if k not in leave_out}
+
+
+def _model_settings(config: Any) -> dict:
+  """What every part's numbers depend on besides the checkpoint and the part's own settings:
+  config.seed, the network and its SDE (config.model, config.training but its loop fields) and
+  the data (config.data but its folder)."""
+  return dict(seed=int(config.seed), model=_section(config.model),
+              training=_section(config.training, TRAINING_LOOP_FIELDS),
+              data=_section(config.data, ("data_dir",)))
+
+
 def _settings(config: Any, sampler_name, num_steps, num_samples, sampler_options) -> dict:
   """What a checkpoint's evaluation depends on besides the checkpoint (JSON-normalized)."""
-  def as_dict(section):
-    return section.to_dict() if hasattr(section, "to_dict") else dict(vars(section))
-  ev = {k: v for k, v in as_dict(config.eval).items() if k not in ("begin_ckpt", "end_ckpt")}
-  settings = dict(eval=ev, sampling=as_dict(config.sampling), sampler=sampler_name,
-                  num_steps=num_steps, num_samples=num_samples, sampler_options=sampler_options)
-  return json.loads(json.dumps(settings, sort_keys=True, default=str))
+  ev = _section(config.eval, ("begin_ckpt", "end_ckpt"))
+  settings = dict(_model_settings(config), eval=ev, sampling=_section(config.sampling),
+                  sampler=sampler_name, num_steps=num_steps, num_samples=num_samples,
+                  sampler_options=sampler_options)
+  return json.loads(outputs.settings_json(settings))
+
+
+def _part_settings(config: Any, out_dir: str, **part) -> dict:
+  """The settings of one part's per-batch progress files: `_model_settings`, the checkpoint (the
+  directory out_dir names) and `part`."""
+  return dict(_model_settings(config), checkpoint=os.path.basename(out_dir), **part)
 
 
 def _summary_path(workdir: str, step: int) -> str:
@@ -253,7 +282,8 @@ def evaluate_checkpoint(config: Any, workdir: str, checkpoint_step: Any = None,
   out_dir = os.path.join(workdir, "eval", f"ckpt_{step}")
   if parallel.is_first_process():
     os.makedirs(out_dir, exist_ok=True)
-  result: dict[str, Any] = dict(checkpoint_step=step, time=time.strftime("%Y-%m-%d %H:%M:%S"))
+  result: dict[str, Any] = dict(checkpoint_step=step, seed=int(config.seed),
+                                time=time.strftime("%Y-%m-%d %H:%M:%S"))
   key = jax.random.PRNGKey(int(config.seed) + 2)
   if "loss" in parts:
     result.update(_eval_loss(config, dataset, sde, model, params, out_dir, key))
@@ -277,12 +307,12 @@ def evaluate_checkpoint(config: Any, workdir: str, checkpoint_step: Any = None,
 
 class JobProgress(outputs.BatchProgress):
   """outputs.BatchProgress of a job of one or several processes: every process reads the
-  finished batches of `directory`, those that every process could read count as done (one
-  decision for all, so all of them compute the same batches together), and only process 0 writes
-  (every process keeps the results it adds)."""
+  finished batches of `directory` (of `settings`), those that every process could read count as
+  done (one decision for all, so all of them compute the same batches together), and only process
+  0 writes (every process keeps the results it adds)."""
 
-  def __init__(self, directory: str, num_batches: int):
-    super().__init__(directory)
+  def __init__(self, directory: str, num_batches: int, settings: dict):
+    super().__init__(directory, settings)
     read = [i in self.done for i in range(num_batches)]
     agreed = parallel.every_process(read)  # after every process has read: no write before
     self.done = {i: v for i, v in self.done.items() if i < num_batches and agreed[i]}
@@ -326,7 +356,9 @@ def _eval_loss(config: Any, dataset, sde, model, params, out_dir: str, key) -> d
   limit = int(setup.get_field(ev, "loss_num_examples", 10 ** 9))
   total = min(limit, dataset.num_examples("test"))
   # Every process computes the loss itself (on one device): small next to sampling.
-  progress = JobProgress(os.path.join(out_dir, "loss_test"), num_batches=total)
+  settings = _part_settings(config, out_dir, part="loss", examples=total,
+                            batch_size=dataset.spec.eval_batch_size)
+  progress = JobProgress(os.path.join(out_dir, "loss_test"), total, settings)
   bar = tqdm(total=total, desc="eval loss (test)", unit="img", dynamic_ncols=True,
              disable=not parallel.is_first_process())
   seen = 0
@@ -379,7 +411,13 @@ def _eval_bpd(config: Any, dataset, sde, score_fn, out_dir: str, key) -> dict:
   split = str(setup.get_field(ev, "bpd_dataset", "test"))
   limit = int(setup.get_field(ev, "bpd_num_examples", 10 ** 9))
   total = min(limit, dataset.num_examples(split))
-  progress = JobProgress(os.path.join(out_dir, f"bpd_{split}"), num_batches=total)
+  # each device solves its block's ODE with its own key: the values depend on the device count
+  settings = _part_settings(config, out_dir, part="bpd", split=split, examples=total,
+                            batch_size=dataset.spec.eval_batch_size,
+                            devices=parallel.device_count(),
+                            ode={k: setup.get_field(ev, k, None) for k in (
+                                "divergence", "num_probes", "rtol", "atol", "likelihood_eps")})
+  progress = JobProgress(os.path.join(out_dir, f"bpd_{split}"), total, settings)
   bpd_batch = bpd_batch_fn(config, sde)
   shared_score_fn = parallel.replicate(score_fn)
   bar = tqdm(total=total, desc=f"bits/dim ({split})", unit="img", dynamic_ncols=True,
@@ -502,10 +540,17 @@ def _eval_samples(config: Any, workdir: str, dataset, sde, score_fn, out_dir: st
   tag = f"{sampler_name}_{num_steps}" + "".join(f"_{k}-{v}" for k, v in sorted(options.items()))
   scoring = f"{name}_uint8" if protocol.quantize_samples else name
   num_batches = -(-n // batch)
-  progress = JobProgress(os.path.join(out_dir, f"samples_{tag}_{scoring}"), num_batches)
+  # A stochastic sampler's noise depends on the batch and the number of devices.
+  settings = _part_settings(config, out_dir, part="samples", sampler=sampler_name,
+                            num_steps=num_steps, options=options, num_samples=n, batch_size=batch,
+                            devices=parallel.device_count(),
+                            features=name, quantized=protocol.quantize_samples,
+                            weights=setup.get_field(ev, "inception_weights", None) or None)
+  progress = JobProgress(os.path.join(out_dir, f"samples_{tag}_{scoring}"), num_batches,
+                         settings)
   for i in tqdm(range(num_batches), desc=f"samples ({sampler_name})", unit="batch",
                 dynamic_ncols=True, disable=not first_process):
-    if "count" in progress.done.get(i, {}):  # (files without it hold older seeds' samples)
+    if i in progress.done:
       continue
     x, nfe = parallel.gather(sample_batch(shared + (parallel.replicate(np.int32(i * batch)),),
                                           no_labels))
@@ -521,7 +566,7 @@ def _eval_samples(config: Any, workdir: str, dataset, sde, score_fn, out_dir: st
     return {"num_samples": n}
   counts = progress.gather("count")
   sample_features = progress.gather("features")[:n]
-  png = os.path.join(out_dir, f"samples_{tag}.png")
+  png = os.path.join(out_dir, f"samples_{tag}_seed{int(config.seed)}.png")
   io_utils.save_image_grid(progress.done[0]["first"], png, data_range=(0.0, 1.0),
                            upscale=max(1, 128 // example_shape[0]))
   mu, cov = metrics.gaussian_statistics(sample_features)
