@@ -7,8 +7,11 @@ Saving is synchronous and atomic (Orbax writes `<step>.orbax-checkpoint-tmp` and
 `<step>` once complete), so a process killed mid-save leaves the previous checkpoints readable;
 the store of the training process deletes such leftovers when it starts (`writer=True`).
 `latest_step` and `restore` look at both managers, and `restore` falls back from a damaged newest
-checkpoint to the newest readable one, with a warning; training later saves a complete checkpoint
-over the damaged one when it reaches that step again.
+checkpoint (files that do not parse, or are missing) to the newest readable one, with a warning;
+training later saves a complete checkpoint over the damaged one when it reaches that step again.
+An I/O error while reading (of the disk or filesystem, not of the files' contents) is not damage:
+the read is tried again, then `restore` stops with one CheckpointReadError, without falling back
+and without marking anything for replacement.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from typing import Any, Optional
 
 import jax
@@ -37,8 +41,36 @@ class CheckpointError(UserError, ValueError):
   """A checkpoint that cannot be read into the expected train state."""
 
 
+class CheckpointReadError(UserError, OSError):
+  """A checkpoint that could not be read because of an I/O error (of the disk or filesystem, not
+  of the checkpoint's contents), on every try; nothing was skipped or marked for replacement."""
+
+
 class _Unreadable(Exception):
   """A checkpoint whose files cannot be read (corrupt, truncated, missing)."""
+
+
+# Seconds to wait before each new try of a read that failed with an I/O error.
+IO_RETRY_DELAYS = (1.0, 4.0)
+# TensorStore's message of an operating-system error: "... [OS error: Input/output error]"
+_OS_ERROR = re.compile(r"\[OS error[^:\]]*: ([^\]]*)\]")
+_MISSING_FILE = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def _is_io_error(error: BaseException) -> bool:
+  """Whether `error`, or an error it came from, is an I/O error of the disk or filesystem rather
+  than damage of a checkpoint's files (which fail to parse, or are missing): an OSError other
+  than a missing file, or TensorStore's report of one ('[OS error: ...]', a ValueError)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and not isinstance(error, _MISSING_FILE):
+      return True
+    match = _OS_ERROR.search(str(error))
+    if match and "No such file or directory" not in match.group(1):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
@@ -239,7 +271,8 @@ class CheckpointStore:
     so restoring never needs a materialized state. An unreadable (corrupt, truncated) newest
     checkpoint is skipped with a warning and left in place. CheckpointError when nothing can be
     read, when the asked-for `step` cannot, or when a checkpoint is readable but holds a different
-    structure than `target` (another model or optimizer)."""
+    structure than `target` (another model or optimizer); CheckpointReadError when an I/O error
+    persists through the retries (no fallback then: see `_read`)."""
     candidates = self.all_steps()
     if step is not None:
       candidates = [(s, k) for s, k in candidates if s == step]
@@ -271,13 +304,29 @@ class CheckpointStore:
         f"no readable checkpoint in {self.workdir}: {'; '.join(failures)}. They are corrupt or "
         "truncated: restore them from a copy, or train in a new --workdir.")
 
+  def _read(self, kind: str, step: int, read: Any) -> Any:
+    """read(), tried again after each of IO_RETRY_DELAYS while it fails with an I/O error
+    (`_is_io_error`), then a CheckpointReadError; any other failure is damage (_Unreadable)."""
+    for delay in (*IO_RETRY_DELAYS, None):
+      try:
+        return read()
+      except Exception as e:  # Orbax raises many types for unreadable files.
+        if not _is_io_error(e):
+          raise _Unreadable(_reason(e)) from None
+        if delay is None:
+          raise CheckpointReadError(
+              f"could not read checkpoint {self._path(kind, step)}: {_reason(e)} (an I/O error, "
+              f"on each of {len(IO_RETRY_DELAYS) + 1} tries). The checkpoint may be intact: it "
+              "was not skipped, and nothing will be written over it; run again once the disk or "
+              "filesystem reads it.") from e
+        logging.warning("reading checkpoint %s failed with an I/O error (%s); trying again in "
+                        "%g s", self._path(kind, step), _reason(e), delay)
+        time.sleep(delay)
+
   def _restore_one(self, kind: str, step: int, abstract: Any) -> Any:
     manager = self._managers()[kind]
     with _orbax_loops_finish_their_tasks():
-      try:
-        metadata = manager.item_metadata(step)
-      except Exception as e:  # an unreadable or truncated metadata file
-        raise _Unreadable(_reason(e)) from None
+      metadata = self._read(kind, step, lambda: manager.item_metadata(step))
       if metadata is not None:
         diffs = _structure_differences(getattr(metadata, "tree", metadata), abstract)
         if diffs:
@@ -286,10 +335,8 @@ class CheckpointStore:
               f"checkpoint {self._path(kind, step)} is readable but does not fit the train state "
               f"of this config (a structure mismatch: {shown}). It was written for another model "
               "or optimizer; use the config it was trained with.")
-      try:
-        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
-      except Exception as e:  # Orbax raises many types for unreadable files.
-        raise _Unreadable(_reason(e)) from None
+      return self._read(kind, step,
+                        lambda: manager.restore(step, args=ocp.args.StandardRestore(abstract)))
 
   def close(self) -> None:
     self.periodic.close()

@@ -1,7 +1,9 @@
-"""Faults of a workdir: damaged checkpoints (restore falls back, training saves over them), saves
-killed half-way (their leftovers are deleted), and config changes between runs that do not change
+"""Faults of a workdir: damaged checkpoints (restore falls back, training saves over them), I/O
+errors while reading (tried again, then one error: no fallback, nothing overwritten), saves killed
+half-way (their leftovers are deleted), and config changes between runs that do not change
 what is trained (grad_clip, the data folder)."""
 import asyncio
+import errno
 import importlib
 import logging
 import os
@@ -14,10 +16,11 @@ import numpy as np
 import optax
 import pytest
 
-from sgm_jax import train
+from sgm_jax import checkpoints, train
 from sgm_jax.cli import setup
 from sgm_jax.cli.train import run_train
 from sgm_jax.checkpoints import CheckpointError, CheckpointStore
+from sgm_jax.errors import UserError
 from sgm_jax.workdir import WorkdirError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,9 +181,9 @@ def test_a_failed_restore_leaves_no_read_that_reports_to_a_closed_event_loop(tmp
   promise, pending_read = ts.Promise.new()
 
   def restore_with_a_read_pending(step, args):  # what Orbax does, with a slow second array
-    async def failing_read():
+    async def failing_read():  # TensorStore's error for a truncated file
       await asyncio.sleep(0)
-      raise OSError("OUT_OF_RANGE: Requested byte range is not valid")
+      raise ValueError("OUT_OF_RANGE: Requested byte range is not valid")
 
     async def read_all():
       await asyncio.gather(failing_read(), pending_read)
@@ -188,13 +191,97 @@ def test_a_failed_restore_leaves_no_read_that_reports_to_a_closed_event_loop(tmp
     return asyncio_utils.run_sync(read_all())
 
   monkeypatch.setattr(store.periodic, "restore", restore_with_a_read_pending)
-  with pytest.raises(CheckpointError, match="could not be read.*OSError: OUT_OF_RANGE"):
+  with pytest.raises(CheckpointError, match="could not be read.*ValueError: OUT_OF_RANGE"):
     store.restore(_state(0))
   store.close()
   capfd.readouterr()
   promise.set_result(0)  # the pending read ends after the restore gave up
   err = capfd.readouterr().err
   assert "Event loop is closed" not in err and "Traceback" not in err, err
+
+
+# I/O errors of the disk or filesystem, as Python and as TensorStore (a ValueError) report them
+EIO = OSError(errno.EIO, "Input/output error")
+TS_EIO = ValueError('FAILED_PRECONDITION: Error reading "w/.zarray" in OCDBT database at local '
+                    'file "/x/default/": [OS error: Input/output error]')
+
+
+class _FailingReads:
+  """Replaces one read of a store's periodic manager: the first `failures` calls raise `error`,
+  the others read."""
+
+  def __init__(self, store, method, error, failures):
+    self.real, self.error, self.failures, self.calls = getattr(store.periodic, method), error, \
+        failures, 0
+
+  def __call__(self, *args, **kwargs):
+    self.calls += 1
+    if self.calls <= self.failures:
+      raise self.error
+    return self.real(*args, **kwargs)
+
+
+@pytest.fixture
+def no_retry_wait(monkeypatch):
+  monkeypatch.setattr(checkpoints, "IO_RETRY_DELAYS", (0.0, 0.0))
+
+
+@pytest.mark.parametrize("method", ["restore", "item_metadata"])
+@pytest.mark.parametrize("error", [EIO, TS_EIO], ids=["OSError", "tensorstore"])
+def test_a_transient_io_error_is_read_again_not_taken_for_damage(tmp_path, monkeypatch, caplog,
+                                                                 no_retry_wait, method, error):
+  _saved(tmp_path, (2, "periodic"), (4, "periodic"))
+  store = CheckpointStore(str(tmp_path), keep=3, writer=True)
+  reads = _FailingReads(store, method, error, failures=2)  # the third try reads
+  monkeypatch.setattr(store.periodic, method, reads)
+  with caplog.at_level(logging.WARNING):
+    restored = store.restore(_state(0))
+  assert int(restored["step"]) == 4 and reads.calls == 3
+  assert "I/O error" in caplog.text and "trying again" in caplog.text
+  assert not store._unreadable
+  store.save(4, _state(40))  # the step exists and was read: kept
+  store.close()
+  assert int(_restore(tmp_path)["step"]) == 4
+
+
+@pytest.mark.parametrize("method", ["restore", "item_metadata"])
+@pytest.mark.parametrize("error", [EIO, TS_EIO], ids=["OSError", "tensorstore"])
+def test_a_lasting_io_error_is_one_clear_error_without_fallback_or_overwrite(
+    tmp_path, monkeypatch, no_retry_wait, method, error):
+  """An older readable checkpoint is there, but an I/O error is no reason to take it: restore
+  stops with a CheckpointReadError (a UserError: one line from main.py) naming the checkpoint and
+  the error, and a later save of that step leaves its files alone."""
+  _saved(tmp_path, (2, "periodic"), (4, "periodic"))
+  newest = tmp_path / "checkpoints" / "4"
+  before = _files(newest)
+  store = CheckpointStore(str(tmp_path), keep=3, writer=True)
+  reads = _FailingReads(store, method, error, failures=10 ** 6)
+  monkeypatch.setattr(store.periodic, method, reads)
+  with pytest.raises(checkpoints.CheckpointReadError,
+                     match=f"could not read checkpoint {newest}: .*Input/output error.* 3 tries"
+                     ) as raised:
+    store.restore(_state(0))
+  assert isinstance(raised.value, UserError) and reads.calls == 3
+  with pytest.raises(checkpoints.CheckpointReadError):
+    store.restore(_state(0), step=4)
+  assert not store._unreadable
+  store.save(4, _state(40))
+  store.close()
+  assert _files(newest) == before
+
+
+def test_a_file_missing_from_a_checkpoint_is_damage(tmp_path, monkeypatch, no_retry_wait):
+  """TensorStore reports a missing file as an OS error too ('No such file or directory'): the
+  checkpoint is damaged, and restore falls back from it."""
+  _saved(tmp_path, (2, "periodic"), (4, "periodic"))
+  store = CheckpointStore(str(tmp_path), keep=3)
+  missing = ValueError('NOT_FOUND: Error reading "w/.zarray": [OS error: No such file or '
+                       'directory]')
+  reads = _FailingReads(store, "restore", missing, failures=1)
+  monkeypatch.setattr(store.periodic, "restore", reads)
+  assert int(store.restore(_state(0))["step"]) == 2 and reads.calls == 2  # no retry
+  assert store._unreadable == {("periodic", 4)}
+  store.close()
 
 
 def _main(*args):
