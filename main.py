@@ -4,6 +4,8 @@ Modes: train (resumes when the workdir has checkpoints), sample (PNG grid + .npz
 parameters), eval (what config.eval enables of the test loss, bits/dim, the denoising error and
 FD-EffNet or FID, appended to workdir/eval/results.jsonl; resumable), all (train, sample with
 DEIS-10, DPM-Solver-10, DDIM-50, the adaptive ODE and PC-500, then eval: the main job).
+score_sde's checkpoints: import (--checkpoint FILE_OR_FOLDER [--classifier]) writes a workdir that
+every mode accepts as if it had trained there (see sgm_jax/cli/import_checkpoint.py).
 Controllable generation: train_classifier (the noise-conditional classifier, then
 --mode sample --class_label 3|all [--classifier_scale 2]), inpaint (--mask right|left|top|bottom|
 center|random|FILE.png), colorize (RGB models), interpolate (--num_points); their inputs come from
@@ -27,7 +29,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 MODES = ("train", "sample", "eval", "all", "train_classifier", "inpaint", "colorize",
-         "interpolate")
+         "interpolate", "import")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -50,6 +52,11 @@ flags.DEFINE_string("input", None, "inpaint/colorize/interpolate: input images (
 flags.DEFINE_string("mask", "right", "--mode inpaint: region to fill in (left, right, top, "
                     "bottom, center, random) or a mask image (white = known).")
 flags.DEFINE_integer("num_points", 8, "--mode interpolate: images per interpolation path.")
+flags.DEFINE_string("checkpoint", None, "--mode import: a score_sde checkpoint (a checkpoint_<n> "
+                    "file, its checkpoints/ folder for the newest, checkpoints-meta/checkpoint for "
+                    "the preemption snapshot, or its workdir).")
+flags.DEFINE_bool("classifier", False, "--mode import: --checkpoint is score_sde's noise-"
+                  "conditional classifier (for --mode sample --class_label).")
 flags.DEFINE_string("coordinator_address", None, "Several processes (jax.distributed): HOST:PORT "
                     "of process 0, the same for every process of the job.")
 flags.DEFINE_integer("num_processes", None, "Several processes: how many the job has.")
@@ -114,6 +121,12 @@ def main(argv):
   from sgm_jax.cli import evaluate, sample, train, train_classifier
   config, workdir = FLAGS.config, FLAGS.workdir
   mode = FLAGS.mode
+  if mode == "import":
+    from sgm_jax.cli import import_checkpoint
+    done = import_checkpoint.run_import(config, workdir, FLAGS.checkpoint, FLAGS.classifier)
+    what = (f"classifier in {done['classifier']}" if "classifier" in done else
+            f"checkpoint at step {done['step']} in {workdir}/checkpoints")
+    print(f"imported {done['num_params']:,} parameters from {done['source']}: {what}")
   if mode in ("train", "all"):
     state = train.run_train(config, workdir)
     print(f"trained to step {int(state.step)}: checkpoints in {workdir}/checkpoints, loss curve "

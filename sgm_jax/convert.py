@@ -56,18 +56,51 @@ _MAX_LISTED = 20
 
 
 # --- reading --------------------------------------------------------------------------------
+def _newest_numbered(directory: str, prefix: str = "checkpoint_") -> Optional[str]:
+  """The `<prefix><n>` file of `directory` with the largest n (flax's names), or None."""
+  steps = [(int(m.group(1)), name) for name in os.listdir(directory)
+           if (m := re.fullmatch(re.escape(prefix) + r"(\d+)", name))
+           and os.path.isfile(os.path.join(directory, name))]
+  return os.path.join(directory, max(steps)[1]) if steps else None
+
+
+def _recorded_step(path: str) -> int:
+  state = read_msgpack(path)
+  return int(np.asarray(state.get("step", -1)))
+
+
 def resolve_checkpoint(path: str) -> str:
-  """A checkpoint file, or the newest `checkpoint_<n>` file of a checkpoint directory."""
+  """The checkpoint file that `path` names, in any of score_sde's layouts:
+
+  - a file (`checkpoints/checkpoint_26`, or any name);
+  - a folder of `checkpoint_<n>` files (`checkpoints/`, `checkpoints-meta/`): the largest n;
+  - flax's prefix of such files, e.g. `checkpoints-meta/checkpoint` (the preemption snapshot,
+    saved as checkpoints-meta/checkpoint_<step // snapshot_freq_for_preemption>): the largest n;
+  - a score_sde workdir holding `checkpoints/` and `checkpoints-meta/`: of the newest file of
+    each, the one with the later recorded training step (the snapshot when they tie, as score_sde
+    resumes from it).
+  """
   path = os.fspath(path)
-  if not os.path.isdir(path):
-    if not os.path.exists(path):
-      raise MissingFileError(f"checkpoint {path!r} does not exist")
+  if os.path.isfile(path):
     return path
-  steps = [(int(m.group(1)), name) for name in os.listdir(path)
-           if (m := re.fullmatch(r"checkpoint_(\d+)", name))]
-  if not steps:
-    raise MissingFileError(f"no checkpoint_<n> file in directory {path!r}")
-  return os.path.join(path, max(steps)[1])
+  if os.path.isdir(path):
+    found = _newest_numbered(path)
+    if found is not None:
+      return found
+    subdirs = [os.path.join(path, d) for d in ("checkpoints-meta", "checkpoints")
+               if os.path.isdir(os.path.join(path, d))]
+    candidates = [f for f in map(_newest_numbered, subdirs) if f is not None]
+    if candidates:
+      return max(candidates, key=lambda f: (_recorded_step(f), -candidates.index(f)))
+    raise MissingFileError(f"no checkpoint_<n> file in directory {path!r} (nor in its "
+                           "checkpoints/ or checkpoints-meta/ folders)")
+  parent, prefix = os.path.split(path)
+  if prefix and os.path.isdir(parent or "."):
+    found = _newest_numbered(parent or ".", prefix + "_")
+    if found is not None:
+      return found
+  raise MissingFileError(f"checkpoint {path!r} does not exist (nor any {prefix}_<n> file beside "
+                         "it)")
 
 
 def _check_tree(tree: Any, where: str, source: str) -> None:
@@ -206,6 +239,46 @@ def check_tree_shapes(tree: Mapping, expected: Mapping, what: str = "parameters"
     lines += _listing("unexpected in the checkpoint", unexpected)
     lines += _listing("wrong shape", misshaped)
     raise InputError("\n".join(lines))
+
+
+def first_difference(tree: Mapping, expected: Mapping) -> Optional[str]:
+  """The first path (in sorted order) where `tree`'s leaf shapes differ from `expected`'s, as
+  'path: checkpoint <shape>, network <shape>' (a missing leaf shows as 'absent'); None if equal."""
+  got = {p: tuple(np.shape(v)) for p, v in flatten(tree).items()}
+  want = {p: tuple(v.shape) for p, v in flatten(expected).items()}
+  for path in sorted(got.keys() | want.keys()):
+    if got.get(path) != want.get(path):
+      shown = lambda shape: "absent" if shape is None else str(shape)
+      paths = got.keys() | want.keys()
+      count = sum(got.get(p) != want.get(p) for p in paths)
+      return (f"{'/'.join(path)}: checkpoint {shown(got.get(path))}, network "
+              f"{shown(want.get(path))} ({count} of {len(paths)} leaf paths differ)")
+  return None
+
+
+def with_adam_moments(opt_state: Any, mu: Mapping, nu: Mapping, count: int) -> Any:
+  """An optax optimizer state (of any chain holding scale_by_adam) with Adam's moments set to
+  `mu`, `nu` (trees like the parameters) and every step counter (Adam's bias correction, the
+  learning-rate schedule) set to `count`: flax.optim.Adam's state at that step (see above)."""
+  import optax
+
+  def fill(state):
+    if isinstance(state, optax.ScaleByAdamState):
+      cast = lambda new, old: jax.tree_util.tree_map(
+          lambda n, o: jnp.asarray(n, o.dtype), new, old)
+      return state._replace(count=jnp.asarray(count, state.count.dtype), mu=cast(mu, state.mu),
+                            nu=cast(nu, state.nu))
+    if is_state(state):
+      return state._replace(count=jnp.asarray(count, state.count.dtype))
+    return state
+
+  is_state = lambda node: "count" in getattr(node, "_fields", ())  # optax's NamedTuple states
+  found = [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=is_state)
+           if isinstance(s, optax.ScaleByAdamState)]
+  if len(found) != 1:
+    raise InputError(f"the optimizer state holds {len(found)} Adam states; Adam's moments fit "
+                     "exactly one")
+  return jax.tree_util.tree_map(fill, opt_state, is_leaf=is_state)
 
 
 def abstract_variables(model: nn.Module, input_shape: Sequence[int],

@@ -173,24 +173,30 @@ class LoopSpec:
       raise InputError(f"training.max_seconds must be > 0 or None, got {self.max_seconds!r}")
 
 
+LOSS_LOG = "train_log.csv"
+
+
 class _LossLog:
   """Append-only CSV of (step, loss, lr) that survives restarts (rows past the resume step are
   dropped, so a resumed run's log equals an uninterrupted one's) and crashes (a torn row left by
-  a run killed mid-append is dropped with a warning)."""
+  a run killed mid-append is dropped with a warning). Lines starting with '#' are notes (where
+  an imported run came from, `note_in_loss_log`), kept where they stand."""
 
   HEADER = "step,loss,lr\n"
 
   def __init__(self, path: str, resume_step: int):
     self.path = path
-    rows = [r for r in self._rows(path) if int(r[0]) <= resume_step]
+    lines = [r if isinstance(r, str) else ",".join(r) for r in self._rows(path, notes=True)
+             if isinstance(r, str) or int(r[0]) <= resume_step]
     from sgm_jax.io_utils import atomic_write
     with atomic_write(path, "w") as f:
-      f.write(self.HEADER + "".join(",".join(r) + "\n" for r in rows))
+      f.write(self.HEADER + "".join(line + "\n" for line in lines))
     self._file = open(path, "a")
 
   @staticmethod
-  def _rows(path: str) -> list[tuple[str, str, str]]:
-    """The whole (step, loss, lr) rows of the log at `path`, as written; torn ones are dropped."""
+  def _rows(path: str, notes: bool = False) -> list:
+    """The whole (step, loss, lr) rows of the log at `path`, as written; torn ones are dropped.
+    With `notes`, the '#' note lines too (as strings), in file order."""
     if not os.path.exists(path):
       return []
     with open(path) as f:
@@ -200,6 +206,10 @@ class _LossLog:
     if lines[-1]:  # no final newline: the last row was cut short
       dropped.append(lines[-1])
     for line in lines[1:-1]:
+      if line.startswith("#"):
+        if notes:
+          rows.append(line)
+        continue
       fields = line.split(",")
       try:
         if len(fields) != 3:
@@ -225,6 +235,21 @@ class _LossLog:
 
   def close(self):
     self._file.close()
+
+
+def note_in_loss_log(workdir: str, note: str) -> str:
+  """Append '# note' to the workdir's loss log (train_log.csv), e.g. where an imported run came
+  from; the log keeps it when training resumes."""
+  from sgm_jax.io_utils import atomic_write
+  path = os.path.join(workdir, LOSS_LOG)
+  text = _LossLog.HEADER
+  if os.path.exists(path):
+    with open(path) as f:
+      text = f.read()
+  note = " ".join(str(note).split())  # one line
+  with atomic_write(path, "w") as f:
+    f.write(text + ("" if text.endswith("\n") else "\n") + f"# {note}\n")
+  return path
 
 
 def plot_loss_curve(steps: np.ndarray, losses: np.ndarray, path: str) -> str:
@@ -293,7 +318,7 @@ def train_loop(workdir: str, state: TrainState, step_fn: Callable,
       rstate = store.restore(rstate)  # global arrays of rstate's replicated sharding
       logging.info("resumed from step %d", int(parallel.to_host(rstate.step)))
     start = int(parallel.to_host(rstate.step))
-    loss_log = _LossLog(os.path.join(workdir, "train_log.csv"), start) if first else None
+    loss_log = _LossLog(os.path.join(workdir, LOSS_LOG), start) if first else None
     writer = _summary_writer(workdir)
     p_step = parallel.fused_steps(step_fn)
     data = batches(start)

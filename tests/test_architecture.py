@@ -13,7 +13,7 @@ PACKAGE = "sgm_jax"
 CLI = "sgm_jax.cli"
 # One module per main.py mode; the other modules of sgm_jax/cli/ are layers every mode may use.
 MODES = {f"{CLI}.{name}" for name in ("train", "sample", "evaluate", "train_classifier",
-                                      "controllable")}
+                                      "controllable", "import_checkpoint")}
 CLI_SHARED = {CLI, f"{CLI}.setup", f"{CLI}.classifier", f"{CLI}.outputs"}
 
 

@@ -89,14 +89,19 @@ def classifier_state(params, opt_state, step: int) -> dict:
 CONVERTED_INPUT_NORMALIZATION = "score_sde_cifar10"
 
 
+def check_score_sde_data_range(config: Any) -> None:
+  """score_sde's classifier was trained on data in [0, 1]: refuse a config of centered data."""
+  if bool(get_field(config.data, "centered", False)):
+    raise InputError("score_sde's classifier was trained on data in [0, 1]; this config has "
+                     "data.centered=True (data in [-1, 1])")
+
+
 def load_converted_classifier_log_prob(config: Any, sde: sde_lib.SDE, image_shape: tuple):
   """(log_prob_fn(x, t, y), None) of score_sde's classifier at config.classifier.checkpoint,
   with score_sde's input normalization; it was trained on data in [0, 1] (data.centered=False)."""
   from sgm_jax import convert, models
   spec = ClassifierSpec.from_config(config)
-  if bool(get_field(config.data, "centered", False)):
-    raise InputError("score_sde's classifier (config.classifier.checkpoint) was trained on data "
-                     "in [0, 1]; this config has data.centered=True (data in [-1, 1])")
+  check_score_sde_data_range(config)
   model = models.create_classifier(config)  # as the converter builds it (WRN-28-10 by default)
   variables = convert.load_classifier_variables(spec.checkpoint, model,
                                                 (1,) + tuple(image_shape))
@@ -105,15 +110,69 @@ def load_converted_classifier_log_prob(config: Any, sde: sde_lib.SDE, image_shap
   return log_prob_fn, None
 
 
+# --- score_sde's classifier imported into a workdir (main.py --mode import --classifier) -----
+IMPORTED_CLASSIFIER = "score_sde_classifier"  # .msgpack (parameters) and .json (its network)
+
+
+def imported_classifier_file(workdir: str, ext: str = ".msgpack") -> str:
+  return os.path.join(workdir, CLASSIFIER_DIR, IMPORTED_CLASSIFIER + ext)
+
+
+def imported_architecture(config: Any) -> dict:
+  """The WRN sizes of config.classifier, score_sde's WRN-28-10 where it sets none."""
+  from sgm_jax.models import wideresnet
+  network = wideresnet.from_config(config)
+  return {"num_classes": int(network.num_outputs),
+          "blocks_per_group": int(network.blocks_per_group),
+          "channel_multiplier": int(network.channel_multiplier)}
+
+
+def imported_network(architecture: dict):
+  from sgm_jax.models import wideresnet
+  return wideresnet.create_classifier(**{k: architecture[k] for k in (
+      "num_classes", "blocks_per_group", "channel_multiplier")})
+
+
+def save_imported_classifier(workdir: str, variables: Any, architecture: dict,
+                             source: str) -> str:
+  """Write the classifier's parameters and a record of its network and input normalization."""
+  import json
+  from sgm_jax import convert
+  from sgm_jax.io_utils import atomic_write
+  path = convert.save_variables(variables, imported_classifier_file(workdir))
+  with atomic_write(imported_classifier_file(workdir, ".json"), "w") as f:
+    json.dump(dict(architecture, source=os.path.abspath(source),
+                   input_normalization=CONVERTED_INPUT_NORMALIZATION), f, indent=1)
+  return path
+
+
+def load_imported_classifier_log_prob(workdir: str, sde: sde_lib.SDE, image_shape: tuple):
+  """(log_prob_fn(x, t, y), None) of the classifier --mode import --classifier wrote."""
+  import json
+  from sgm_jax import convert
+  with open(imported_classifier_file(workdir, ".json")) as f:
+    record = json.load(f)
+  model = imported_network(record)
+  variables = convert.load_classifier_variables(imported_classifier_file(workdir), model,
+                                                (1,) + tuple(image_shape))
+  log_prob_fn = controllable.wrn_log_prob_fn(model, variables["params"], sde,
+                                             input_normalization=record["input_normalization"])
+  return log_prob_fn, None
+
+
 def load_classifier_log_prob(config: Any, workdir: str, sde: sde_lib.SDE, image_shape: tuple):
-  """(log_prob_fn(x, t, y), step) of the classifier trained in workdir/classifier (newest
-  checkpoint), or of score_sde's classifier at config.classifier.checkpoint (step None)."""
+  """(log_prob_fn(x, t, y), step) of the classifier of config.classifier.checkpoint (score_sde's,
+  step None), else of the one imported into workdir/classifier (step None), else of the one
+  trained there by --mode train_classifier (its newest checkpoint)."""
   if ClassifierSpec.from_config(config).checkpoint:
     return load_converted_classifier_log_prob(config, sde, image_shape)
+  if os.path.exists(imported_classifier_file(workdir, ".json")):
+    return load_imported_classifier_log_prob(workdir, sde, image_shape)
   out_dir = os.path.join(workdir, CLASSIFIER_DIR)
   if not has_checkpoints(out_dir):
     raise CheckpointError(f"no classifier in {out_dir}; train it first with "
-                          "--mode train_classifier")
+                          "--mode train_classifier, or import score_sde's with --mode import "
+                          "--classifier")
   _, logits_fn, params, optimizer = classifier_parts(config, sde, image_shape)
   store = CheckpointStore(out_dir, keep=2)
   try:

@@ -6,12 +6,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
 import numpy as np
 
-from sgm_jax import controllable, io_utils, parallel, sampling, sde_lib
+from sgm_jax import controllable, io_utils, loading, parallel, sde_lib
 from sgm_jax.cli import classifier, outputs, setup
-from sgm_jax.errors import InputError
 
 
 def run_sample(config: Any, workdir: str, sampler_name: str | None = None,
@@ -20,61 +18,41 @@ def run_sample(config: Any, workdir: str, sampler_name: str | None = None,
                classifier_scale: float | None = None, **sampler_options) -> dict:
   """Sample from the EMA parameters of a checkpoint.
 
-  Writes workdir/samples/<sampler>[_<variant>]_<steps>steps_ckpt<step>[_class<y>].{png,npz}; returns their
-  paths and the mean nfe per batch. With class_label (an integer, or 'all' to cycle through the
-  classes) the score is that of p_t(x | y) through the classifier of --mode train_classifier,
+  Samples through sgm_jax.load(workdir).sample_with_info (the Python API's path) with the seed
+  config.seed. Writes workdir/samples/<outputs.sample_file_stem(...)>[_class<y>].{png,npz};
+  returns their paths and the mean nfe per batch. With class_label (an integer, or 'all' to cycle
+  through the classes) the score is that of p_t(x | y) through the classifier of --mode train_classifier,
   weighted by classifier_scale (default config.classifier.scale).
   """
-  from tqdm import tqdm
-  trained = setup.restore_trained(config, workdir, checkpoint_step)
-  sde, example_shape = trained.sde, trained.example_shape
+  model = loading.load(workdir, checkpoint_step, config=config)
   s = config.sampling
   sampler_name = sampler_name or str(setup.get_field(s, "method", "pc"))
-  num_steps = int(num_steps if num_steps is not None else setup.get_field(s, "num_steps", sde.N))
+  num_steps = int(num_steps if num_steps is not None
+                  else setup.get_field(s, "num_steps", model.sde.N))
   num_samples = int(num_samples if num_samples is not None
                     else setup.get_field(s, "num_samples", 64))
-  if num_samples < 1:
-    raise InputError(f"num_samples must be >= 1, got {num_samples}")
-  sampler_options = setup.sampler_options_from_config(config, sampler_name, sampler_options)
-  # The batch of one compiled call is split over every device of every process.
-  batch = parallel.padded_size(min(int(setup.get_field(s, "batch_size", 64)), num_samples))
-  per_device = batch // parallel.device_count()
-  sampler = sampling.get_sampler(sampler_name, sde, (per_device,) + example_shape,
-                                 num_steps=num_steps, **sampler_options)
   conditional, suffix = None, ""
   if class_label is not None:
-    conditional = _ClassConditional(config, workdir, sde, example_shape, class_label,
+    conditional = _ClassConditional(config, workdir, model.sde, model.example_shape, class_label,
                                     classifier_scale)
     suffix = f"_class{conditional.label}"
-  sample_batch = parallel.map_batches(
-      setup.sample_shard_fn(sampler, sde, example_shape, int(config.seed), conditional))
-  shared = parallel.replicate((trained.score_fn, None if conditional is None
-                               else conditional.log_prob_fn))
-  outs, nfes, labels = [], [], []
-  for i in tqdm(range(-(-num_samples // batch)), desc=f"sample {sampler_name}", unit="batch",
-                disable=not parallel.is_first_process()):
-    y = (np.zeros(batch, np.int32) if conditional is None
-         else conditional.labels(i * batch, batch))
-    x, nfe = sample_batch(shared + (parallel.replicate(np.int32(i * batch)),),
-                          parallel.from_global_batch(y))
-    jax.block_until_ready(nfe)  # an honest progress bar; the samples stay on the devices
-    outs.append(x)
-    nfes.append(nfe)
-    labels.append(y)
-  outs, nfes = parallel.gather((outs, nfes))  # once, for all batches
-  samples = np.concatenate(outs)[:num_samples]
-  variant = sampler_options.get("variant", "default")  # pc's score_sde loop gets files of its own
-  name = sampler_name if variant == "default" else f"{sampler_name}_{variant}"
-  stem = os.path.join(workdir, "samples", f"{name}_{num_steps}steps_ckpt{trained.step}{suffix}")
-  paths = (outputs.save_samples(samples, config, stem) if parallel.is_first_process()
+  drawn = model.sample_with_info(num_samples, sampler_name, num_steps, int(config.seed),
+                                 conditional=conditional, progress=True, **sampler_options)
+  samples, sampler_options = drawn.samples, drawn.options
+  stem = os.path.join(workdir, "samples", outputs.sample_file_stem(
+      sampler_name, num_steps, sampler_options, model.step) + suffix)
+  settings = dict(sampler=sampler_name, num_steps=num_steps, options=sampler_options,
+                  seed=int(config.seed), num_samples=num_samples,
+                  classifier=None if conditional is None else (conditional.scale, conditional.step))
+  paths = (outputs.save_samples(samples, config, stem, settings) if parallel.is_first_process()
            else {"npz": stem + ".npz", "png": stem + ".png"})  # process 0 writes
   centered = bool(config.data.centered)
-  result = dict(paths, nfe=float(np.mean(nfes)), checkpoint_step=trained.step,
+  result = dict(paths, nfe=drawn.nfe, checkpoint_step=model.step,
                 num_samples=num_samples, sampler_options=sampler_options,
                 out_of_range=(outputs.out_of_range_share(samples, centered)
                               if samples.ndim == 4 else None))
   if conditional is not None:
-    result.update(labels=np.concatenate(labels)[:num_samples], class_label=conditional.label,
+    result.update(labels=drawn.labels, class_label=conditional.label,
                   classifier_scale=conditional.scale, classifier_step=conditional.step)
   return result
 
