@@ -1,6 +1,6 @@
 """--mode eval over several processes (jax.distributed over loopback, gloo between CPU devices)
-computes what one process with all their devices computes, and resumes from the per-batch files
-of an interrupted evaluation.
+computes, all by itself, what one process with all their devices computes, and resumes from the
+per-batch files of an interrupted evaluation.
 
 The checkpoint is the tiny digits Mixer of tests/test_multihost.py, saved untrained; each run is
 main.py in subprocesses with a fake feature network (the channel means as features: EfficientNet
@@ -25,8 +25,12 @@ EVAL = {"batch_size": 6, "enable_loss": True, "loss_num_examples": 12, "enable_b
         "bpd_num_examples": 12, "rtol": 1e-3, "atol": 1e-3, "enable_denoising_error": True,
         "denoising_examples": 8, "denoising_reference": 16, "denoising_levels": 2,
         "enable_sampling": True, "reference_examples": 16}
-ARGS = [*TINY_DIGITS, *[f"--config.eval.{k}={v}" for k, v in EVAL.items()], "--mode", "eval",
-        "--sampler", "deis", "--num_steps", "2", "--num_samples", "10"]
+
+
+def _args(**eval_overrides):
+  overrides = [f"--config.eval.{k}={v}" for k, v in dict(EVAL, **eval_overrides).items()]
+  return [*TINY_DIGITS, *overrides, "--mode", "eval", "--sampler", "deis", "--num_steps", "2",
+          "--num_samples", "10"]
 
 _DRIVER = """
 import runpy, sys
@@ -52,20 +56,17 @@ runpy.run_path({main!r}, run_name="__main__")
 """
 
 
-def _start_eval(workdir, num_processes, devices, log_dir, name):
+def _eval(workdir, num_processes, devices, log_dir, name, rows=1, **eval_overrides):
+  """The results row of main.py --mode eval in `num_processes` x `devices`, the `rows`-th."""
   code = _DRIVER.format(root=ROOT, main=os.path.join(ROOT, "main.py"))
-  return _start(["--workdir", str(workdir), *ARGS], num_processes, devices, log_dir, name,
-                program=["-c", code])
-
-
-def _eval(workdir, num_processes, devices, log_dir, name):
-  codes = _finish(_start_eval(workdir, num_processes, devices, log_dir, name), log_dir, name)
-  for i, code in enumerate(codes):
+  procs = _start(["--workdir", str(workdir), *_args(**eval_overrides)], num_processes, devices,
+                 log_dir, name, program=["-c", code])
+  for i, code in enumerate(_finish(procs, log_dir, name)):
     assert code == 0, f"{name} process {i}: {_log(log_dir, name, i)[-3000:]}"
   with open(os.path.join(workdir, "eval", "results.jsonl")) as f:
     lines = [json.loads(line) for line in f]
-  assert len(lines) == 1, lines  # written once, by process 0
-  return lines[0]
+  assert len(lines) == rows, lines  # one per run, written by process 0
+  return lines[-1]
 
 
 def _save_checkpoint(workdir):
@@ -85,36 +86,51 @@ def _save_checkpoint(workdir):
     store.close()
 
 
+COMPARED = ["loss", "bpd", "bpd_stderr", "FD-EffNet", "IS (effnet)", "nfe", "out_of_range",
+            "max_abs"]
+
+
+def _assert_same(result, expected, keys=COMPARED):
+  for key in keys:
+    np.testing.assert_allclose(result[key], expected[key], rtol=1e-4, err_msg=key)
+
+
 def test_two_processes_evaluate_like_one_process_with_all_devices_and_resume(tmp_path):
-  """1 process x 4 devices evaluates; then 2 processes x 2 devices resume from its progress files
-  with the first batch of each part deleted (the one whose examples lie on both processes' devices:
-  the second batch of samples is 2 samples, both on process 0), and append the same numbers."""
+  """1 process x 4 devices and 2 processes x 2 devices each evaluate the checkpoint in a workdir
+  of their own, every batch computed by themselves, and give the same numbers. Then the 2 x 2
+  job resumes from its progress files with the first batch of loss and samples deleted (the batch
+  of samples whose examples lie on both processes' devices: the second one is 2 samples, both on
+  process 0): it computes that batch again, reads the other, and reports the same numbers."""
   if not _gloo_available():
     pytest.skip("no gloo CPU collectives in this jaxlib")
   one, two = tmp_path / "one_process", tmp_path / "two_processes"
   _save_checkpoint(one)
   shutil.copytree(one, two)
   alone = _eval(one, 1, 4, tmp_path, "eval_1x4")
-  progress = one / "eval" / f"ckpt_{STEP}"
+  together = _eval(two, 2, 2, tmp_path, "eval_2x2")
+  progress = two / "eval" / f"ckpt_{STEP}"
   parts = sorted(p.name for p in progress.iterdir() if p.is_dir())
   assert len(parts) == 3, parts  # loss, bits/dim and samples
-  shutil.copytree(progress, two / "eval" / f"ckpt_{STEP}")
   for part in parts:
     assert sorted(os.listdir(progress / part)) == ["batch_000000.npz", "batch_000001.npz"]
-    os.remove(two / "eval" / f"ckpt_{STEP}" / part / "batch_000000.npz")
-  together = _eval(two, 2, 2, tmp_path, "eval_2x2")
-  for part in parts:  # recomputed and written again (by process 0)
-    assert sorted(os.listdir(two / "eval" / f"ckpt_{STEP}" / part)) == ["batch_000000.npz",
-                                                                       "batch_000001.npz"]
   assert "evaluation of checkpoint" in _log(tmp_path, "eval_2x2", 0, "out")
   assert "evaluation" not in _log(tmp_path, "eval_2x2", 1, "out")
   assert together["loss_examples"] == alone["loss_examples"] == 12
   assert together["bpd_examples"] == alone["bpd_examples"] == 12
   assert together["num_samples"] == alone["num_samples"] == 10
-  compared = ["loss", "bpd", "bpd_stderr", "FD-EffNet", "IS (effnet)", "nfe", "out_of_range",
-              "max_abs"]
-  for key in compared:
-    np.testing.assert_allclose(together[key], alone[key], rtol=1e-4, err_msg=key)
+  _assert_same(together, alone)
   for key in ("eps_mse", "x0_mse"):
     np.testing.assert_allclose(together["denoising_error"][key], alone["denoising_error"][key],
                                rtol=1e-4, err_msg=key)
+
+  resumed_parts = [p for p in parts if not p.startswith("bpd")]  # bits/dim: the costly part
+  kept = {}
+  for part in resumed_parts:
+    os.remove(progress / part / "batch_000000.npz")
+    kept[part] = os.stat(progress / part / "batch_000001.npz").st_mtime_ns
+  resumed = _eval(two, 2, 2, tmp_path, "eval_2x2_resumed", rows=2, enable_bpd=False,
+                  enable_denoising_error=False)
+  for part in resumed_parts:  # batch 0 computed again and written (by process 0), batch 1 read
+    assert sorted(os.listdir(progress / part)) == ["batch_000000.npz", "batch_000001.npz"]
+    assert os.stat(progress / part / "batch_000001.npz").st_mtime_ns == kept[part]
+  _assert_same(resumed, together, [k for k in COMPARED if not k.startswith("bpd")])
