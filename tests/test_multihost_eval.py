@@ -32,6 +32,7 @@ def _args(**eval_overrides):
   return [*TINY_DIGITS, *overrides, "--mode", "eval", "--sampler", "deis", "--num_steps", "2",
           "--num_samples", "10"]
 
+
 _DRIVER = """
 import runpy, sys
 sys.path.insert(0, {root!r})
