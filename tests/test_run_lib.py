@@ -141,7 +141,7 @@ def test_cli_train_and_sample(tmp_path):
               "--num_samples", "8", "--sampler_option", "eta=0.5")
   assert res.returncode == 0, res.stderr[-3000:]
   assert "8 samples" in res.stdout and os.path.exists(os.path.join(wd, "samples",
-                                                                   "ddim_3steps_ckpt2.png"))
+                                                                   "ddim_3steps_eta-0.5_ckpt2.png"))
 
 
 @pytest.mark.parametrize("args, message", [
