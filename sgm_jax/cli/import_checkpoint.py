@@ -2,7 +2,7 @@
 becomes a workdir that every mode accepts as if it had trained there.
 
     python main.py --mode import --config configs/ve/cifar10_ncsnpp_continuous.py \\
-        --workdir runs/ve_cifar10 --checkpoint exp/ve/cifar10_ncsnpp_continuous/checkpoints/checkpoint_24
+        --workdir runs/ve_cifar10 --checkpoint ckpts/ve/cifar10_ncsnpp_continuous/checkpoint_24
 
 A training checkpoint gives the config (config.json, as --mode train records it), one Orbax
 checkpoint at the original's step holding the live parameters, the EMA parameters and the

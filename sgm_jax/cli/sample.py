@@ -21,8 +21,9 @@ def run_sample(config: Any, workdir: str, sampler_name: str | None = None,
   Samples through sgm_jax.load(workdir).sample_with_info (the Python API's path) with the seed
   config.seed. Writes workdir/samples/<outputs.sample_file_stem(...)>[_class<y>].{png,npz};
   returns their paths and the mean nfe per batch. With class_label (an integer, or 'all' to cycle
-  through the classes) the score is that of p_t(x | y) through the classifier of --mode train_classifier,
-  weighted by classifier_scale (default config.classifier.scale).
+  through the classes) the score is that of p_t(x | y) through the workdir's classifier (of
+  --mode train_classifier or --mode import --classifier), weighted by classifier_scale (default
+  config.classifier.scale).
   """
   model = loading.load(workdir, checkpoint_step, config=config)
   s = config.sampling
