@@ -57,6 +57,11 @@ def test_this_projects_cache_layout_is_read_too(tmp_path):
   np.savez(tmp_path / "cache.npz", mean=np.ones(3), cov=cov, count=np.asarray(30))
   stats = statistics_files.load_reference_statistics(str(tmp_path / "cache.npz"))
   np.testing.assert_array_equal(stats.cov, cov)
+  assert stats.features is None
+  kept = _features(30, 3)
+  np.savez(tmp_path / "cache.npz", mean=np.ones(3), cov=cov, features=kept)  # for KID
+  stats = statistics_files.load_reference_statistics(str(tmp_path / "cache.npz"))
+  np.testing.assert_array_equal(stats.features, kept)
 
 
 def test_unknown_or_broken_statistics_files_name_what_they_hold(tmp_path):
@@ -261,6 +266,100 @@ def test_a_statistics_file_replaces_the_training_split(workdir, monkeypatch, tmp
   config.eval.reference_statistics = str(tmp_path / "wide_stats.npz")
   with pytest.raises(UserError, match="holds 2048-d features, but eval.feature_extractor"):
     evaluate.evaluate_checkpoint(config, workdir, 4)
+
+
+def _stored_sample_features(workdir, step):
+  """The sample features an evaluation of checkpoint `step` left in its per-batch files."""
+  folder = os.path.join(workdir, "eval", f"ckpt_{step}", "samples_deis_2_inception_uint8")
+  return np.concatenate([np.load(os.path.join(folder, f))["features"]
+                         for f in sorted(os.listdir(folder)) if f.startswith("batch_")])
+
+
+def test_kid_is_tfgans_block_kid_of_the_samples_and_the_training_features(workdir, monkeypatch):
+  import shutil
+  for folder in ("stats", "ckpt_2"):  # nothing cached: every feature passes the recorder
+    shutil.rmtree(os.path.join(workdir, "eval", folder), ignore_errors=True)
+  recorder = _Recorder()
+  monkeypatch.setattr(features, "get_feature_extractor", recorder.extractor)
+  monkeypatch.setattr(features, "resolve_weights", lambda name, path=None: "fake")
+  result = evaluate.evaluate_checkpoint(_sampling_config("score_sde"), workdir, 2)
+  reference = [b for b in recorder.inputs if b.dtype == np.float32]  # training images
+  samples = [b for b in recorder.inputs if b.dtype == np.uint8]  # score_sde's quantized samples
+  ref_features, _ = _fake_outputs(np.concatenate([_as_unit(b) for b in reference]))
+  sample_features, _ = _fake_outputs(np.concatenate([_as_unit(b) for b in samples])[:6])
+  assert ref_features.shape == (1618, 3)  # the whole digits training split
+  # 1618 rows: two blocks, of 809 training images and of 3 samples each
+  kid, stderr = metrics.kernel_inception_distance_blocks(ref_features, sample_features)
+  assert result["KID (inception)"] == pytest.approx(kid, rel=1e-4, abs=1e-7)
+  assert result["KID (inception) stderr"] == pytest.approx(stderr, rel=1e-4, abs=1e-7)
+  assert result["kid_reference_examples"] == 1618 and "KID (inception) unavailable" not in result
+
+  # Resumed from the per-batch sample files and the cached statistics: the same KID, nothing
+  # passes the feature network again.
+  recorder.inputs.clear()
+  again = evaluate.evaluate_checkpoint(_sampling_config("score_sde"), workdir, 2)
+  assert recorder.inputs == []
+  assert (again["KID (inception)"], again["FID"]) == (result["KID (inception)"], result["FID"])
+
+  # A cache of format 1 (mean and covariance, no features) is recomputed, never a crash.
+  (cache,) = [os.path.join(workdir, "eval", "stats", f)
+              for f in os.listdir(os.path.join(workdir, "eval", "stats"))]
+  with np.load(cache) as data:
+    old = {k: data[k] for k in data.files if k not in ("features", "kept_features")}
+  np.savez(cache, **dict(old, format=np.asarray(1)))
+  recomputed = evaluate.evaluate_checkpoint(_sampling_config("score_sde"), workdir, 2)
+  assert sum(len(b) for b in recorder.inputs) == 1618
+  assert recomputed["KID (inception)"] == result["KID (inception)"]
+
+  # Only the first features.REFERENCE_FEATURES training images are kept for KID; FID uses all.
+  monkeypatch.setattr(features, "REFERENCE_FEATURES", 101)  # not a whole batch
+  capped = evaluate.evaluate_checkpoint(_sampling_config("score_sde"), workdir, 2)
+  assert capped["kid_reference_examples"] == 101 and capped["reference_examples"] == 1618
+  kid_101, _ = metrics.kernel_inception_distance_blocks(ref_features[:101], sample_features)
+  assert capped["KID (inception)"] == pytest.approx(kid_101, rel=1e-4, abs=1e-7)
+  assert capped["FID"] == pytest.approx(result["FID"], rel=1e-6)
+
+
+def test_kid_from_a_pool_3_file_and_none_from_a_mean_and_covariance_file(workdir, monkeypatch,
+                                                                          tmp_path, caplog):
+  recorder = _Recorder()
+  monkeypatch.setattr(features, "get_feature_extractor", recorder.extractor)
+  monkeypatch.setattr(features, "resolve_weights", lambda name, path=None: "fake")
+  pool = np.random.default_rng(4).uniform(0, 1, (50, 3)).astype(np.float32)
+  np.savez(tmp_path / "digits_stats.npz", pool_3=pool)
+  config = _sampling_config("score_sde")
+  config.eval.reference_statistics = str(tmp_path / "digits_stats.npz")
+  result = evaluate.evaluate_checkpoint(config, workdir, 2)
+  sample_features = _stored_sample_features(workdir, 2)[:6]
+  kid, _ = metrics.kernel_inception_distance_blocks(pool, sample_features)
+  assert result["KID (inception)"] == pytest.approx(kid, rel=1e-4, abs=1e-7)
+  assert result["KID (inception) stderr"] is None  # one block: no standard error
+  assert result["kid_reference_examples"] == 50
+
+  mu, sigma = metrics.gaussian_statistics(pool)
+  np.savez(tmp_path / "fid_stats.npz", mu=mu, sigma=sigma)  # pytorch-fid's layout
+  config.eval.reference_statistics = str(tmp_path / "fid_stats.npz")
+  with caplog.at_level("WARNING"):
+    for _ in range(2):
+      no_kid = evaluate.evaluate_checkpoint(config, workdir, 2)
+      assert no_kid["KID (inception)"] is None
+      assert no_kid["FID"] == pytest.approx(result["FID"], rel=1e-6)  # FID still computed
+  why = no_kid["KID (inception) unavailable"]
+  assert "fid_stats.npz hold a mean and covariance only, no features" in why
+  logged = [r.getMessage() for r in caplog.records
+            if "KID (inception) not computed" in r.getMessage()]
+  assert len(logged) == 1 and why in logged[0]  # once, not once per evaluation
+  line = json.loads(open(os.path.join(workdir, "eval", "results.jsonl")).read().splitlines()[-1])
+  assert line["KID (inception)"] is None and line["KID (inception) unavailable"] == why
+
+
+def test_a_summary_of_an_earlier_format_is_made_again(tmp_path):
+  settings = evaluate._settings(_config(), None, None, None, {})
+  os.makedirs(tmp_path / "eval" / "ckpt_2")
+  for stored, reused in ((settings, True), (dict(settings, summary_format=1), False)):
+    with open(tmp_path / "eval" / "ckpt_2" / "result.json", "w") as f:
+      json.dump(dict(result={"FID": 1.0}, settings=stored), f)  # a summary made without KID
+    assert (evaluate._finished_summary(str(tmp_path), 2, settings) is not None) == reused
 
 
 def _loop_config():

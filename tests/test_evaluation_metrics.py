@@ -196,6 +196,58 @@ def test_kid_near_zero_for_same_distribution_and_positive_when_shifted():
                                            num_subsets=20) == (mean, std)
 
 
+def _tfgan_block_kid(real, fake, block_sizes_real, block_sizes_fake):
+  """TF-GAN's kernel_classifier_distance_and_std_from_activations written out with the block
+  sizes given: per block (x.y/d + 1)^3 kernels, off-diagonal means of k_rr and k_gg minus twice
+  the mean of k_rg; the mean over blocks and sqrt(Bessel variance / blocks)."""
+  d = real.shape[1]
+  ests, r0, g0 = [], 0, 0
+  for m, n in zip(block_sizes_real, block_sizes_fake):
+    r, g = real[r0:r0 + m], fake[g0:g0 + n]
+    r0, g0 = r0 + m, g0 + n
+    k_rr, k_rg, k_gg = [(a @ b.T / d + 1) ** 3 for a, b in ((r, r), (r, g), (g, g))]
+    ests.append(-2 * k_rg.mean() + (k_rr.sum() - np.trace(k_rr)) / (m * (m - 1))
+                + (k_gg.sum() - np.trace(k_gg)) / (n * (n - 1)))
+  assert (r0, g0) == (len(real), len(fake))
+  ests = np.array(ests)
+  return ests.mean(), np.sqrt(np.sum((ests - ests.mean()) ** 2) / (len(ests) - 1) / len(ests))
+
+
+def test_block_kid_is_tfgans_estimator_with_its_block_sizes():
+  rng = np.random.default_rng(9)
+  real, fake = rng.normal(size=(23, 4)), rng.normal(0.3, 1.2, size=(17, 4))
+  # ceil(23 / 5) = 5 blocks: 23 = 4 + 4 + 5 + 5 + 5 and 17 = 3 + 3 + 3 + 4 + 4 (larger ones last)
+  expected = _tfgan_block_kid(real, fake, [4, 4, 5, 5, 5], [3, 3, 3, 4, 4])
+  got = metrics.kernel_inception_distance_blocks(real, fake, max_block_size=5)
+  np.testing.assert_allclose(got, expected, rtol=1e-12)
+  assert np.isfinite(got[1]) and got[1] > 0
+  # Symmetric (score_sde passes the data first), and blocks are taken in order: a permutation of
+  # the rows changes the blocks, hence the estimate.
+  np.testing.assert_allclose(metrics.kernel_inception_distance_blocks(fake, real, 5), got,
+                             rtol=1e-12)
+  assert metrics.kernel_inception_distance_blocks(real[::-1], fake, 5)[0] != pytest.approx(got[0])
+
+
+def test_block_kid_of_one_block_is_the_unbiased_mmd2_of_all_rows():
+  rng = np.random.default_rng(10)
+  real, fake = rng.normal(size=(30, 3)), rng.normal(size=(20, 3)) + 0.5
+  kid, stderr = metrics.kernel_inception_distance_blocks(real, fake)  # 30 <= 1024: one block
+  assert kid == pytest.approx(metrics.mmd2_unbiased(real, fake), rel=1e-12) and np.isnan(stderr)
+  a, b = np.array([1.0, 2.0, 0.0]), np.array([0.0, 1.0, -1.0])
+  k = lambda u, v: (u @ v / 3 + 1) ** 3  # noqa: E731
+  point = metrics.kernel_inception_distance_blocks(np.tile(a, (50, 1)), np.tile(b, (40, 1)), 7)
+  np.testing.assert_allclose(point, [k(a, a) + k(b, b) - 2 * k(a, b), 0.0], atol=1e-9)
+
+
+def test_block_kid_needs_two_rows_per_block():
+  rng = np.random.default_rng(11)
+  with pytest.raises(ValueError, match=r"3 blocks of at most 4 needs at least 6 rows.*12 and 5"):
+    metrics.kernel_inception_distance_blocks(rng.normal(size=(12, 2)), rng.normal(size=(5, 2)),
+                                             max_block_size=4)
+  with pytest.raises(ValueError, match="equal d"):
+    metrics.kernel_inception_distance_blocks(np.zeros((4, 2)), np.zeros((4, 3)))
+
+
 # ---------------------------------------------------------------------------- streaming statistics
 
 

@@ -191,5 +191,6 @@ def test_eval_writes_metrics_and_resumes_without_redoing_batches(tmp_path):
   second = run_eval(config, str(tmp_path))
   assert [p.stat().st_mtime_ns for p in progress] == stamps  # nothing recomputed
   assert second["bpd"] == first["bpd"] and second["FD-EffNet"] == first["FD-EffNet"]
+  assert np.isfinite(first["KID (effnet)"]) and second["KID (effnet)"] == first["KID (effnet)"]
   lines = (tmp_path / "eval" / "results.jsonl").read_text().strip().splitlines()
   assert len(lines) == 2

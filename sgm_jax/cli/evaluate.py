@@ -1,6 +1,6 @@
 """`main.py --mode eval`: what config.eval enables of the test loss, test-set bits/dim, the
-denoising error per noise level, and FD / IS / out-of-range share of samples, for one checkpoint
-or, when config.eval sets begin_ckpt and end_ckpt, for each checkpoint of that range.
+denoising error per noise level, and FD / IS / KID / out-of-range share of samples, for one
+checkpoint or, when config.eval sets begin_ckpt and end_ckpt, for each checkpoint of that range.
 
 Each finished batch is saved under workdir/eval/ckpt_<step>/ (outputs.BatchProgress) with the
 settings its numbers depend on (the checkpoint, config.seed, the SDE, network and data, and the
@@ -231,10 +231,16 @@ def _model_settings(config: Any) -> dict:
               data=_section(config.data, ("data_dir",)))
 
 
+# What a checkpoint's summary holds; one of an earlier format is made again (from the per-batch
+# files its parts left). 2: KID.
+SUMMARY_FORMAT = 2
+
+
 def _settings(config: Any, sampler_name, num_steps, num_samples, sampler_options) -> dict:
   """What a checkpoint's evaluation depends on besides the checkpoint (JSON-normalized)."""
   ev = _section(config.eval, ("begin_ckpt", "end_ckpt"))
-  settings = dict(_model_settings(config), eval=ev, sampling=_section(config.sampling),
+  settings = dict(_model_settings(config), summary_format=SUMMARY_FORMAT, eval=ev,
+                  sampling=_section(config.sampling),
                   sampler=sampler_name, num_steps=num_steps, num_samples=num_samples,
                   sampler_options=sampler_options)
   return json.loads(outputs.settings_json(settings))
@@ -266,9 +272,9 @@ def evaluate_checkpoint(config: Any, workdir: str, checkpoint_step: Any = None,
   """Evaluate the EMA parameters of the latest (or the given) checkpoint.
 
   Computes what config.eval enables of the test loss, test-set bits/dim, the denoising error per
-  noise level and FD (FD-EffNet offline, or FID with Inception weights), IS and the out-of-range
-  share of samples, scored as eval.protocol says (`sample_protocol`). The sampler is the
-  protocol's (eval.sampler) with the config's options (as --mode sample); `sampler_options`
+  noise level and FD (FD-EffNet offline, or FID with Inception weights), IS, KID and the
+  out-of-range share of samples, scored as eval.protocol says (`sample_protocol`). The sampler is
+  the protocol's (eval.sampler) with the config's options (as --mode sample); `sampler_options`
   replace single ones. The summary is appended to workdir/eval/results.jsonl and written, with
   the settings, to workdir/eval/ckpt_<step>/result.json.
   """
@@ -494,15 +500,45 @@ def _reference_statistics(config: Any, workdir: str, dataset, extractor, protoco
   ref = features.dataset_statistics(extractor, ref_batches, cache,
                                     dataset=str(config.data.dataset), split="train",
                                     image_size=int(config.data.image_size), count=count,
-                                    available=available)
+                                    available=available,
+                                    keep_features=features.REFERENCE_FEATURES)
   return ref, f"{count} training images"
+
+
+_KID_REASONS_LOGGED: set = set()
+
+
+def _kid(name: str, ref, sample_features: np.ndarray, reference: str) -> dict:
+  """'KID (<name>)' of the samples against the reference's features as score_sde reports it
+  (TF-GAN's block estimator, metrics.kernel_inception_distance_blocks, reference first) and its
+  standard error; None and the reason why (logged once per reason) where the reference has no
+  features (a mean/covariance-only statistics file) or too few rows per block."""
+  from sgm_jax.evaluation import metrics
+  label = f"KID ({name})"
+  if ref.features is None:
+    why = (f"the reference statistics {reference} hold a mean and covariance only, no features; "
+           "KID needs features (score_sde's <dataset>_stats.npz has them as pool_3)")
+  else:
+    try:
+      kid, stderr = metrics.kernel_inception_distance_blocks(ref.features, sample_features)
+      return {label: kid, f"{label} stderr": None if np.isnan(stderr) else stderr,
+              "kid_reference_examples": int(len(ref.features))}
+    except InputError as e:
+      why = str(e)
+  if why not in _KID_REASONS_LOGGED:
+    _KID_REASONS_LOGGED.add(why)
+    logging.warning("%s not computed: %s", label, why)
+  return {label: None, f"{label} unavailable": why}
 
 
 def _eval_samples(config: Any, workdir: str, dataset, sde, score_fn, out_dir: str, key,
                   sampler_name: str | None, num_steps: int | None, num_samples: int | None,
                   overrides: dict) -> dict:
-  """FD (FD-EffNet, or FID with Inception weights), IS and the out-of-range share of samples,
-  scored as eval.protocol says; the reference statistics are ready before any sample is drawn.
+  """FD (FD-EffNet, or FID with Inception weights), IS, KID and the out-of-range share of
+  samples, scored as eval.protocol says; the reference statistics are ready before any sample is
+  drawn. KID is computed from the reference's features (the first features.REFERENCE_FEATURES
+  training images, or a statistics file's pool_3); a statistics file of mean and covariance only
+  gives none, and the row says why.
 
   Each batch of samples (padded to a multiple of the number of devices) is drawn by one compiled
   program over every device of every process (cli.setup.sample_shard_fn: sample j starts from
@@ -575,6 +611,7 @@ def _eval_samples(config: Any, workdir: str, dataset, sde, score_fn, out_dir: st
   is_mean, is_std = metrics.inception_score(probs,
                                             splits=min(protocol.inception_score_splits, n))
   return {features.METRIC_NAMES[name]: fd, f"IS ({name})": is_mean, f"IS ({name}) std": is_std,
+          **_kid(name, ref, sample_features, reference),
           "num_samples": n, "reference_examples": ref.count or None, "reference": reference,
           "protocol": protocol.name, "quantized_samples": protocol.quantize_samples,
           "sampler": sampler_name, "num_steps": num_steps,

@@ -26,7 +26,7 @@ _EXPORTS = {
                  "quantize_samples"),
     "metrics": ("RunningStatistics", "frechet_distance", "frechet_distance_from_features",
                 "gaussian_statistics", "inception_score", "kernel_inception_distance",
-                "softmax"),
+                "kernel_inception_distance_blocks", "softmax"),
     "statistics_files": ("load_reference_statistics",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -29,7 +29,14 @@ from sgm_jax.evaluation.metrics import RunningStatistics
 from sgm_jax.io_utils import save_npz_atomic
 
 METRIC_NAMES = {"inception": "FID", "effnet": "FD-EffNet"}
-CACHE_FORMAT = 1
+# 2: the cache also holds the features of the first REFERENCE_FEATURES images (for KID); a cache of
+# format 1 (mean and covariance only) is recomputed.
+CACHE_FORMAT = 2
+# The reference features kept for KID: all of CIFAR-10's training split (score_sde's KID used all
+# 50,000 of its pool_3 rows), at most 50,000 x 2,048 float32 = 410 MB for larger splits (CelebA,
+# LSUN), where keeping every row would not fit in memory; TF-GAN's block KID is unbiased on any
+# number of rows.
+REFERENCE_FEATURES = 50_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,12 +159,14 @@ class ImagesRanOut(ValueError):
 
 def feature_statistics(extractor: FeatureExtractor, images: Iterable, count: Optional[int] = None,
                        keep_features: bool = False, keep_logits: bool = False,
-                       progress: Optional[Callable[[int], Any]] = None) -> FeatureStatistics:
+                       progress: Optional[Callable[[int], Any]] = None,
+                       max_features: Optional[int] = None) -> FeatureStatistics:
   """Stream batches of images through `extractor`, accumulating mean and covariance.
 
   Stops after `count` images (ImagesRanOut, a ValueError, if the iterator holds fewer); keeps
-  all features (for KID) or logits (for the Inception Score) only when asked. `progress(n)` is
-  called with the number of images of each batch done (a tqdm bar's `update`).
+  the features (for KID; of the first `max_features` images only, when given) or logits (for the
+  Inception Score) only when asked. `progress(n)` is called with the number of images of each
+  batch done (a tqdm bar's `update`).
   """
   stats = RunningStatistics(extractor.feature_dim)
   kept_features, kept_logits = [], []
@@ -167,9 +176,10 @@ def feature_statistics(extractor: FeatureExtractor, images: Iterable, count: Opt
     if len(batch) == 0:
       break
     out = extractor(batch)
+    if keep_features and (max_features is None or stats.count < max_features):
+      kept_features.append(out["features"][:None if max_features is None
+                                            else max_features - stats.count])
     stats.update(out["features"])
-    if keep_features:
-      kept_features.append(out["features"])
     if keep_logits:
       kept_logits.append(out["logits"])
     if progress is not None:
@@ -178,10 +188,12 @@ def feature_statistics(extractor: FeatureExtractor, images: Iterable, count: Opt
       break
   if count is not None and stats.count < count:
     raise ImagesRanOut(stats.count, count)
-  return FeatureStatistics(
-      stats.mean, stats.covariance, stats.count,
-      np.concatenate(kept_features) if keep_features else None,
-      np.concatenate(kept_logits) if keep_logits else None)
+  kept = None
+  if keep_features:
+    kept = (np.concatenate(kept_features) if kept_features
+            else np.zeros((0, extractor.feature_dim), np.float32))
+  return FeatureStatistics(stats.mean, stats.covariance, stats.count, kept,
+                           np.concatenate(kept_logits) if keep_logits else None)
 
 
 def _slug(text: str) -> str:
@@ -196,10 +208,10 @@ def default_cache_path(workdir: str, extractor_name: str, dataset: str, split: s
 
 
 def _cache_key(extractor_name: str, weights_id: str, dataset: str, split: str, image_size: int,
-               count: int) -> dict[str, Any]:
+               count: int, kept: int) -> dict[str, Any]:
   return {"format": CACHE_FORMAT, "extractor": extractor_name, "weights": weights_id,
           "dataset": str(dataset), "split": str(split), "image_size": int(image_size),
-          "count": int(count)}
+          "count": int(count), "kept_features": int(kept)}
 
 
 def _read_cache(path: str, key: dict[str, Any], feature_dim: Optional[int]
@@ -210,16 +222,23 @@ def _read_cache(path: str, key: dict[str, Any], feature_dim: Optional[int]
   try:
     with np.load(path, allow_pickle=False) as data:
       stored = {k: data[k].item() for k in key if k in data.files}
+      if stored != key:  # e.g. format 1 (no features): recomputed below
+        logging.warning("dataset statistics cache %s was made for %s, not %s; recomputing",
+                        path, stored, key)
+        return None
       mean, cov = data["mean"], data["cov"]
+      kept = data["features"] if key["kept_features"] else None
   except Exception as e:  # a truncated or foreign file is recomputed, not trusted
     logging.warning("dataset statistics cache %s is unreadable (%s); recomputing", path, e)
     return None
-  if stored != key or mean.ndim != 1 or cov.shape != mean.shape * 2 or (
-      feature_dim is not None and mean.shape[0] != feature_dim):
-    logging.warning("dataset statistics cache %s was made for %s, not %s; recomputing",
-                    path, stored, key)
+  if mean.ndim != 1 or cov.shape != mean.shape * 2 or (
+      feature_dim is not None and mean.shape[0] != feature_dim) or (
+      kept is not None and kept.shape != (key["kept_features"],) + mean.shape):
+    logging.warning("dataset statistics cache %s holds arrays of other shapes than %s; "
+                    "recomputing", path, key)
     return None
-  return FeatureStatistics(mean.astype(np.float64), cov.astype(np.float64), key["count"])
+  return FeatureStatistics(mean.astype(np.float64), cov.astype(np.float64), key["count"],
+                           features=kept)
 
 
 def _masked_images(batch) -> np.ndarray:
@@ -237,11 +256,14 @@ def _masked_images(batch) -> np.ndarray:
 def dataset_statistics(extractor: Union[str, FeatureExtractor], images: Iterable,
                        cache_path: str, *, dataset: str, split: str, image_size: int, count: int,
                        weights_path: Optional[str] = None, batch_size: int = 50,
-                       available: Optional[int] = None) -> FeatureStatistics:
-  """Mean and covariance of a dataset's features, computed once and cached as .npz.
+                       available: Optional[int] = None,
+                       keep_features: int = REFERENCE_FEATURES) -> FeatureStatistics:
+  """Mean and covariance of a dataset's features, and the features of its first
+  min(count, keep_features) images (for KID; 0: none), computed once and cached as .npz.
 
-  The cache records extractor, weights (name, size, hash), dataset, split, image size and count;
-  a cache written for anything else (or unreadable) is recomputed and replaced, never reused.
+  The cache records its format, extractor, weights (name, size, hash), dataset, split, image
+  size, count and number of kept features; a cache written for anything else (or unreadable, or
+  of an earlier format without features) is recomputed and replaced, never reused.
   `images` yields batches, each an array of images (see the module docstring) or a dict with
   'image' and 'mask' (padded eval batches: only rows where mask is 1 count); it is only iterated
   when computing, with a progress bar, and its images must be image_size x image_size.
@@ -257,7 +279,8 @@ def dataset_statistics(extractor: Union[str, FeatureExtractor], images: Iterable
     weights_id = _file_id(resolve_weights(name, weights_path))
   else:
     weights_id = extractor.weights_id
-  key = _cache_key(name, weights_id, dataset, split, image_size, count)
+  kept = min(int(count), int(keep_features))
+  key = _cache_key(name, weights_id, dataset, split, image_size, count, kept)
   cached = _read_cache(cache_path, key, None if isinstance(extractor, str)
                        else extractor.feature_dim)
   if cached is not None:
@@ -277,7 +300,8 @@ def dataset_statistics(extractor: Union[str, FeatureExtractor], images: Iterable
   from tqdm import tqdm
   bar = tqdm(total=count, desc=f"reference statistics ({dataset} {split})", unit="img")
   try:
-    stats = feature_statistics(extractor, checked(images), count, progress=bar.update)
+    stats = feature_statistics(extractor, checked(images), count, keep_features=kept > 0,
+                               progress=bar.update, max_features=kept)
   except ImagesRanOut as e:
     raise InputError(f"the {dataset} {split} images ran out after {e.found} of the {count} asked "
                      f"for its reference statistics; set eval.reference_examples (count) to at "
@@ -285,5 +309,6 @@ def dataset_statistics(extractor: Union[str, FeatureExtractor], images: Iterable
   finally:
     bar.close()
   arrays = {k: np.asarray(v) for k, v in key.items()}
-  save_npz_atomic(cache_path, {"mean": stats.mean, "cov": stats.cov, **arrays})
+  kept_arrays = {"features": stats.features} if kept else {}
+  save_npz_atomic(cache_path, {"mean": stats.mean, "cov": stats.cov, **kept_arrays, **arrays})
   return stats

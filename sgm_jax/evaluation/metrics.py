@@ -6,7 +6,9 @@
 - Inception Score from class probabilities (Salimans et al., NeurIPS 2016):
   exp(E_x KL(p(y|x) || p(y))), averaged over splits.
 - Kernel Inception Distance (Binkowski et al., ICLR 2018): the unbiased MMD^2 estimate with the
-  kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets.
+  kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets (`kernel_inception_distance`,
+  the paper's scheme) or over TF-GAN's deterministic blocks (`kernel_inception_distance_blocks`,
+  what score_sde reported and `--mode eval` reports).
 - `RunningStatistics`: mean and covariance accumulated batch by batch (Chan et al.'s pairwise
   update), so large sample sets need not be kept.
 """
@@ -170,3 +172,42 @@ def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray,
                           y[rng.choice(y.shape[0], m, replace=False)])
             for _ in range(num_subsets)]
   return float(np.mean(values)), float(np.std(values))
+
+
+def kernel_inception_distance_blocks(features1: np.ndarray, features2: np.ndarray,
+                                     max_block_size: int = 1024) -> tuple[float, float]:
+  """TF-GAN's KID (`kernel_classifier_distance_and_std_from_activations`, which score_sde's
+  evaluation calls with its default block size): (mean over blocks, standard error of that mean).
+
+  Both sets are split, in their order, into the same number B = ceil(max(N1, N2) /
+  max_block_size) of consecutive blocks, each set's blocks of sizes N // B and N // B + 1 (the
+  larger ones last); block i's value is the unbiased MMD^2 (`mmd2_unbiased`) between block i of
+  each set. The standard error is sqrt(var / B) with the Bessel-corrected variance of the block
+  values (NaN for one block). Deterministic: no subsets are drawn. The sets should be in random
+  order (TF-GAN's note); samples are, a dataset's training split in its stored order is taken as
+  it comes, as score_sde did. ValueError when a block of either set would hold fewer than 2 rows
+  (the unbiased estimate needs 2).
+  """
+  x, y = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
+  if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+    raise InputError(f"feature sets must be (N, d) with equal d, got {x.shape} and {y.shape}")
+  if max_block_size < 2:
+    raise InputError(f"max_block_size must be >= 2, got {max_block_size}")
+  blocks = -(-max(x.shape[0], y.shape[0]) // max_block_size)
+  if min(x.shape[0], y.shape[0]) < 2 * blocks:
+    raise InputError(
+        f"KID in {blocks} blocks of at most {max_block_size} needs at least {2 * blocks} rows in "
+        f"each set, got {x.shape[0]} and {y.shape[0]}")
+
+  def bounds(n):  # B - n % B blocks of n // B rows, then n % B blocks of n // B + 1
+    sizes = np.full(blocks, n // blocks)
+    sizes[blocks - n % blocks:] += 1
+    return np.concatenate([[0], np.cumsum(sizes)])
+
+  bx, by = bounds(x.shape[0]), bounds(y.shape[0])
+  values = np.array([mmd2_unbiased(x[bx[i]:bx[i + 1]], y[by[i]:by[i + 1]])
+                     for i in range(blocks)])
+  mean = float(values.mean())
+  if blocks == 1:
+    return mean, float("nan")
+  return mean, float(np.sqrt(values.var(ddof=1) / blocks))

@@ -6,7 +6,10 @@ Accepted layouts (the file's keys decide, not its name):
   `logits`];
 - pytorch-fid's and EDM's `.npz`: `mu` (d,) and `sigma` (d, d);
 - EDM / StyleGAN `.pkl`: a dict with `mu` and `sigma`;
-- this project's cache `.npz`: `mean` and `cov`.
+- this project's cache `.npz`: `mean` and `cov` [and `features` (n, d) of its first n images].
+
+Only score_sde's files and this project's caches hold features, which KID needs; from a mean and
+covariance alone only the Frechet distance can be computed.
 
 Features are turned into statistics as everywhere here (float64, covariance with ddof=1, as
 TF-GAN's Frechet distance computes them). A pickle is read with an unpickler that rebuilds numpy
@@ -14,6 +17,7 @@ arrays and plain containers only; anything else in it is refused without being r
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pickle
@@ -28,7 +32,7 @@ from sgm_jax.evaluation.metrics import RunningStatistics
 
 LAYOUTS = ("score_sde: 'pool_3' (N, d) features [and 'logits']",
            "pytorch-fid / EDM: 'mu' (d,) and 'sigma' (d, d)",
-           "sgm-jax cache: 'mean' (d,) and 'cov' (d, d)")
+           "sgm-jax cache: 'mean' (d,) and 'cov' (d, d) [and 'features' (n, d)]")
 
 # The globals a pickle of numpy arrays in a dict needs (numpy 1.x and 2.x module names; protocol 2
 # writes bytes as _codecs.encode(str, 'latin1')).
@@ -82,7 +86,8 @@ def _from_mean_cov(path: str, mean: Any, cov: Any) -> FeatureStatistics:
 
 def from_arrays(arrays: dict[str, Any], path: str = "<arrays>") -> FeatureStatistics:
   """FeatureStatistics of one of the LAYOUTS; count is the number of images where the file has
-  features (score_sde), else 0 (not recorded)."""
+  features (score_sde), else 0 (not recorded); `features` are the file's feature rows (pool_3, or
+  a cache's kept features), None where it has none (mu / sigma)."""
   if "pool_3" in arrays:
     features = np.asarray(arrays["pool_3"], np.float64)
     if features.ndim != 2 or features.shape[0] < 2:
@@ -92,7 +97,12 @@ def from_arrays(arrays: dict[str, Any], path: str = "<arrays>") -> FeatureStatis
     return FeatureStatistics(stats.mean, stats.covariance, stats.count, features=features)
   for mean_key, cov_key in (("mu", "sigma"), ("mean", "cov")):
     if mean_key in arrays and cov_key in arrays:
-      return _from_mean_cov(path, arrays[mean_key], arrays[cov_key])
+      stats = _from_mean_cov(path, arrays[mean_key], arrays[cov_key])
+      kept = arrays.get("features") if mean_key == "mean" else None
+      if kept is not None and (np.ndim(kept) != 2 or np.shape(kept)[1:] != stats.mean.shape):
+        raise InputError(f"reference statistics {path}: 'features' of shape {np.shape(kept)} do "
+                         f"not fit a mean of shape {stats.mean.shape}; expected (n, d)")
+      return stats if kept is None else dataclasses.replace(stats, features=np.asarray(kept))
   raise InputError(f"reference statistics {path} has keys {sorted(arrays)}, none of the layouts "
                    f"this reader knows: {'; '.join(LAYOUTS)}")
 
