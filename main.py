@@ -207,7 +207,7 @@ def _parse_flags(argv):
   """absl's flag parsing, with one clear line for a --config.x=y override of a missing field."""
   try:
     return FLAGS(argv)
-  except AttributeError as e:
+  except (AttributeError, KeyError) as e:  # a missing field, or a missing section
     print(f"error: unknown config field in a --config override: {e}", file=sys.stderr)
     sys.exit(2)
   except flags.Error as e:

@@ -36,6 +36,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
   evaluate.enable_loss = True
   evaluate.enable_bpd = False
   evaluate.bpd_dataset = 'test'
+  evaluate.rtol = 1e-5  # probability-flow ODE tolerances (bits/dim, interpolation): score_sde's
+  evaluate.atol = 1e-5
   use_score_sde_protocol(evaluate)
 
   config.data = data = ml_collections.ConfigDict()
@@ -45,6 +47,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
   data.centered = False
   data.uniform_dequantization = False
   data.num_channels = 3
+  # a local copy (dataset 'npz' or 'folder', or tfds' data_dir); None: the default location
+  data.data_dir = placeholder(str)
 
   config.model = model = ml_collections.ConfigDict()
   model.sigma_min = 0.01
@@ -63,6 +67,23 @@ def get_default_configs() -> ml_collections.ConfigDict:
   optim.eps = 1e-8
   optim.warmup = 5000
   optim.grad_clip = 1.
+
+  # score_sde's noise-conditional classifier (WRN-28-10) of --mode sample --class_label: imported
+  # (--mode import --classifier) or trained here (--mode train_classifier); the WRN sizes must be
+  # the checkpoint's. checkpoint: an original classifier file used without importing it.
+  config.classifier = classifier = ml_collections.ConfigDict()
+  classifier.num_classes = 10
+  classifier.blocks_per_group = 4
+  classifier.channel_multiplier = 10
+  classifier.scale = 1.0
+  classifier.checkpoint = placeholder(str)
+  classifier.n_iters = 2000
+  classifier.batch_size = 64
+  classifier.lr = 1e-3
+  classifier.max_seconds = placeholder(float)
+  classifier.log_freq = 100
+  classifier.snapshot_freq = 200
+  classifier.eval_examples = 1000
 
   config.seed = 42
   return config

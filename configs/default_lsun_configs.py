@@ -1,5 +1,6 @@
 """Defaults shared by the 256x256 experiments (LSUN, CelebA-HQ, FFHQ), as in score_sde."""
 import ml_collections
+from ml_collections.config_dict import placeholder
 from configs.default_cifar10_configs import use_score_sde_protocol
 
 
@@ -36,6 +37,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
   evaluate.enable_loss = True
   evaluate.enable_bpd = False
   evaluate.bpd_dataset = 'test'
+  evaluate.rtol = 1e-5  # probability-flow ODE tolerances (bits/dim, interpolation): score_sde's
+  evaluate.atol = 1e-5
   use_score_sde_protocol(evaluate)
 
   config.data = data = ml_collections.ConfigDict()
@@ -45,6 +48,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
   data.uniform_dequantization = False
   data.centered = False
   data.num_channels = 3
+  # a local copy (dataset 'npz' or 'folder', or tfds' data_dir); None: the default location
+  data.data_dir = placeholder(str)
 
   config.model = model = ml_collections.ConfigDict()
   model.sigma_max = 378

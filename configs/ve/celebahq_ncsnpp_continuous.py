@@ -55,6 +55,7 @@ def get_config():
   data.uniform_dequantization = False
   data.num_channels = 3
   data.tfrecords_path = ''  # path to the CelebA-HQ 1024 tfrecords file
+  data.data_dir = ml_collections.config_dict.placeholder(str)  # dataset 'npz' or 'folder'
 
   config.model = model = ml_collections.ConfigDict()
   model.name = 'ncsnpp'
