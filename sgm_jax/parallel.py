@@ -109,10 +109,11 @@ def _mesh(devices: tuple) -> Mesh:
   return Mesh(np.array(devices), (AXIS_NAME,))
 
 
-def mesh() -> Mesh:
-  """The 1-D mesh of every device, process by process: process p's devices hold a contiguous
-  block of each batch, the block its data pipeline loads."""
-  return _mesh(tuple(sorted(jax.devices(), key=lambda d: (d.process_index, d.id))))
+def mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """The 1-D mesh of every device (or of `devices`), process by process: process p's devices hold
+  a contiguous block of each batch, the block its data pipeline loads."""
+  devices = jax.devices() if devices is None else devices
+  return _mesh(tuple(sorted(devices, key=lambda d: (d.process_index, d.id))))
 
 
 def replicated() -> NamedSharding:
@@ -215,13 +216,15 @@ def global_example_index(local_batch: int) -> jax.Array:
 # --- per-device functions run on every device ------------------------------------------------
 
 def data_parallel(fn: Callable, in_specs: Sequence[Any], out_specs: Any,
-                  donate_argnums: tuple = ()) -> Callable:
+                  donate_argnums: tuple = (),
+                  devices: Optional[Sequence[jax.Device]] = None) -> Callable:
   """jit(shard_map(fn)) over every device of every process: one compiled program, each device
   running `fn` on its block. Specs say how each argument and output is laid out: `P()` the same
   on every device, `P(AXIS_NAME)` (or `batch_spec(axis)`) split along a batch axis. `fn` may use
   `device_index`, `global_example_index` and `pmean`; without collectives each device runs on its
-  own (e.g. an adaptive solver with its own number of steps)."""
-  mapped = jax.shard_map(fn, mesh=mesh(), in_specs=tuple(in_specs), out_specs=out_specs,
+  own (e.g. an adaptive solver with its own number of steps). `devices`: a subset to run on
+  (benchmarks; the inputs must then be placed on its `mesh(devices)`)."""
+  mapped = jax.shard_map(fn, mesh=mesh(devices), in_specs=tuple(in_specs), out_specs=out_specs,
                          check_vma=False)
   return jax.jit(mapped, donate_argnums=donate_argnums)
 
@@ -238,7 +241,8 @@ def map_batches(fn: Callable) -> Callable:
   return data_parallel(fn, (P(), P(AXIS_NAME)), P(AXIS_NAME))
 
 
-def fused_steps(step_fn: Callable, donate_state: bool = True) -> Callable:
+def fused_steps(step_fn: Callable, donate_state: bool = True,
+                devices: Optional[Sequence[jax.Device]] = None) -> Callable:
   """n training steps on every device in one call: f(state, batches) -> (state, metrics).
 
   `state` is replicated (`replicate`), `batches` is a global (n_steps, global_batch, ...) array
@@ -258,7 +262,7 @@ def fused_steps(step_fn: Callable, donate_state: bool = True) -> Callable:
     return state, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *metrics)
 
   return data_parallel(run, (P(), batch_spec(1)), (P(), P()),
-                       donate_argnums=(0,) if donate_state else ())
+                       donate_argnums=(0,) if donate_state else (), devices=devices)
 
 
 def every_process(flags: Any) -> np.ndarray:
