@@ -101,8 +101,15 @@ def _import_classifier(config: Any, workdir: str, checkpoint: str) -> dict:
   classifier.check_score_sde_data_range(config)
   architecture = classifier.imported_architecture(config)
   image_shape = tuple(datasets.example_shape(datasets.from_config(config)))
-  variables = convert.load_classifier_variables(
-      source, classifier.imported_network(architecture), (1,) + image_shape)
+  expected = convert.abstract_variables(classifier.imported_network(architecture),
+                                       (1,) + image_shape, jnp.float32)
+  variables = convert.load_classifier_variables(source)  # checked here, in one line
+  difference = convert.first_difference(variables, expected)
+  if difference is not None:
+    sizes = ", ".join(f"{k}={v}" for k, v in architecture.items())
+    raise InputError(f"classifier {source} does not fit the WRN of config.classifier ({sizes}): "
+                     f"{difference}; set --config.classifier.blocks_per_group, channel_multiplier "
+                     "and num_classes to the checkpoint's")
   os.makedirs(workdir, exist_ok=True)
   with WorkdirLock(workdir):
     path = classifier.save_imported_classifier(workdir, variables, architecture, source)
