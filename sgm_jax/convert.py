@@ -386,7 +386,7 @@ def load_classifier_variables(path: str, model: Optional[nn.Module] = None,
   tree = read_msgpack(path)
   if "params_ema" in tree and "optimizer" in tree:
     raise InputError(f"{path!r} is a training-state checkpoint, not a bare classifier parameter "
-                     "tree: use load_sampling_variables")
+                     "tree: import it without --classifier (in Python: load_sampling_variables)")
   if set(tree) == {"params"}:
     tree = tree["params"]
   params = fix_groupnorm_shapes(tree, None if expected is None else expected.get("params", {}))
