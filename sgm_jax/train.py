@@ -364,7 +364,8 @@ def train_loop(workdir: str, state: TrainState, step_fn: Callable,
       host = np.stack([next(data) for _ in range(n)])            # (n, local_batch, ...)
       rstate, metrics = p_step(rstate, parallel.from_process_batches(host, axis=1))
       pending.append((step, metrics))
-      if first_call_done is None:
+      if first_call_done is None:  # the steady rate starts once the compiling call has run
+        jax.block_until_ready(metrics)
         first_call_done, first_call_step = time.time(), step + n
       logs = (step + n) // spec.log_freq > step // spec.log_freq or step + n == spec.n_iters
       step += n
