@@ -1,8 +1,33 @@
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 
+# One XLA compilation cache for the whole test run: the pytest process creates an empty folder,
+# and the xdist workers and every main.py subprocess a test starts inherit it through the
+# environment, so a program that several tests, files or processes build (the digits train step,
+# a sampler's scan, a network's forward pass) compiles once per run. Entries are keyed by the
+# program, the devices and the compile options (jax_disable_most_optimizations included), so a
+# hit is the executable a fresh compile would give. The folder is empty at the start of every
+# run (a clean clone's run is every run) and removed at its end; SGM_JAX_TEST_NO_XLA_CACHE=1
+# turns it off.
+_CACHE_OWNER = False
+if (os.environ.get("SGM_JAX_TEST_NO_XLA_CACHE") != "1"
+    and "SGM_JAX_TEST_XLA_CACHE" not in os.environ):
+  os.environ["SGM_JAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="sgm-jax-test-xla-cache-")
+  _CACHE_OWNER = True
+if "SGM_JAX_TEST_XLA_CACHE" in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["SGM_JAX_TEST_XLA_CACHE"]
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
 import jax  # noqa: E402
+
+if "SGM_JAX_TEST_XLA_CACHE" in os.environ:  # also when a plugin imported jax before this file
+  jax.config.update("jax_compilation_cache_dir", os.environ["SGM_JAX_TEST_XLA_CACHE"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 # Catch accidental broadcasting between (B,) time arrays and (B, ...) images.
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -20,6 +45,16 @@ def fast_compiles():
   jax.config.update("jax_disable_most_optimizations", previous)
 
 
+@pytest.fixture
+def optimized_compiles():
+  """XLA's optimizations for one test of a `fast_compiles` module whose programs run long enough
+  (an adaptive ODE solve, many network calls) to repay them."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", False)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
 # The longest test files (seconds on 2 cores, from --junitxml and --durations runs) are collected
 # first: `pytest -n 2 --dist loadfile` hands out whole files in collection order, and a long file
 # handed out last keeps one worker busy while the other idles.
@@ -31,3 +66,8 @@ LONGEST_FILES_FIRST = ("test_run_lib.py", "test_run_controllable.py", "test_few_
 def pytest_collection_modifyitems(session, config, items):
   rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep order
+
+
+def pytest_unconfigure(config):
+  if _CACHE_OWNER:
+    shutil.rmtree(os.environ["SGM_JAX_TEST_XLA_CACHE"], ignore_errors=True)
