@@ -22,6 +22,11 @@ through SDE methods (score_sde conventions):
   trained elsewhere, e.g. a diffusers model on a `discrete_schedule.DiscreteVPSchedule`), with
   diffusers' prediction types 'epsilon', 'sample' and 'v_prediction' as aliases.
 
+Precision: a network may compute in bfloat16 (config.model.dtype); its output is cast back here to
+the dtype of x, at least float32 (`_ModelApply`, `_ApplyFnScore`), so the loss, samplers and
+likelihood only ever see float32. `with_network_dtype` rebuilds a score function with its network
+computing in another dtype (sgm_jax.likelihood uses float32).
+
 Every function returned here is a `jax.tree_util.Partial` whose arguments (the network variables,
 or an inner score function) are pytree leaves: a jitted sampler that takes it as an argument
 traces the variables instead of baking them in as constants, so new parameters reuse the
@@ -59,6 +64,11 @@ def _takes_train_flag(module_type: type) -> bool:
   return "train" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+def output_dtype(x: Array) -> Any:
+  """What a network output is cast back to: the dtype of x, at least float32."""
+  return jnp.promote_types(jnp.result_type(x), jnp.float32)
+
+
 def train_kwargs(model: nn.Module, train: bool) -> dict:
   """{'train': train} when the model's __call__ takes a `train` flag, else {}."""
   return {"train": train} if _takes_train_flag(type(model)) else {}
@@ -75,14 +85,16 @@ def check_variables(variables: Any) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class _ModelApply:
-  """model.apply(variables, x, labels) in eval or train mode (dropout key from `rng`)."""
+  """model.apply(variables, x, labels) in eval or train mode (dropout key from `rng`), the output
+  cast back from the network's dtype (`output_dtype`)."""
 
   model: nn.Module
   train: bool = False
 
   def __call__(self, variables, x: Array, labels: Array, rng: Optional[Array] = None) -> Array:
     rngs = {"dropout": rng} if (self.train and rng is not None) else None
-    return self.model.apply(variables, x, labels, rngs=rngs, **train_kwargs(self.model, self.train))
+    out = self.model.apply(variables, x, labels, rngs=rngs, **train_kwargs(self.model, self.train))
+    return out.astype(output_dtype(x))
 
 
 def get_model_fn(model: nn.Module, variables: Mapping, train: bool = False) -> Partial:
@@ -196,6 +208,20 @@ class _NetworkScore:
                              self.continuous)
 
 
+def with_network_dtype(fn: Callable, dtype: Any) -> Callable:
+  """`fn` with its network computing in `dtype`: a score or model function of this module (also
+  one inside a Partial that wraps it, as get_eps_fn's) whose flax module has a `dtype` field is
+  rebuilt with `model.clone(dtype=dtype)`, same variables; any other function is returned as is."""
+  if not isinstance(fn, Partial):
+    return fn
+  func = fn.func
+  if isinstance(func, (_NetworkScore, _ModelApply)) and hasattr(func.model, "dtype"):
+    func = dataclasses.replace(func, model=func.model.clone(dtype=dtype))
+  args = [with_network_dtype(a, dtype) for a in fn.args]
+  keywords = {k: with_network_dtype(v, dtype) for k, v in fn.keywords.items()}
+  return Partial(func, *args, **keywords)
+
+
 def _check_network_output(sde: SDE) -> None:
   if sde.network_output not in NETWORK_OUTPUTS:
     raise InputError(f"{type(sde).__name__}.network_output is {sde.network_output!r}; "
@@ -233,7 +259,7 @@ class _ApplyFnScore:
   def __call__(self, apply_fn: Callable, x: Array, t: Array, *args) -> Array:
     t = batch_times(t, x)
     inputs = network_input(self.sde, self.parameterization, self.sigma_data, x, t)
-    out = apply_fn(inputs, self.sde.time_label(t), *args)
+    out = apply_fn(inputs, self.sde.time_label(t), *args).astype(output_dtype(x))
     return score_from_output(self.sde, self.parameterization, self.sigma_data, out, x, t)
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgm_jax import controllable, sde_lib
+from sgm_jax import controllable, models, sde_lib
 from sgm_jax.checkpoints import CheckpointError, CheckpointStore, has_checkpoints
 from sgm_jax.cli.setup import get_field
 from sgm_jax.errors import InputError
@@ -72,7 +72,8 @@ def classifier_parts(config: Any, sde: sde_lib.SDE, image_shape: tuple):
     raise InputError(f"the noise-conditional classifier needs image data (H, W, C); dataset "
                      f"{config.data.dataset!r} gives examples of shape {tuple(image_shape)}")
   spec = ClassifierSpec.from_config(config)
-  model = create_classifier(spec.num_classes, spec.blocks_per_group, spec.channel_multiplier)
+  model = create_classifier(spec.num_classes, spec.blocks_per_group, spec.channel_multiplier,
+                            dtype=models.model_dtype(config))
   x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
   key = jax.random.PRNGKey(int(config.seed) + 7)
   params = jax.jit(model.init)(key, x, jnp.ones((1,)))["params"]  # eager init: seconds of dispatch
@@ -127,10 +128,11 @@ def imported_architecture(config: Any) -> dict:
           "channel_multiplier": int(network.channel_multiplier)}
 
 
-def imported_network(architecture: dict):
+def imported_network(architecture: dict, dtype: Any = None):
+  """The classifier of an imported record, computing in `dtype` (None: float32)."""
   from sgm_jax.models import wideresnet
   return wideresnet.create_classifier(**{k: architecture[k] for k in (
-      "num_classes", "blocks_per_group", "channel_multiplier")})
+      "num_classes", "blocks_per_group", "channel_multiplier")}, dtype=dtype or jnp.float32)
 
 
 def save_imported_classifier(workdir: str, variables: Any, architecture: dict,
@@ -146,13 +148,15 @@ def save_imported_classifier(workdir: str, variables: Any, architecture: dict,
   return path
 
 
-def load_imported_classifier_log_prob(workdir: str, sde: sde_lib.SDE, image_shape: tuple):
-  """(log_prob_fn(x, t, y), None) of the classifier --mode import --classifier wrote."""
+def load_imported_classifier_log_prob(workdir: str, sde: sde_lib.SDE, image_shape: tuple,
+                                      dtype: Any = None):
+  """(log_prob_fn(x, t, y), None) of the classifier --mode import --classifier wrote, computing
+  in `dtype` (None: float32)."""
   import json
   from sgm_jax import convert
   with open(imported_classifier_file(workdir, ".json")) as f:
     record = json.load(f)
-  model = imported_network(record)
+  model = imported_network(record, dtype)
   variables = convert.load_classifier_variables(imported_classifier_file(workdir), model,
                                                 (1,) + tuple(image_shape))
   log_prob_fn = controllable.wrn_log_prob_fn(model, variables["params"], sde,
@@ -167,7 +171,8 @@ def load_classifier_log_prob(config: Any, workdir: str, sde: sde_lib.SDE, image_
   if ClassifierSpec.from_config(config).checkpoint:
     return load_converted_classifier_log_prob(config, sde, image_shape)
   if os.path.exists(imported_classifier_file(workdir, ".json")):
-    return load_imported_classifier_log_prob(workdir, sde, image_shape)
+    return load_imported_classifier_log_prob(workdir, sde, image_shape,
+                                             models.model_dtype(config))
   out_dir = os.path.join(workdir, CLASSIFIER_DIR)
   if not has_checkpoints(out_dir):
     raise CheckpointError(f"no classifier in {out_dir}; train it first with "

@@ -158,7 +158,8 @@ class NoiseConditionalLogits:
       per_channel = (1,) * (scaled.ndim - 1) + (channels,)
       mean, std = (jnp.asarray(v, x.dtype).reshape(per_channel) for v in self.input_normalization)
       scaled = (scaled - mean) / std
-    return self.model.apply({"params": params}, scaled, self.sde.rho(t).astype(x.dtype))
+    logits = self.model.apply({"params": params}, scaled, self.sde.rho(t).astype(x.dtype))
+    return logits.astype(x.dtype)  # from the network's dtype (config.model.dtype)
 
 
 def wrn_log_prob_fn(model: nn.Module, params, sde: SDE, *, input_normalization: Any) -> Partial:

@@ -1,7 +1,9 @@
 """Score networks, one file per family, and the one name -> constructor table used at the edge.
 
 Every network is called as `model.apply(variables, x, labels, train=...)` with x (B, H, W, C) and
-(B,) time labels (see sgm_jax.score for what the labels are per SDE).
+(B,) time labels (see sgm_jax.score for what the labels are per SDE). Every network computes in
+config.model.dtype ('float32' or 'bfloat16', `model_dtype`) with float32 parameters, so the
+parameter tree does not depend on it; sgm_jax.score casts the output back to float32.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import jax.numpy as jnp
 from sgm_jax import sde_lib
 from sgm_jax.errors import InputError
 from sgm_jax.models import ddpm, ncsnpp, ncsnv2, small, wideresnet
+from sgm_jax.models.layers import compute_dtype
 from sgm_jax.score import train_kwargs
 
 Array = jax.Array
@@ -37,6 +40,12 @@ _TAKES_SDE = frozenset({"unet_small", "scorenet", "mixer", "mlp"})
 CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {"wideresnet": wideresnet.from_config}
 
 
+def model_dtype(config: Any) -> Any:
+  """The dtype config.model.dtype names (float32 where the config has no such field or no model
+  section); an InputError names a bad value and the valid ones."""
+  return compute_dtype((config.get("model", None) or {}).get("dtype", None))
+
+
 def create_model(config: Any, sde: Optional[sde_lib.SDE] = None) -> nn.Module:
   """The score network named by config.model.name, built from the config.
 
@@ -52,6 +61,7 @@ def create_model(config: Any, sde: Optional[sde_lib.SDE] = None) -> nn.Module:
   if name not in MODELS:
     raise InputError(f"unknown model {name!r} (config.model.name); valid names are "
                      f"{sorted(MODELS)}")
+  model_dtype(config)  # validated before anything is built
   if name in _TAKES_SDE:
     return MODELS[name](config, sde=sde)
   return MODELS[name](config)

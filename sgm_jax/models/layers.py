@@ -5,12 +5,19 @@ conventions of DDPM (Ho et al., 2020) as used by score_sde (Song et al., ICLR 20
 parameter names and shapes agree with the released checkpoints. Also the two time embeddings
 (sinusoidal, Gaussian Fourier) and the SMLD noise level of a time label, by which networks with
 `scale_by_sigma` divide their output.
+
+Precision: a network computes in its `dtype` ('float32', or 'bfloat16' from config.model.dtype)
+with float32 parameters, flax's `dtype` / `param_dtype` split; every layer here takes that
+`dtype`. What needs more than bfloat16's 8-bit mantissa stays float32 in every network: the time
+embeddings (their sine arguments reach ~1000 rad, which bfloat16 would round by several rad),
+normalization statistics (flax's GroupNorm / LayerNorm compute them in float32), the attention
+softmax and the division by the noise level (`divide_by_noise_level`, whose output is float32).
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -21,6 +28,26 @@ from sgm_jax.sde_lib import smld_sigmas
 
 Array = jax.Array
 Activation = Callable[[Array], Array]
+Dtype = Any
+
+# config.model.dtype -> the dtype a network computes in (its parameters are float32 either way).
+DTYPES: dict[str, Dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: Any) -> Dtype:
+  """The computation dtype named by config.model.dtype: 'float32' (also None, for configs written
+  before the field existed) or 'bfloat16'."""
+  if name is None:
+    return jnp.float32
+  if not isinstance(name, str) or name not in DTYPES:
+    raise InputError(f"unknown model dtype {name!r} (config.model.dtype); valid values are "
+                     f"{sorted(DTYPES)}")
+  return DTYPES[name]
+
+
+def at_least_float32(x: Array) -> Array:
+  """x in float32 (or its own dtype when that is wider)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def default_init(scale: float = 1.0):
@@ -54,9 +81,10 @@ class GaussianFourierProjection(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
+    """Computed in float32 whatever the network's dtype: W x 2 pi reaches ~1000 rad."""
     w = self.param("W", jax.nn.initializers.normal(stddev=self.scale), (self.embedding_size,))
     w = jax.lax.stop_gradient(w)
-    x_proj = x[:, None] * w[None, :] * 2 * math.pi
+    x_proj = at_least_float32(x)[:, None] * w[None, :] * 2 * math.pi
     return jnp.concatenate([jnp.sin(x_proj), jnp.cos(x_proj)], axis=-1)
 
 
@@ -74,9 +102,11 @@ def noise_level(labels: Array, sigma_min: float, sigma_max: float, num_scales: i
 
 def divide_by_noise_level(h: Array, labels: Array, sigma_min: float, sigma_max: float,
                           num_scales: int) -> Array:
-  """h / sigma per example, sigma the `noise_level` of its label (score_sde's scale_by_sigma)."""
+  """h / sigma per example, sigma the `noise_level` of its label (score_sde's scale_by_sigma), in
+  float32: a bfloat16 sigma would be off by up to 2^-9 relative, a bias shared by every pixel of
+  the example rather than rounding noise."""
   sigma = noise_level(labels, sigma_min, sigma_max, num_scales)
-  return h / sigma.reshape((-1,) + (1,) * (h.ndim - 1))
+  return at_least_float32(h) / sigma.reshape((-1,) + (1,) * (h.ndim - 1))
 
 
 _ACTIVATIONS: dict[str, Activation] = {
@@ -97,41 +127,45 @@ def get_act(name: str) -> Activation:
 
 
 def conv1x1(x: Array, out_ch: int, stride: int = 1, bias: bool = True,
-            init_scale: float = 1.0) -> Array:
+            init_scale: float = 1.0, dtype: Dtype = jnp.float32) -> Array:
   """1x1 convolution with DDPM initialization (creates an `nn.Conv` in the calling module)."""
   return nn.Conv(out_ch, kernel_size=(1, 1), strides=(stride, stride), padding="SAME",
                  use_bias=bias, kernel_init=default_init(init_scale),
-                 bias_init=jax.nn.initializers.zeros)(x)
+                 bias_init=jax.nn.initializers.zeros, dtype=dtype)(x)
 
 
 def conv3x3(x: Array, out_ch: int, stride: int = 1, bias: bool = True,
-            init_scale: float = 1.0) -> Array:
+            init_scale: float = 1.0, dtype: Dtype = jnp.float32) -> Array:
   """3x3 'SAME' convolution with DDPM initialization (creates an `nn.Conv` in the caller)."""
   return nn.Conv(out_ch, kernel_size=(3, 3), strides=(stride, stride), padding="SAME",
                  use_bias=bias, kernel_init=default_init(init_scale),
-                 bias_init=jax.nn.initializers.zeros)(x)
+                 bias_init=jax.nn.initializers.zeros, dtype=dtype)(x)
 
 
 class NIN(nn.Module):
   """Network-in-network: a dense layer over the channel axis at every pixel (params W, b)."""
   num_units: int
   init_scale: float = 0.1
+  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     w = self.param("W", default_init(self.init_scale), (x.shape[-1], self.num_units))
     b = self.param("b", jax.nn.initializers.zeros, (self.num_units,))
+    x, w, b = nn.dtypes.promote_dtype(x, w, b, dtype=self.dtype)
     y = jnp.tensordot(x, w, axes=1)
     return y + b.reshape((1,) * (y.ndim - 1) + (-1,))
 
 
-def pixel_attention(h: Array, out_init_scale: float) -> Array:
+def pixel_attention(h: Array, out_init_scale: float, dtype: Dtype = jnp.float32) -> Array:
   """Single-head self-attention over all H*W positions of normalized (B, H, W, C) features, as in
   DDPM: NIN query, key and value, softmax(q k / sqrt(C)) v, then an output NIN (creates
-  `NIN_0`..`NIN_3` in the calling module)."""
+  `NIN_0`..`NIN_3` in the calling module). The logits are accumulated and the softmax taken in
+  float32 (a bfloat16 logit of 10 is off by up to 0.03, which the softmax exponentiates)."""
   b, height, width, c = h.shape
-  q, k, v = NIN(c)(h), NIN(c)(h), NIN(c)(h)
-  logits = jnp.einsum("bhwc,bHWc->bhwHW", q, k) * c ** -0.5
+  q, k, v = NIN(c, dtype=dtype)(h), NIN(c, dtype=dtype)(h), NIN(c, dtype=dtype)(h)
+  logits = jnp.einsum("bhwc,bHWc->bhwHW", q, k, preferred_element_type=jnp.float32) * c ** -0.5
   weights = jax.nn.softmax(logits.reshape(b, height, width, height * width), axis=-1)
-  h = jnp.einsum("bhwHW,bHWc->bhwc", weights.reshape(b, height, width, height, width), v)
-  return NIN(c, init_scale=out_init_scale)(h)
+  weights = weights.astype(v.dtype).reshape(b, height, width, height, width)
+  h = jnp.einsum("bhwHW,bHWc->bhwc", weights, v)
+  return NIN(c, init_scale=out_init_scale, dtype=dtype)(h)

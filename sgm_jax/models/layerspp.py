@@ -3,6 +3,7 @@
 Class names are part of the parameter paths (flax names a submodule `<ClassName>_<n>`), so they
 match the original score_sde modules: Combine, AttnBlockpp, Upsample, Downsample,
 ResnetBlockDDPMpp and ResnetBlockBigGANpp (GaussianFourierProjection is in layers.py).
+Every module computes in its `dtype` with float32 parameters (see layers.py on precision).
 """
 from __future__ import annotations
 
@@ -15,16 +16,17 @@ import jax.numpy as jnp
 
 from sgm_jax.errors import InputError
 from sgm_jax.models import up_or_down_sampling as uds
-from sgm_jax.models.layers import (NIN, Activation, conv1x1, conv3x3, default_init,
+from sgm_jax.models.layers import (NIN, Activation, Dtype, conv1x1, conv3x3, default_init,
                                    pixel_attention)
 
 Array = jax.Array
 _SQRT2 = math.sqrt(2.0)
 
 
-def group_norm(x: Array) -> Array:
-  """GroupNorm with min(C // 4, 32) groups, as everywhere in NCSN++ (creates `GroupNorm_n`)."""
-  return nn.GroupNorm(num_groups=min(x.shape[-1] // 4, 32))(x)
+def group_norm(x: Array, dtype: Dtype = jnp.float32) -> Array:
+  """GroupNorm with min(C // 4, 32) groups, as everywhere in NCSN++ (creates `GroupNorm_n`); its
+  statistics and normalization are float32 (flax upcasts), the output is `dtype`."""
+  return nn.GroupNorm(num_groups=min(x.shape[-1] // 4, 32), dtype=dtype)(x)
 
 
 def add_skip(x: Array, h: Array, skip_rescale: bool) -> Array:
@@ -35,10 +37,11 @@ def add_skip(x: Array, h: Array, skip_rescale: bool) -> Array:
 class Combine(nn.Module):
   """Merge a progressive-growing skip x into h: 1x1 conv of x, then sum or concatenation."""
   method: str = "cat"
+  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, y: Array) -> Array:
-    h = conv1x1(x, y.shape[-1])
+    h = conv1x1(x, y.shape[-1], dtype=self.dtype)
     if self.method == "cat":
       return jnp.concatenate([h, y], axis=-1)
     if self.method == "sum":
@@ -50,10 +53,12 @@ class AttnBlockpp(nn.Module):
   """Self-attention over all pixels (DDPM's AttnBlock) with optional skip rescaling."""
   skip_rescale: bool = False
   init_scale: float = 0.0
+  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    h = pixel_attention(group_norm(x), out_init_scale=self.init_scale)
+    h = pixel_attention(group_norm(x, self.dtype), out_init_scale=self.init_scale,
+                        dtype=self.dtype)
     return add_skip(x, h, self.skip_rescale)
 
 
@@ -63,12 +68,13 @@ class _Resample(nn.Module):
   with_conv: bool = False
   fir: bool = False
   fir_kernel: Sequence[int] = (1, 3, 3, 1)
+  dtype: Dtype = jnp.float32
 
   def _fir_conv(self, x: Array, up: bool) -> Array:
     """FIR resampling fused with a 3x3 convolution to out_ch channels (creates `Conv2d_0`)."""
     return uds.Conv2d(self.out_ch or x.shape[-1], kernel=3, up=up, down=not up,
                       resample_kernel=self.fir_kernel, use_bias=True,
-                      kernel_init=default_init())(x)
+                      kernel_init=default_init(), dtype=self.dtype)(x)
 
 
 class Upsample(_Resample):
@@ -78,7 +84,7 @@ class Upsample(_Resample):
   def __call__(self, x: Array) -> Array:
     if not self.fir:
       h = uds.naive_upsample_2d(x, factor=2)
-      return conv3x3(h, self.out_ch or x.shape[-1]) if self.with_conv else h
+      return conv3x3(h, self.out_ch or x.shape[-1], dtype=self.dtype) if self.with_conv else h
     if not self.with_conv:
       return uds.upsample_2d(x, self.fir_kernel, factor=2)
     return self._fir_conv(x, up=True)
@@ -91,18 +97,19 @@ class Downsample(_Resample):
   def __call__(self, x: Array) -> Array:
     if not self.fir:
       if self.with_conv:
-        return conv3x3(x, self.out_ch or x.shape[-1], stride=2)
+        return conv3x3(x, self.out_ch or x.shape[-1], stride=2, dtype=self.dtype)
       return uds.naive_downsample_2d(x, factor=2)
     if not self.with_conv:
       return uds.downsample_2d(x, self.fir_kernel, factor=2)
     return self._fir_conv(x, up=False)
 
 
-def _add_time_bias(h: Array, temb: Optional[Array], act: Activation) -> Array:
+def _add_time_bias(h: Array, temb: Optional[Array], act: Activation,
+                   dtype: Dtype = jnp.float32) -> Array:
   """Add a per-channel bias Dense(act(temb)) (creates `Dense_n`); no-op without embedding."""
   if temb is None:
     return h
-  bias = nn.Dense(h.shape[-1], kernel_init=default_init())(act(temb))
+  bias = nn.Dense(h.shape[-1], kernel_init=default_init(), dtype=dtype)(act(temb))
   return h + bias[:, None, None, :]
 
 
@@ -114,18 +121,20 @@ class ResnetBlockDDPMpp(nn.Module):
   dropout: float = 0.1
   skip_rescale: bool = False
   init_scale: float = 0.0
+  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, temb: Optional[Array] = None, train: bool = False) -> Array:
     c = x.shape[-1]
     out_ch = self.out_ch or c
-    h = conv3x3(self.act(group_norm(x)), out_ch)
-    h = _add_time_bias(h, temb, self.act)
-    h = self.act(group_norm(h))
+    dtype = self.dtype
+    h = conv3x3(self.act(group_norm(x, dtype)), out_ch, dtype=dtype)
+    h = _add_time_bias(h, temb, self.act, dtype)
+    h = self.act(group_norm(h, dtype))
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
-    h = conv3x3(h, out_ch, init_scale=self.init_scale)
+    h = conv3x3(h, out_ch, init_scale=self.init_scale, dtype=dtype)
     if c != out_ch:
-      x = conv3x3(x, out_ch) if self.conv_shortcut else NIN(out_ch)(x)
+      x = conv3x3(x, out_ch, dtype=dtype) if self.conv_shortcut else NIN(out_ch, dtype=dtype)(x)
     return add_skip(x, h, self.skip_rescale)
 
 
@@ -140,6 +149,7 @@ class ResnetBlockBigGANpp(nn.Module):
   fir_kernel: Sequence[int] = (1, 3, 3, 1)
   skip_rescale: bool = True
   init_scale: float = 0.0
+  dtype: Dtype = jnp.float32
 
   def _resample(self, x: Array) -> Array:
     if self.up:
@@ -154,13 +164,14 @@ class ResnetBlockBigGANpp(nn.Module):
   def __call__(self, x: Array, temb: Optional[Array] = None, train: bool = False) -> Array:
     c = x.shape[-1]
     out_ch = self.out_ch or c
-    h = self._resample(self.act(group_norm(x)))
+    dtype = self.dtype
+    h = self._resample(self.act(group_norm(x, dtype)))
     x = self._resample(x)
-    h = conv3x3(h, out_ch)
-    h = _add_time_bias(h, temb, self.act)
-    h = self.act(group_norm(h))
+    h = conv3x3(h, out_ch, dtype=dtype)
+    h = _add_time_bias(h, temb, self.act, dtype)
+    h = self.act(group_norm(h, dtype))
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
-    h = conv3x3(h, out_ch, init_scale=self.init_scale)
+    h = conv3x3(h, out_ch, init_scale=self.init_scale, dtype=dtype)
     if c != out_ch or self.up or self.down:
-      x = conv1x1(x, out_ch)
+      x = conv1x1(x, out_ch, dtype=dtype)
     return add_skip(x, h, self.skip_rescale)

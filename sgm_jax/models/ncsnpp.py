@@ -19,7 +19,8 @@ import jax.numpy as jnp
 
 from sgm_jax.errors import InputError
 from sgm_jax.models import layerspp
-from sgm_jax.models.layers import (GaussianFourierProjection, conv3x3, default_init, get_act,
+from sgm_jax.models.layers import (Dtype, GaussianFourierProjection, at_least_float32,
+                                   compute_dtype, conv3x3, default_init, get_act,
                                    get_timestep_embedding)
 from sgm_jax.sde_lib import smld_sigmas
 
@@ -41,7 +42,9 @@ class NCSNpp(nn.Module):
   grid of `num_scales` levels from `sigma_max` to `sigma_min`, indexed by the integer label).
   Data not `centered` is taken to be in [0, 1] and mapped to [-1, 1]. Dropout is active only
   with `train=True` (rng collection 'dropout'). `image_size` / `num_channels`, when set, are
-  checked against the input.
+  checked against the input. The network computes in `dtype` with float32 parameters; the noise
+  embedding, normalization statistics, attention softmax and the division by sigma are float32
+  (layers.py), and the output is float32 with `scale_by_sigma`, `dtype` without.
   """
   nf: int = 128
   ch_mult: Sequence[int] = (1, 2, 2, 2)
@@ -68,6 +71,7 @@ class NCSNpp(nn.Module):
   centered: bool = False
   image_size: Optional[int] = None
   num_channels: Optional[int] = None
+  dtype: Dtype = jnp.float32
 
   def _check(self) -> None:
     for name, value, allowed in (("progressive", self.progressive, _PROGRESSIVE),
@@ -96,23 +100,24 @@ class NCSNpp(nn.Module):
     nf, skip_rescale, init_scale = self.nf, self.skip_rescale, self.init_scale
     num_resolutions = len(self.ch_mult)
     channels = x.shape[-1]
+    dtype = self.dtype
 
-    # Time / noise-level embedding.
+    # Time / noise-level embedding (float32 features, then `dtype` Dense layers).
     if self.embedding_type == "fourier":
       temb = GaussianFourierProjection(embedding_size=nf, scale=self.fourier_scale)(
           jnp.log(time_cond))
     else:
       temb = get_timestep_embedding(time_cond, nf)
     if self.conditional:
-      temb = nn.Dense(nf * 4, kernel_init=default_init())(temb)
-      temb = nn.Dense(nf * 4, kernel_init=default_init())(act(temb))
+      temb = nn.Dense(nf * 4, kernel_init=default_init(), dtype=dtype)(temb)
+      temb = nn.Dense(nf * 4, kernel_init=default_init(), dtype=dtype)(act(temb))
     else:
       temb = None
 
-    fir = dict(fir=self.fir, fir_kernel=tuple(self.fir_kernel))
+    fir = dict(fir=self.fir, fir_kernel=tuple(self.fir_kernel), dtype=dtype)
     attn_block = functools.partial(layerspp.AttnBlockpp, init_scale=init_scale,
-                                   skip_rescale=skip_rescale)
-    combiner = functools.partial(layerspp.Combine, method=self.progressive_combine)
+                                   skip_rescale=skip_rescale, dtype=dtype)
+    combiner = functools.partial(layerspp.Combine, method=self.progressive_combine, dtype=dtype)
     upsample = functools.partial(layerspp.Upsample, with_conv=self.resamp_with_conv, **fir)
     downsample = functools.partial(layerspp.Downsample, with_conv=self.resamp_with_conv, **fir)
     pyramid_upsample = functools.partial(layerspp.Upsample,
@@ -121,7 +126,8 @@ class NCSNpp(nn.Module):
                                            with_conv=self.progressive_input == "residual", **fir)
     if self.resblock_type == "ddpm":
       resnet_block = functools.partial(layerspp.ResnetBlockDDPMpp, act=act, dropout=self.dropout,
-                                       init_scale=init_scale, skip_rescale=skip_rescale)
+                                       init_scale=init_scale, skip_rescale=skip_rescale,
+                                       dtype=dtype)
     else:
       resnet_block = functools.partial(layerspp.ResnetBlockBigGANpp, act=act,
                                        dropout=self.dropout, init_scale=init_scale,
@@ -129,10 +135,11 @@ class NCSNpp(nn.Module):
 
     if not self.centered:
       x = 2 * x - 1.0  # data in [0, 1] -> [-1, 1]
+    x = x.astype(dtype)
 
     # Downsampling path.
     input_pyramid = x if self.progressive_input != "none" else None
-    hs = [conv3x3(x, nf)]
+    hs = [conv3x3(x, nf, dtype=dtype)]
     for i_level in range(num_resolutions):
       for _ in range(self.num_res_blocks):
         h = resnet_block(out_ch=nf * self.ch_mult[i_level])(hs[-1], temb, train)
@@ -173,13 +180,14 @@ class NCSNpp(nn.Module):
       if self.progressive != "none":
         if i_level == num_resolutions - 1:
           if self.progressive == "output_skip":
-            pyramid = conv3x3(act(layerspp.group_norm(h)), channels, init_scale=init_scale)
+            pyramid = conv3x3(act(layerspp.group_norm(h, dtype)), channels,
+                              init_scale=init_scale, dtype=dtype)
           else:
-            pyramid = conv3x3(act(layerspp.group_norm(h)), h.shape[-1])
+            pyramid = conv3x3(act(layerspp.group_norm(h, dtype)), h.shape[-1], dtype=dtype)
         elif self.progressive == "output_skip":
           pyramid = pyramid_upsample()(pyramid)
-          pyramid = pyramid + conv3x3(act(layerspp.group_norm(h)), channels,
-                                      init_scale=init_scale)
+          pyramid = pyramid + conv3x3(act(layerspp.group_norm(h, dtype)), channels,
+                                      init_scale=init_scale, dtype=dtype)
         else:
           pyramid = pyramid_upsample(out_ch=h.shape[-1])(pyramid)
           pyramid = layerspp.add_skip(pyramid, h, skip_rescale)
@@ -196,7 +204,8 @@ class NCSNpp(nn.Module):
     if self.progressive == "output_skip":
       h = pyramid
     else:
-      h = conv3x3(act(layerspp.group_norm(h)), channels, init_scale=init_scale)
+      h = conv3x3(act(layerspp.group_norm(h, dtype)), channels, init_scale=init_scale,
+                  dtype=dtype)
 
     if self.scale_by_sigma:
       if self.embedding_type == "fourier":
@@ -204,7 +213,8 @@ class NCSNpp(nn.Module):
       else:
         sigmas = smld_sigmas(self.sigma_min, self.sigma_max, self.num_scales)
         used_sigmas = sigmas[time_cond.astype(jnp.int32)]
-      h = h / used_sigmas.reshape((x.shape[0],) + (1,) * (x.ndim - 1))
+      # in float32: a bfloat16 sigma would bias every pixel of the example alike
+      h = at_least_float32(h) / used_sigmas.reshape((x.shape[0],) + (1,) * (x.ndim - 1))
     return h
 
 
@@ -243,4 +253,5 @@ def from_config(config: Any) -> NCSNpp:
       centered=bool(config.data.centered),
       image_size=int(config.data.image_size),
       num_channels=int(config.data.num_channels),
+      dtype=compute_dtype(m.get("dtype", None)),
   )

@@ -17,9 +17,10 @@ import functools
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from sgm_jax.errors import InputError
-from sgm_jax.models.layers import divide_by_noise_level, get_act
+from sgm_jax.models.layers import Dtype, compute_dtype, divide_by_noise_level, get_act
 from sgm_jax.models.normalization import get_normalization
 from sgm_jax.models.refinenet_layers import RefineBlock, ResidualBlock, ncsn_conv
 
@@ -44,6 +45,8 @@ class NCSNv2(nn.Module):
   `time_cond` is used only by `scale_by_sigma`: integer labels index the noise levels stored from
   sigma_max down (discrete VE time label), float labels are the noise level itself (see
   `sgm_jax.models.layers.noise_level`). Inputs in [0, 1] are mapped to [-1, 1] unless `centered`.
+  The network computes in `dtype` with float32 parameters; normalization statistics and the
+  division by sigma are float32.
   """
 
   nf: int = 128
@@ -58,16 +61,18 @@ class NCSNv2(nn.Module):
   sigma_min: float = 0.01
   sigma_max: float = 50.0
   num_scales: int = 232
+  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, time_cond: Array, train: bool = False) -> Array:
     if not len(self.stage_mult) == len(self.stage_dilation) == len(self.refine_mult):
       raise InputError("stage_mult, stage_dilation and refine_mult must have the same length")
     act = get_act(self.nonlinearity)
-    norm = get_normalization(self.normalization)
-    block = functools.partial(ResidualBlock, act=act, normalization=norm)
+    dtype = self.dtype
+    norm = functools.partial(get_normalization(self.normalization), dtype=dtype)
+    block = functools.partial(ResidualBlock, act=act, normalization=norm, dtype=dtype)
 
-    h = ncsn_conv(x if self.centered else 2.0 * x - 1.0, self.nf)
+    h = ncsn_conv((x if self.centered else 2.0 * x - 1.0).astype(dtype), self.nf, dtype=dtype)
     stages = []
     for i, (mult, dilation) in enumerate(zip(self.stage_mult, self.stage_dilation)):
       width = mult * self.nf
@@ -79,9 +84,9 @@ class NCSNv2(nn.Module):
     for j, (skip, mult) in enumerate(zip(reversed(stages), self.refine_mult)):
       inputs = [skip] if ref is None else [skip, ref]
       ref = RefineBlock(skip.shape[1:3], mult * self.nf, act=act, interpolation=self.interpolation,
-                        start=j == 0, end=j == len(stages) - 1)(inputs)
+                        start=j == 0, end=j == len(stages) - 1, dtype=dtype)(inputs)
 
-    h = ncsn_conv(act(norm()(ref)), x.shape[-1])
+    h = ncsn_conv(act(norm()(ref)), x.shape[-1], dtype=dtype)
     if self.scale_by_sigma:
       h = divide_by_noise_level(h, time_cond, self.sigma_min, self.sigma_max, self.num_scales)
     return h
@@ -96,7 +101,8 @@ def from_config(config) -> NCSNv2:
       nf=m.nf, **ARCHITECTURES[m.name], nonlinearity=m.nonlinearity,
       normalization=m.normalization, interpolation=m.interpolation,
       centered=config.data.centered, scale_by_sigma=m.scale_by_sigma,
-      sigma_min=float(m.sigma_min), sigma_max=float(m.sigma_max), num_scales=m.num_scales)
+      sigma_min=float(m.sigma_min), sigma_max=float(m.sigma_max), num_scales=m.num_scales,
+      dtype=compute_dtype(m.get("dtype", None)))
 
 
 MODELS = {name: from_config for name in ARCHITECTURES}

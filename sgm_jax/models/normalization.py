@@ -6,10 +6,13 @@ Parameters are stored with shape (1, 1, 1, C), as score_sde does (so checkpoints
 
 The noise-conditional variants of NCSNv1 (ConditionalInstanceNorm2dPlus) are not provided: the
 original code cannot build NCSNv1 (see `sgm_jax.models.ncsnv2`).
+
+Like flax's GroupNorm, these compute their statistics and the normalization in float32 whatever
+the network's `dtype`, and return `dtype`.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -38,10 +41,12 @@ class InstanceNorm2dPlus(nn.Module):
   """InstanceNorm++: gamma * (IN(x) + alpha * normalized channel means) + beta on (B, H, W, C)."""
 
   bias: bool = True
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     channels = (1, 1, 1, x.shape[-1])
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     mean, var = _instance_stats(x)
     # Standardize the C channel means of every image across channels (population variance).
     m = jnp.mean(mean, axis=-1, keepdims=True)
@@ -52,26 +57,31 @@ class InstanceNorm2dPlus(nn.Module):
     h = h * self.param("gamma", _near_one(), channels)
     if self.bias:
       h = h + self.param("beta", nn.initializers.zeros, channels)
-    return h
+    return h.astype(self.dtype)
 
 
 class VarianceNorm2d(nn.Module):
   """Divide each channel by its spatial standard deviation, times a learned scale (no centering)."""
 
+  dtype: Any = jnp.float32
+
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     _, var = _instance_stats(x)
-    return x / jnp.sqrt(var + _EPS) * self.param("alpha", _near_one(), (1, 1, 1, x.shape[-1]))
+    alpha = self.param("alpha", _near_one(), (1, 1, 1, x.shape[-1]))
+    return (x / jnp.sqrt(var + _EPS) * alpha).astype(self.dtype)
 
 
-NORMALIZATIONS: dict[str, Callable[[], nn.Module]] = {
+# name -> constructor(dtype=...) of a normalization layer.
+NORMALIZATIONS: dict[str, Callable[..., nn.Module]] = {
     "InstanceNorm++": InstanceNorm2dPlus,
     "VarianceNorm": VarianceNorm2d,
     "GroupNorm": nn.GroupNorm,
 }
 
 
-def get_normalization(name: str) -> Callable[[], nn.Module]:
+def get_normalization(name: str) -> Callable[..., nn.Module]:
   """Norm-layer constructor for score_sde's `config.model.normalization` name."""
   if name not in NORMALIZATIONS:
     raise InputError(f"unknown normalization {name!r}; valid names are {sorted(NORMALIZATIONS)}")

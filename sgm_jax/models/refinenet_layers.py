@@ -2,12 +2,13 @@
 Score-Based Generative Models", NeurIPS 2020; RefineNet of Lin et al., CVPR 2017).
 
 Convolutions are created inside the calling module (auto-named `Conv_<i>` there), so the
-parameter tree matches score_sde's `models/layers.py` path for path.
+parameter tree matches score_sde's `models/layers.py` path for path. Every block computes in its
+`dtype` with float32 parameters.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -29,12 +30,12 @@ def _torch_conv_init(fan_in: int, scale: float = 1.0):
 
 
 def ncsn_conv(x: Array, features: int, kernel: int = 3, stride: int = 1, bias: bool = True,
-              dilation: int = 1, init_scale: float = 1.0) -> Array:
+              dilation: int = 1, init_scale: float = 1.0, dtype: Any = jnp.float32) -> Array:
   """kernel x kernel 'SAME' convolution with NCSN's (PyTorch-style) initialization."""
   init = _torch_conv_init(kernel * kernel * x.shape[-1], init_scale)
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
                  use_bias=bias, kernel_dilation=(dilation, dilation), kernel_init=init,
-                 bias_init=init)(x)
+                 bias_init=init, dtype=dtype)(x)
 
 
 def _mean_pool2(x: Array) -> Array:
@@ -48,11 +49,13 @@ class ConvMeanPool(nn.Module):
   features: int
   kernel_size: int = 3
   use_bias: bool = True
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     k = self.kernel_size
-    return _mean_pool2(nn.Conv(self.features, (k, k), padding="SAME", use_bias=self.use_bias)(x))
+    return _mean_pool2(nn.Conv(self.features, (k, k), padding="SAME", use_bias=self.use_bias,
+                               dtype=self.dtype)(x))
 
 
 class ResidualBlock(nn.Module):
@@ -60,37 +63,40 @@ class ResidualBlock(nn.Module):
   (or, with dilation > 1, keeps it and dilates the convolutions instead)."""
 
   features: int
-  normalization: Callable[[], nn.Module]
+  normalization: Callable[..., nn.Module]  # constructor(dtype=...), normalization.NORMALIZATIONS
   act: Activation = nn.elu
   resample: Optional[str] = None
   dilation: int = 1
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     if self.resample not in (None, "down"):
       raise InputError(f"resample must be None or 'down', got {self.resample!r}")
-    d = self.dilation
-    h = self.act(self.normalization()(x))
+    d, dtype = self.dilation, self.dtype
+    norm = lambda h: self.normalization(dtype=dtype)(h)
+    conv = lambda h, features, **kw: ncsn_conv(h, features, dtype=dtype, **kw)
+    h = self.act(norm(x))
     if self.resample == "down":
-      h = ncsn_conv(h, x.shape[-1], dilation=d)
-      h = self.act(self.normalization()(h))
+      h = conv(h, x.shape[-1], dilation=d)
+      h = self.act(norm(h))
       if d > 1:
-        h = ncsn_conv(h, self.features, dilation=d)
-        shortcut = ncsn_conv(x, self.features, dilation=d)
+        h = conv(h, self.features, dilation=d)
+        shortcut = conv(x, self.features, dilation=d)
       else:
-        h = ConvMeanPool(self.features)(h)
-        shortcut = ConvMeanPool(self.features, kernel_size=1)(x)
+        h = ConvMeanPool(self.features, dtype=dtype)(h)
+        shortcut = ConvMeanPool(self.features, kernel_size=1, dtype=dtype)(x)
       return h + shortcut
     # No resampling: identity shortcut unless the width changes.
     if self.features == x.shape[-1]:
       shortcut = x
     elif d > 1:
-      shortcut = ncsn_conv(x, self.features, dilation=d)
+      shortcut = conv(x, self.features, dilation=d)
     else:
-      shortcut = ncsn_conv(x, self.features, kernel=1)
-    h = ncsn_conv(h, self.features, dilation=d)
-    h = self.act(self.normalization()(h))
-    h = ncsn_conv(h, self.features, dilation=d)
+      shortcut = conv(x, self.features, kernel=1)
+    h = conv(h, self.features, dilation=d)
+    h = self.act(norm(h))
+    h = conv(h, self.features, dilation=d)
     return h + shortcut
 
 
@@ -101,13 +107,14 @@ class RCUBlock(nn.Module):
   n_blocks: int
   n_stages: int
   act: Activation = nn.relu
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     for _ in range(self.n_blocks):
       residual = x
       for _ in range(self.n_stages):
-        x = ncsn_conv(self.act(x), self.features, bias=False)
+        x = ncsn_conv(self.act(x), self.features, bias=False, dtype=self.dtype)
       x = x + residual
     return x
 
@@ -118,6 +125,7 @@ class CRPBlock(nn.Module):
   features: int
   n_stages: int
   act: Activation = nn.relu
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -125,7 +133,7 @@ class CRPBlock(nn.Module):
     path = x
     for _ in range(self.n_stages):
       path = nn.max_pool(path, (5, 5), strides=(1, 1), padding="SAME")
-      path = ncsn_conv(path, self.features, bias=False)
+      path = ncsn_conv(path, self.features, bias=False, dtype=self.dtype)
       x = x + path
     return x
 
@@ -136,6 +144,7 @@ class MSFBlock(nn.Module):
   shape: tuple[int, int]
   features: int
   interpolation: str = "bilinear"
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, xs: Sequence[Array]) -> Array:
@@ -145,7 +154,7 @@ class MSFBlock(nn.Module):
           f"interpolation must be one of {sorted(methods)}, got {self.interpolation!r}")
     total = None
     for x in xs:
-      h = ncsn_conv(x, self.features)
+      h = ncsn_conv(x, self.features, dtype=self.dtype)
       h = jax.image.resize(h, (h.shape[0], *self.shape, self.features), methods[self.interpolation])
       total = h if total is None else total + h
     return total
@@ -160,13 +169,16 @@ class RefineBlock(nn.Module):
   interpolation: str = "bilinear"
   start: bool = False
   end: bool = False
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, xs: Sequence[Array]) -> Array:
-    hs = [RCUBlock(x.shape[-1], n_blocks=2, n_stages=2, act=self.act)(x) for x in xs]
+    dtype = self.dtype
+    hs = [RCUBlock(x.shape[-1], n_blocks=2, n_stages=2, act=self.act, dtype=dtype)(x) for x in xs]
     if self.start:
       h = hs[0]
     else:
-      h = MSFBlock(tuple(self.output_shape), self.features, self.interpolation)(hs)
-    h = CRPBlock(self.features, n_stages=2, act=self.act)(h)
-    return RCUBlock(self.features, n_blocks=3 if self.end else 1, n_stages=2, act=self.act)(h)
+      h = MSFBlock(tuple(self.output_shape), self.features, self.interpolation, dtype=dtype)(hs)
+    h = CRPBlock(self.features, n_stages=2, act=self.act, dtype=dtype)(h)
+    return RCUBlock(self.features, n_blocks=3 if self.end else 1, n_stages=2, act=self.act,
+                    dtype=dtype)(h)

@@ -8,6 +8,8 @@
 - `MLP` ('mlp'): a residual-free MLP for 2-D / low-dimensional toy data x of shape (B, D).
 
 All take `(x, time_cond, train=False)` with (B,) time labels and return an array shaped like x.
+Each computes in its `dtype` with float32 parameters; time embeddings, normalization statistics
+and ScoreNet's division by the std are float32.
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from jax import lax
 
 from sgm_jax import sde_lib
 from sgm_jax.errors import InputError
-from sgm_jax.models.layers import (GaussianFourierProjection, get_act, get_timestep_embedding,
-                                   noise_level)
+from sgm_jax.models.layers import (Dtype, GaussianFourierProjection, at_least_float32,
+                                   compute_dtype, get_act, get_timestep_embedding, noise_level)
 
 Array = jax.Array
 
@@ -33,6 +35,7 @@ class TimeEmbedding(nn.Module):
   dim: int = 128
   kind: str = "fourier"
   fourier_scale: float = 16.0
+  dtype: Dtype = jnp.float32  # of the MLP; the features are float32
 
   @nn.compact
   def __call__(self, time_cond: Array) -> Array:
@@ -42,8 +45,8 @@ class TimeEmbedding(nn.Module):
       features = get_timestep_embedding(time_cond, self.dim)
     else:
       raise InputError(f"time embedding must be 'fourier' or 'positional', got {self.kind!r}")
-    h = nn.Dense(self.dim)(features)
-    return nn.Dense(self.dim)(nn.swish(h))
+    h = nn.Dense(self.dim, dtype=self.dtype)(features)
+    return nn.Dense(self.dim, dtype=self.dtype)(nn.swish(h))
 
 
 def label_std(sde: sde_lib.SDE, time_cond: Array) -> Array:
@@ -101,7 +104,8 @@ def upsampling_conv(lhs: Array, rhs: Array, window_strides, padding, lhs_dilatio
   return y.reshape(n, 2 * half[0], 2 * half[1], -1)[:, :out[0], :out[1]]
 
 
-def _up_conv(h: Array, features: int, target: tuple[int, int], same: bool = False) -> Array:
+def _up_conv(h: Array, features: int, target: tuple[int, int], same: bool = False,
+             dtype: Dtype = jnp.float32) -> Array:
   """Stride-2 transposed 3x3 convolution (input-dilated conv) to spatial size `target`.
 
   The tutorial's (VALID) padding puts 2 zeros before the dilated input. With `same`, the padding
@@ -114,7 +118,7 @@ def _up_conv(h: Array, features: int, target: tuple[int, int], same: bool = Fals
     lo = (max(2 * (n - 1) + 3 - size, 0) // 2) if same else 0
     pads.append((2 - lo, size + lo - 2 * n + 1))  # output size = (2 n - 1) + sum(pads) - 2
   return nn.Conv(features, (3, 3), padding=pads, input_dilation=(2, 2), use_bias=False,
-                 conv_general_dilated=upsampling_conv)(h)
+                 conv_general_dilated=upsampling_conv, dtype=dtype)(h)
 
 
 class ScoreNet(nn.Module):
@@ -132,7 +136,8 @@ class ScoreNet(nn.Module):
   tutorial uses `sde_lib.TutorialSDE()`), so the network models the score directly; `sde=None`
   leaves the output unscaled. The SDE is a frozen dataclass, so the field is hashable and compares
   by value. `time_cond` is the SDE's `time_label(t)` (t itself for the tutorial SDE, sigma(t) for
-  VE). Any image of at least 17x17 works (28x28 is the tutorial's MNIST).
+  VE). Any image of at least 17x17 works (28x28 is the tutorial's MNIST). The division by the
+  std is float32 (the output is then float32 whatever `dtype`).
   """
 
   channels: tuple[int, ...] = (32, 64, 128, 256)
@@ -141,6 +146,7 @@ class ScoreNet(nn.Module):
   sde: Optional[sde_lib.SDE] = None
   embedding_type: str = "fourier"
   padding: str = "VALID"
+  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, time_cond: Array, train: bool = False) -> Array:
@@ -150,6 +156,7 @@ class ScoreNet(nn.Module):
       raise InputError(f"padding must be 'VALID' (the tutorial's) or 'SAME', got {self.padding!r}")
     same = self.padding == "SAME"
     act = nn.swish
+    dtype = self.dtype
     if self.embedding_type == "fourier":
       embed = GaussianFourierProjection(self.embed_dim // 2, self.fourier_scale)(time_cond)
     elif self.embedding_type == "positional":  # DDPM's sinusoids, for labels like 999 t
@@ -157,26 +164,30 @@ class ScoreNet(nn.Module):
     else:
       raise InputError(f"embedding_type must be 'fourier' or 'positional', got "
                        f"{self.embedding_type!r}")
-    embed = act(nn.Dense(self.embed_dim)(embed))
+    embed = act(nn.Dense(self.embed_dim, dtype=dtype)(embed))
 
     def condition(h: Array, groups: Optional[int] = None) -> Array:
       c = h.shape[-1]
-      h = h + nn.Dense(c)(embed)[:, None, None, :]
-      return act(nn.GroupNorm(num_groups=groups or min(32, c))(h))
+      h = h + nn.Dense(c, dtype=dtype)(embed)[:, None, None, :]
+      return act(nn.GroupNorm(num_groups=groups or min(32, c), dtype=dtype)(h))
 
+    conv = lambda h, c, strides=(1, 1): nn.Conv(c, (3, 3), strides, padding=self.padding,
+                                                use_bias=False, dtype=dtype)(h)
     c1, c2, c3, c4 = self.channels
-    h1 = condition(nn.Conv(c1, (3, 3), padding=self.padding, use_bias=False)(x), groups=4)
-    h2 = condition(nn.Conv(c2, (3, 3), (2, 2), padding=self.padding, use_bias=False)(h1))
-    h3 = condition(nn.Conv(c3, (3, 3), (2, 2), padding=self.padding, use_bias=False)(h2))
-    h4 = condition(nn.Conv(c4, (3, 3), (2, 2), padding=self.padding, use_bias=False)(h3))
+    h1 = condition(conv(x.astype(dtype), c1), groups=4)
+    h2 = condition(conv(h1, c2, (2, 2)))
+    h3 = condition(conv(h2, c3, (2, 2)))
+    h4 = condition(conv(h3, c4, (2, 2)))
 
-    h = condition(_up_conv(h4, c3, h3.shape[1:3], same))
-    h = condition(_up_conv(jnp.concatenate([h, h3], axis=-1), c2, h2.shape[1:3], same))
-    h = condition(_up_conv(jnp.concatenate([h, h2], axis=-1), c1, h1.shape[1:3], same))
+    h = condition(_up_conv(h4, c3, h3.shape[1:3], same, dtype))
+    h = condition(_up_conv(jnp.concatenate([h, h3], axis=-1), c2, h2.shape[1:3], same, dtype))
+    h = condition(_up_conv(jnp.concatenate([h, h2], axis=-1), c1, h1.shape[1:3], same, dtype))
     out_pad = "SAME" if same else ((2, 2), (2, 2))
-    h = nn.Conv(x.shape[-1], (3, 3), padding=out_pad)(jnp.concatenate([h, h1], axis=-1))
+    h = nn.Conv(x.shape[-1], (3, 3), padding=out_pad, dtype=dtype)(
+        jnp.concatenate([h, h1], axis=-1))
     if self.sde is not None:
-      h = h / label_std(self.sde, time_cond).reshape((-1,) + (1,) * (h.ndim - 1))
+      std = label_std(self.sde, time_cond)
+      h = at_least_float32(h) / std.reshape((-1,) + (1,) * (h.ndim - 1))
     return h
 
 
@@ -186,20 +197,23 @@ class MixerBlock(nn.Module):
   mix_patch_size: int = 512
   mix_hidden_size: int = 512
   dropout: float = 0.0
+  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, y: Array, temb: Array, train: bool = False) -> Array:
     num_patches, hidden = y.shape[1], y.shape[2]
-    y = y + nn.Dense(hidden)(nn.swish(temb))[:, None, :]
+    dense = lambda features: nn.Dense(features, dtype=self.dtype)
+    norm = lambda z: nn.LayerNorm(dtype=self.dtype)(z)  # float32 statistics (flax)
+    y = y + dense(hidden)(nn.swish(temb))[:, None, :]
 
     def mlp(z: Array, width: int, out: int) -> Array:
-      z = nn.gelu(nn.Dense(width)(z))
+      z = nn.gelu(dense(width)(z))
       z = nn.Dropout(self.dropout)(z, deterministic=not train)
-      return nn.Dense(out)(z)
+      return dense(out)(z)
 
-    z = jnp.swapaxes(nn.LayerNorm()(y), 1, 2)  # (B, C, P): mix along the patches
+    z = jnp.swapaxes(norm(y), 1, 2)  # (B, C, P): mix along the patches
     y = y + jnp.swapaxes(mlp(z, self.mix_patch_size, num_patches), 1, 2)
-    return y + mlp(nn.LayerNorm()(y), self.mix_hidden_size, hidden)
+    return y + mlp(norm(y), self.mix_hidden_size, hidden)
 
 
 class Mixer(nn.Module):
@@ -219,20 +233,24 @@ class Mixer(nn.Module):
   time_embedding: str = "fourier"
   fourier_scale: float = 16.0
   dropout: float = 0.0
+  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, time_cond: Array, train: bool = False) -> Array:
     B, H, W, C = x.shape
-    p = self.patch_size
+    p, dtype = self.patch_size, self.dtype
     if H % p or W % p:
       raise InputError(f"image size {H}x{W} is not divisible by patch_size={p}")
-    temb = TimeEmbedding(self.embed_dim, self.time_embedding, self.fourier_scale)(time_cond)
-    y = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID")(x)
+    temb = TimeEmbedding(self.embed_dim, self.time_embedding, self.fourier_scale,
+                         dtype=dtype)(time_cond)
+    y = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID",
+                dtype=dtype)(x.astype(dtype))
     y = y.reshape(B, (H // p) * (W // p), self.hidden_size)
     for _ in range(self.num_blocks):
-      y = MixerBlock(self.mix_patch_size, self.mix_hidden_size, self.dropout)(y, temb, train)
-    y = nn.LayerNorm()(y).reshape(B, H // p, W // p, self.hidden_size)
-    return nn.ConvTranspose(C, (p, p), strides=(p, p), padding="VALID")(y)
+      y = MixerBlock(self.mix_patch_size, self.mix_hidden_size, self.dropout,
+                     dtype=dtype)(y, temb, train)
+    y = nn.LayerNorm(dtype=dtype)(y).reshape(B, H // p, W // p, self.hidden_size)
+    return nn.ConvTranspose(C, (p, p), strides=(p, p), padding="VALID", dtype=dtype)(y)
 
 
 class MLP(nn.Module):
@@ -244,18 +262,21 @@ class MLP(nn.Module):
   fourier_scale: float = 16.0
   nonlinearity: str = "swish"
   dropout: float = 0.0
+  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, time_cond: Array, train: bool = False) -> Array:
     if x.ndim != 2:
       raise InputError(f"MLP expects x of shape (B, D), got {x.shape}")
     act = get_act(self.nonlinearity)
-    temb = act(TimeEmbedding(self.embed_dim, self.time_embedding, self.fourier_scale)(time_cond))
-    h = x
+    dense = lambda features: nn.Dense(features, dtype=self.dtype)
+    temb = act(TimeEmbedding(self.embed_dim, self.time_embedding, self.fourier_scale,
+                             dtype=self.dtype)(time_cond))
+    h = x.astype(self.dtype)
     for width in self.hidden:
-      h = act(nn.Dense(width)(h) + nn.Dense(width)(temb))
+      h = act(dense(width)(h) + dense(width)(temb))
       h = nn.Dropout(self.dropout)(h, deterministic=not train)
-    return nn.Dense(x.shape[-1])(h)
+    return dense(x.shape[-1])(h)
 
 
 def from_config(config, sde: Optional[sde_lib.SDE] = None) -> nn.Module:
@@ -264,6 +285,7 @@ def from_config(config, sde: Optional[sde_lib.SDE] = None) -> nn.Module:
   names an output other than the score: it divides the score by that SDE's std."""
   m = config.model
   name = m.name
+  dtype = compute_dtype(m.get("dtype", None))
   if name in ("unet_small", "scorenet"):
     # The output is divided by the std only when it is the score (the tutorial SDE, VE); under
     # the VP SDE's eps or a chosen parameterization (model.parameterization) it stays unscaled.
@@ -278,19 +300,21 @@ def from_config(config, sde: Optional[sde_lib.SDE] = None) -> nn.Module:
                     embed_dim=m.get("embed_dim", 256), fourier_scale=m.get("fourier_scale", 30.0),
                     sde=sde if output == "score" else None,
                     embedding_type=m.get("embedding_type", "fourier"),
-                    padding=m.get("padding", "VALID"))
+                    padding=m.get("padding", "VALID"), dtype=dtype)
   if name == "mixer":
     return Mixer(patch_size=m.get("patch_size", 4), hidden_size=m.get("hidden_size", 64),
                  mix_patch_size=m.get("mix_patch_size", 512),
                  mix_hidden_size=m.get("mix_hidden_size", 512),
                  num_blocks=m.get("num_blocks", 4), embed_dim=m.get("embed_dim", 128),
                  time_embedding=m.get("embedding_type", "fourier"),
-                 fourier_scale=m.get("fourier_scale", 16.0), dropout=m.get("dropout", 0.0))
+                 fourier_scale=m.get("fourier_scale", 16.0), dropout=m.get("dropout", 0.0),
+                 dtype=dtype)
   if name == "mlp":
     return MLP(hidden=tuple(m.get("hidden", (128, 128, 128))), embed_dim=m.get("embed_dim", 64),
                time_embedding=m.get("embedding_type", "fourier"),
                fourier_scale=m.get("fourier_scale", 16.0),
-               nonlinearity=m.get("nonlinearity", "swish"), dropout=m.get("dropout", 0.0))
+               nonlinearity=m.get("nonlinearity", "swish"), dropout=m.get("dropout", 0.0),
+               dtype=dtype)
   raise InputError(f"unknown small model {name!r}; valid names are {sorted(MODELS)}")
 
 

@@ -9,7 +9,7 @@ their weights keep the layout of the original checkpoints (params `weight`, `bia
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -122,6 +122,7 @@ class Conv2d(nn.Module):
   resample_kernel: Sequence[int] = (1, 3, 3, 1)
   use_bias: bool = True
   kernel_init: nn.initializers.Initializer = default_init()
+  dtype: Any = jnp.float32  # computation (the parameters are float32); the FIR filter follows x
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -130,6 +131,7 @@ class Conv2d(nn.Module):
     if self.kernel < 1 or self.kernel % 2 != 1:
       raise InputError(f"kernel size must be odd and positive, got {self.kernel}")
     w = self.param("weight", self.kernel_init, (self.kernel, self.kernel, x.shape[-1], self.fmaps))
+    x, w = nn.dtypes.promote_dtype(x, w, dtype=self.dtype)
     if self.up:
       x = upsample_conv_2d(x, w, k=self.resample_kernel)
     elif self.down:
@@ -139,5 +141,5 @@ class Conv2d(nn.Module):
                                    dimension_numbers=_DN)
     if self.use_bias:
       b = self.param("bias", jax.nn.initializers.zeros, (x.shape[-1],))
-      x = x + b.reshape((1, 1, 1, -1))
+      x = x + b.astype(x.dtype).reshape((1, 1, 1, -1))
     return x

@@ -5,17 +5,21 @@ A WRN-28-10 (three groups of `blocks_per_group` pre-activation blocks, GroupNorm
 norm) conditioned on the VE noise scale sigma: Gaussian Fourier features of log(sigma), a two-layer
 MLP, and a per-block bias. Parameter-compatible with score_sde's
 `models/wideresnet_noise_conditional.py` (the released CIFAR-10 classifier checkpoint is the bare
-params tree of `create_classifier()`, 38,913,242 parameters).
+params tree of `create_classifier()`, 38,913,242 parameters). It computes in its `dtype` with
+float32 parameters (config.model.dtype, as the score network); the per-example standardization of
+the input, the noise embedding and normalization statistics are float32, and its logits are cast
+back to float32 where they are used (controllable.NoiseConditionalLogits).
 """
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sgm_jax.models.layers import GaussianFourierProjection
+from sgm_jax.models.layers import GaussianFourierProjection, compute_dtype
 
 Array = jax.Array
 
@@ -29,9 +33,9 @@ def _logits_init(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def _norm_act(x: Array, name: str, relu: bool = True) -> Array:
+def _norm_act(x: Array, name: str, relu: bool = True, dtype: Any = jnp.float32) -> Array:
   """GroupNorm with min(C/4, 32) groups (eps 1e-5), then ReLU."""
-  x = nn.GroupNorm(num_groups=min(x.shape[-1] // 4, 32), epsilon=1e-5, name=name)(x)
+  x = nn.GroupNorm(num_groups=min(x.shape[-1] // 4, 32), epsilon=1e-5, name=name, dtype=dtype)(x)
   return jax.nn.relu(x) if relu else x
 
 
@@ -51,20 +55,22 @@ class WideResnetBlock(nn.Module):
   channels: int
   strides: tuple[int, int] = (1, 1)
   activate_before_residual: bool = False
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, temb: Array) -> Array:
+    dtype = self.dtype
     if self.activate_before_residual:
-      x = _norm_act(x, "init_bn")
+      x = _norm_act(x, "init_bn", dtype=dtype)
       h = x
     else:
-      h = _norm_act(x, "init_bn")
+      h = _norm_act(x, "init_bn", dtype=dtype)
     h = nn.Conv(self.channels, (3, 3), self.strides, padding="SAME", use_bias=False,
-                kernel_init=_conv_init, name="conv1")(h)
-    h = h + nn.Dense(self.channels)(nn.swish(temb))[:, None, None, :]
-    h = _norm_act(h, "bn_2")
+                kernel_init=_conv_init, name="conv1", dtype=dtype)(h)
+    h = h + nn.Dense(self.channels, dtype=dtype)(nn.swish(temb))[:, None, None, :]
+    h = _norm_act(h, "bn_2", dtype=dtype)
     h = nn.Conv(self.channels, (3, 3), padding="SAME", use_bias=False, kernel_init=_conv_init,
-                name="conv2")(h)
+                name="conv2", dtype=dtype)(h)
     return _add_shortcut(h, x)
 
 
@@ -75,13 +81,15 @@ class WideResnetGroup(nn.Module):
   channels: int
   strides: tuple[int, int] = (1, 1)
   activate_before_residual: bool = False
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, temb: Array) -> Array:
     for i in range(self.blocks_per_group):
       first = i == 0
       x = WideResnetBlock(self.channels, self.strides if first else (1, 1),
-                          activate_before_residual=self.activate_before_residual and first)(x, temb)
+                          activate_before_residual=self.activate_before_residual and first,
+                          dtype=self.dtype)(x, temb)
     return x
 
 
@@ -95,40 +103,48 @@ class WideResnet(nn.Module):
   blocks_per_group: int = 4
   channel_multiplier: int = 10
   num_outputs: int = 10
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, time_cond: Array, train: bool = False) -> Array:
+    dtype = self.dtype
     n = math.prod(x.shape[1:])
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
     std = jnp.std(x, axis=(1, 2, 3), keepdims=True)
-    x = (x - mean) / jnp.maximum(std, 1.0 / math.sqrt(n))
+    x = ((x - mean) / jnp.maximum(std, 1.0 / math.sqrt(n))).astype(dtype)
 
     temb = GaussianFourierProjection(embedding_size=128, scale=16.0)(jnp.log(time_cond))
-    temb = nn.Dense(512)(temb)
-    temb = nn.Dense(512)(nn.swish(temb))
+    temb = nn.Dense(512, dtype=dtype)(temb)
+    temb = nn.Dense(512, dtype=dtype)(nn.swish(temb))
 
     h = nn.Conv(16, (3, 3), padding="SAME", use_bias=False, kernel_init=_conv_init,
-                name="init_conv")(x)
+                name="init_conv", dtype=dtype)(x)
     k = self.channel_multiplier
-    h = WideResnetGroup(self.blocks_per_group, 16 * k, activate_before_residual=True)(h, temb)
-    h = WideResnetGroup(self.blocks_per_group, 32 * k, (2, 2))(h, temb)
-    h = WideResnetGroup(self.blocks_per_group, 64 * k, (2, 2))(h, temb)
-    h = _norm_act(h, "pre-pool-bn")
+    group = lambda channels, strides=(1, 1), **kw: WideResnetGroup(
+        self.blocks_per_group, channels, strides, dtype=dtype, **kw)
+    h = group(16 * k, activate_before_residual=True)(h, temb)
+    h = group(32 * k, (2, 2))(h, temb)
+    h = group(64 * k, (2, 2))(h, temb)
+    h = _norm_act(h, "pre-pool-bn", dtype=dtype)
     h = jnp.mean(h, axis=(1, 2))
-    return nn.Dense(self.num_outputs, kernel_init=_logits_init)(h)
+    return nn.Dense(self.num_outputs, kernel_init=_logits_init, dtype=dtype)(h)
 
 
 def create_classifier(num_classes: int = 10, blocks_per_group: int = 4,
-                      channel_multiplier: int = 10) -> WideResnet:
+                      channel_multiplier: int = 10, dtype: Any = jnp.float32) -> WideResnet:
   """score_sde's CIFAR-10 noise-conditional classifier (WRN-28-10, 10 classes) by default."""
   return WideResnet(blocks_per_group=blocks_per_group, channel_multiplier=channel_multiplier,
-                    num_outputs=num_classes)
+                    num_outputs=num_classes, dtype=dtype)
 
 
 def from_config(config) -> WideResnet:
   """Build the classifier from the optional `config.classifier` block (keys num_classes,
-  blocks_per_group, channel_multiplier); absent keys take score_sde's CIFAR-10 values."""
+  blocks_per_group, channel_multiplier); absent keys take score_sde's CIFAR-10 values. It
+  computes in config.model.dtype (float32 when absent)."""
   c = config.get("classifier", None) or {}
+  m = config.get("model", None) or {}
   return create_classifier(num_classes=c.get("num_classes", 10),
                            blocks_per_group=c.get("blocks_per_group", 4),
-                           channel_multiplier=c.get("channel_multiplier", 10))
+                           channel_multiplier=c.get("channel_multiplier", 10),
+                           dtype=compute_dtype(m.get("dtype", None)))
