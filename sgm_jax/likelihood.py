@@ -12,6 +12,13 @@ bits/dim conventions (score_sde's): data in [0, 1] are dequantized as (256 bins)
     bpd = -log p(model x) / (D ln 2) + offset,  offset = 8 for [0, 1] models, 7 for [-1, 1] models:
 8 = log2 256 converts the density of u to the probability of its 8-bit bin, and centering
 stretches each dimension by 2, which costs one bit less.
+
+Precision: the ODE runs in float32 and so does the network, whatever config.model.dtype says: a
+network score function (sgm_jax.score.get_score_fn) is rebuilt with its network in float32
+(`score.with_network_dtype`; same parameters). A bfloat16 network's score is off by rounding
+(~20 % relative at t = 1e-3, where x_t's noise is near bfloat16's resolution of x), and the adaptive
+solver pays for it: on a trained Fashion-MNIST U-Net, bits/dim 0.014-0.022 lower on average (up to
+0.05 per image) with 17-42 % more steps (README "Mixed precision").
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgm_jax import score as score_lib
 from sgm_jax.errors import InputError, check_positive
 from sgm_jax.sampling import base
 from sgm_jax.sampling.ode import SOLVERS, solver_evaluations
@@ -69,6 +77,11 @@ def _solve(vector_field, y0, t0: float, t1: float, solver: str, rtol: float, ato
   return y1, jnp.asarray(per_step * sol.stats["num_steps"] + once, jnp.int32)
 
 
+def _float32_network(score_fn: Callable):
+  """score_fn as a jit argument, its network (if it has one with a dtype) computing in float32."""
+  return base.as_traceable(score_lib.with_network_dtype(score_fn, jnp.float32))
+
+
 def _check_solve(sde: SDE, rtol, atol, eps, solver: str) -> tuple[float, float]:
   """(rtol, atol) as floats; an InputError for a bad tolerance, eps or solver."""
   rtol, atol = check_positive("rtol", rtol), check_positive("atol", atol)
@@ -88,7 +101,8 @@ def get_likelihood_fn(sde: SDE, divergence: str = "rademacher", num_probes: int 
   """ll_fn(key, score_fn, x) -> (logp (B,), z, nfe): log p_eps(x) in nats, no dequantization.
 
   z is x carried to t = T; nfe counts evaluations of the ODE's right-hand side (each with one
-  score_fn call per probe, or D for the exact divergence). One jit-compiled diffrax solve.
+  score_fn call per probe, or D for the exact divergence). One jit-compiled diffrax solve, with a
+  network score function's network in float32 (module docstring).
   `prior_logp(z)` replaces the SDE's prior density at T (e.g. an exact p_T in tests).
   """
   if divergence not in DIVERGENCES:
@@ -121,7 +135,7 @@ def get_likelihood_fn(sde: SDE, divergence: str = "rademacher", num_probes: int 
     return (sde.prior_logp(z) if prior_logp is None else prior_logp(z)) + delta, z, nfe
 
   def ll_fn(key, score_fn, x):
-    return run(key, base.as_traceable(score_fn), x)
+    return run(key, _float32_network(score_fn), x)
 
   return ll_fn
 
@@ -136,7 +150,7 @@ def _flow_fn(sde: SDE, forward: bool, rtol: float, atol: float, eps: float, solv
     drift = lambda t, y, score_fn: sde.probability_flow_drift(score_fn, y, t)
     return _solve(drift, x, t0, t1, solver, rtol, atol, max_steps, score_fn)
 
-  return lambda score_fn, x: run(base.as_traceable(score_fn), x)
+  return lambda score_fn, x: run(_float32_network(score_fn), x)
 
 
 def get_encode_fn(sde: SDE, rtol: float = 1e-5, atol: float = 1e-5, eps: float = 1e-5,
