@@ -52,6 +52,11 @@ def get_default_configs() -> ml_collections.ConfigDict:
   data.data_dir = placeholder(str)
 
   config.model = model = ml_collections.ConfigDict()
+  # How the network computes, not what (neither is part of a workdir's identity): in 'float32'
+  # or 'bfloat16' with float32 parameters either way (README "Mixed precision"), and whether
+  # activations are recomputed in the backward pass.
+  model.dtype = 'float32'
+  model.remat = False
   model.sigma_max = 378
   model.sigma_min = 0.01
   model.num_scales = 2000

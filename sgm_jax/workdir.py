@@ -12,16 +12,23 @@ from sgm_jax.io_utils import atomic_write
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
 # The config fields that define the function a workdir trains; its checkpoints only continue the
-# same values. All of config.model (network, SDE constants, parameterization, EMA, dropout), the
-# data distribution and the loss. Paths (data.data_dir, data.tfrecords_path), the training length,
-# batch size, optimizer (lr, grad_clip, ...), seeds, logging and evaluation may change between runs.
+# same values. All of config.model (network, SDE constants, parameterization, EMA, dropout) but
+# NOT_IDENTITY, the data distribution and the loss. Paths (data.data_dir, data.tfrecords_path), the
+# training length, batch size, optimizer (lr, grad_clip, ...), seeds, logging and evaluation may
+# change between runs.
 IDENTITY_FIELDS = {
-    "model": None,  # every field
+    "model": None,  # every field but NOT_IDENTITY's
     "data": ("dataset", "image_size", "num_channels", "centered", "random_flip",
              "uniform_dequantization", "category", "toy_num_train"),
     "training": ("sde", "continuous", "loss", "reduce_mean", "likelihood_weighting", "weighting",
                  "importance_sampling", "time_sampling", "eps"),
 }
+
+
+# How the network computes, not what: the precision it computes in and whether activations are
+# recomputed in the backward pass leave the parameters (tree, shapes, float32) unchanged, so a run
+# resumes, evaluates or samples with either changed.
+NOT_IDENTITY = {"model": ("dtype", "remat")}
 
 
 class WorkdirError(UserError, RuntimeError):
@@ -96,7 +103,10 @@ def _identity(config: Any) -> dict:
   ident = {}
   for section, keys in IDENTITY_FIELDS.items():
     values = d.get(section) or {}
-    ident[section] = values if keys is None else {k: values.get(k) for k in keys}
+    if keys is None:
+      ident[section] = {k: v for k, v in values.items() if k not in NOT_IDENTITY.get(section, ())}
+    else:
+      ident[section] = {k: values.get(k) for k in keys}
   return ident
 
 

@@ -58,6 +58,11 @@ def get_config():
   data.data_dir = ml_collections.config_dict.placeholder(str)  # dataset 'npz' or 'folder'
 
   config.model = model = ml_collections.ConfigDict()
+  # How the network computes, not what (neither is part of a workdir's identity): in 'float32'
+  # or 'bfloat16' with float32 parameters either way (README "Mixed precision"), and whether
+  # activations are recomputed in the backward pass.
+  model.dtype = 'float32'
+  model.remat = False
   model.name = 'ncsnpp'
   model.scale_by_sigma = True
   model.sigma_max = 1348
