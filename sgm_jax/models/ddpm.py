@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from sgm_jax.errors import InputError
 from sgm_jax.models.layers import (NIN, Dtype, compute_dtype, conv3x3, default_init,
                                    divide_by_noise_level, get_act, get_timestep_embedding,
-                                   pixel_attention)
+                                   pixel_attention, rematerialized)
 
 Array = jax.Array
 
@@ -107,6 +107,7 @@ class DDPM(nn.Module):
   sigma_max: float = 50.0
   num_scales: int = 1000
   dtype: Dtype = jnp.float32
+  remat: bool = False  # rematerialize each residual and attention block (layers.rematerialized)
 
   @nn.compact
   def __call__(self, x: Array, time_cond: Array, train: bool = False) -> Array:
@@ -118,7 +119,9 @@ class DDPM(nn.Module):
       temb = nn.Dense(4 * self.nf, kernel_init=default_init(), dtype=dtype)(act(temb))
     else:
       temb = None
-    block = functools.partial(ResnetBlockDDPM, dropout=self.dropout, nonlinearity=self.nonlinearity,
+    resnet, attn = ((rematerialized(ResnetBlockDDPM, (3,)), rematerialized(AttnBlock))
+                    if self.remat else (ResnetBlockDDPM, AttnBlock))
+    block = functools.partial(resnet, dropout=self.dropout, nonlinearity=self.nonlinearity,
                               dtype=dtype)
     num_levels = len(self.ch_mult)
 
@@ -128,13 +131,13 @@ class DDPM(nn.Module):
       for _ in range(self.num_res_blocks):
         h = block(out_ch=self.nf * mult)(hs[-1], temb, train)
         if h.shape[1] in self.attn_resolutions:
-          h = AttnBlock(dtype=dtype)(h)
+          h = attn(dtype=dtype)(h)
         hs.append(h)
       if level != num_levels - 1:
         hs.append(Downsample(with_conv=self.resamp_with_conv, dtype=dtype)(hs[-1]))
 
     h = block()(hs[-1], temb, train)
-    h = AttnBlock(dtype=dtype)(h)
+    h = attn(dtype=dtype)(h)
     h = block()(h, temb, train)
 
     for level in reversed(range(num_levels)):
@@ -142,7 +145,7 @@ class DDPM(nn.Module):
         h = block(out_ch=self.nf * self.ch_mult[level])(
             jnp.concatenate([h, hs.pop()], axis=-1), temb, train)
       if h.shape[1] in self.attn_resolutions:
-        h = AttnBlock(dtype=dtype)(h)
+        h = attn(dtype=dtype)(h)
       if level != 0:
         h = Upsample(with_conv=self.resamp_with_conv, dtype=dtype)(h)
     assert not hs
@@ -166,7 +169,7 @@ def from_config(config) -> DDPM:
       nonlinearity=m.nonlinearity, centered=config.data.centered,
       scale_by_sigma=m.scale_by_sigma, sigma_min=float(m.sigma_min),
       sigma_max=float(m.sigma_max), num_scales=m.num_scales,
-      dtype=compute_dtype(m.get("dtype", None)))
+      dtype=compute_dtype(m.get("dtype", None)), remat=bool(m.get("remat", False)))
 
 
 MODELS = {"ddpm": from_config}

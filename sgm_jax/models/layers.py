@@ -50,6 +50,18 @@ def at_least_float32(x: Array) -> Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+@functools.lru_cache(maxsize=None)
+def rematerialized(module_class: type, static_argnums: tuple = ()) -> type:
+  """`module_class` under flax's nn.remat (jax.checkpoint): its activations are recomputed in the
+  backward pass instead of kept from the forward pass, the same values and gradients with less
+  memory (config.model.remat). The class keeps its name, so auto-named instances
+  (ResnetBlockDDPMpp_3) and the parameter tree are those of `module_class`. `static_argnums`
+  counts `self` as 0 (a Python `train` flag must be static)."""
+  lifted = nn.remat(module_class, static_argnums=static_argnums)
+  lifted.__name__ = lifted.__qualname__ = module_class.__name__
+  return lifted
+
+
 def default_init(scale: float = 1.0):
   """DDPM's initializer: variance scaling, fan_avg, uniform (scale 0 becomes 1e-10)."""
   return jax.nn.initializers.variance_scaling(1e-10 if scale == 0 else scale, "fan_avg", "uniform")

@@ -21,7 +21,7 @@ from sgm_jax.errors import InputError
 from sgm_jax.models import layerspp
 from sgm_jax.models.layers import (Dtype, GaussianFourierProjection, at_least_float32,
                                    compute_dtype, conv3x3, default_init, get_act,
-                                   get_timestep_embedding)
+                                   get_timestep_embedding, rematerialized)
 from sgm_jax.sde_lib import smld_sigmas
 
 Array = jax.Array
@@ -72,6 +72,7 @@ class NCSNpp(nn.Module):
   image_size: Optional[int] = None
   num_channels: Optional[int] = None
   dtype: Dtype = jnp.float32
+  remat: bool = False  # rematerialize each residual and attention block (layers.rematerialized)
 
   def _check(self) -> None:
     for name, value, allowed in (("progressive", self.progressive, _PROGRESSIVE),
@@ -115,7 +116,10 @@ class NCSNpp(nn.Module):
       temb = None
 
     fir = dict(fir=self.fir, fir_kernel=tuple(self.fir_kernel), dtype=dtype)
-    attn_block = functools.partial(layerspp.AttnBlockpp, init_scale=init_scale,
+    # with remat, blocks recompute their activations in the backward pass (same parameter tree)
+    blocks = ((lambda cls, *static: rematerialized(cls, static)) if self.remat
+              else (lambda cls, *static: cls))
+    attn_block = functools.partial(blocks(layerspp.AttnBlockpp), init_scale=init_scale,
                                    skip_rescale=skip_rescale, dtype=dtype)
     combiner = functools.partial(layerspp.Combine, method=self.progressive_combine, dtype=dtype)
     upsample = functools.partial(layerspp.Upsample, with_conv=self.resamp_with_conv, **fir)
@@ -125,11 +129,12 @@ class NCSNpp(nn.Module):
     pyramid_downsample = functools.partial(layerspp.Downsample,
                                            with_conv=self.progressive_input == "residual", **fir)
     if self.resblock_type == "ddpm":
-      resnet_block = functools.partial(layerspp.ResnetBlockDDPMpp, act=act, dropout=self.dropout,
+      resnet_block = functools.partial(blocks(layerspp.ResnetBlockDDPMpp, 3), act=act,
+                                       dropout=self.dropout,
                                        init_scale=init_scale, skip_rescale=skip_rescale,
                                        dtype=dtype)
     else:
-      resnet_block = functools.partial(layerspp.ResnetBlockBigGANpp, act=act,
+      resnet_block = functools.partial(blocks(layerspp.ResnetBlockBigGANpp, 3), act=act,
                                        dropout=self.dropout, init_scale=init_scale,
                                        skip_rescale=skip_rescale, **fir)
 
@@ -254,4 +259,5 @@ def from_config(config: Any) -> NCSNpp:
       image_size=int(config.data.image_size),
       num_channels=int(config.data.num_channels),
       dtype=compute_dtype(m.get("dtype", None)),
+      remat=bool(m.get("remat", False)),
   )

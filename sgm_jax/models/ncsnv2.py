@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from sgm_jax.errors import InputError
-from sgm_jax.models.layers import Dtype, compute_dtype, divide_by_noise_level, get_act
+from sgm_jax.models.layers import (Dtype, compute_dtype, divide_by_noise_level, get_act,
+                                   rematerialized)
 from sgm_jax.models.normalization import get_normalization
 from sgm_jax.models.refinenet_layers import RefineBlock, ResidualBlock, ncsn_conv
 
@@ -62,6 +63,7 @@ class NCSNv2(nn.Module):
   sigma_max: float = 50.0
   num_scales: int = 232
   dtype: Dtype = jnp.float32
+  remat: bool = False  # rematerialize each residual and refine block (layers.rematerialized)
 
   @nn.compact
   def __call__(self, x: Array, time_cond: Array, train: bool = False) -> Array:
@@ -70,7 +72,9 @@ class NCSNv2(nn.Module):
     act = get_act(self.nonlinearity)
     dtype = self.dtype
     norm = functools.partial(get_normalization(self.normalization), dtype=dtype)
-    block = functools.partial(ResidualBlock, act=act, normalization=norm, dtype=dtype)
+    residual, refine = ((rematerialized(ResidualBlock), rematerialized(RefineBlock)) if self.remat
+                        else (ResidualBlock, RefineBlock))
+    block = functools.partial(residual, act=act, normalization=norm, dtype=dtype)
 
     h = ncsn_conv((x if self.centered else 2.0 * x - 1.0).astype(dtype), self.nf, dtype=dtype)
     stages = []
@@ -83,7 +87,7 @@ class NCSNv2(nn.Module):
     ref = None
     for j, (skip, mult) in enumerate(zip(reversed(stages), self.refine_mult)):
       inputs = [skip] if ref is None else [skip, ref]
-      ref = RefineBlock(skip.shape[1:3], mult * self.nf, act=act, interpolation=self.interpolation,
+      ref = refine(skip.shape[1:3], mult * self.nf, act=act, interpolation=self.interpolation,
                         start=j == 0, end=j == len(stages) - 1, dtype=dtype)(inputs)
 
     h = ncsn_conv(act(norm()(ref)), x.shape[-1], dtype=dtype)
@@ -102,7 +106,7 @@ def from_config(config) -> NCSNv2:
       normalization=m.normalization, interpolation=m.interpolation,
       centered=config.data.centered, scale_by_sigma=m.scale_by_sigma,
       sigma_min=float(m.sigma_min), sigma_max=float(m.sigma_max), num_scales=m.num_scales,
-      dtype=compute_dtype(m.get("dtype", None)))
+      dtype=compute_dtype(m.get("dtype", None)), remat=bool(m.get("remat", False)))
 
 
 MODELS = {name: from_config for name in ARCHITECTURES}
