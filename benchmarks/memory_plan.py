@@ -1,0 +1,126 @@
+"""Memory plan of the paper networks: parameters, FLOPs per training example and the compiled
+training step's memory per device, in float32 and bfloat16, with and without rematerialization.
+
+    python benchmarks/memory_plan.py                                     # every paper config
+    python benchmarks/memory_plan.py --configs configs/vp/cifar10_ddpmpp_continuous.py --batches 1 8
+
+Nothing runs: each training step (loss, gradients, Adam, EMA, as `main.py --mode train` compiles
+it for one device) is compiled for this machine's backend and XLA's analyses are read: FLOPs
+(cost analysis) and memory (buffer assignment: arguments + outputs + temporaries - donated
+aliases). On the CPU backend the buffer assignment differs from a GPU's or TPU's (other fusions,
+no cuDNN workspaces), so the numbers are a plan, not a measurement on the device. The largest
+batch that fits a memory size is extrapolated from two batch sizes (memory is affine in the
+batch): fixed + per_example * batch <= size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from device_check import compiled_bytes, flops_of  # noqa: E402  (the script's folder is on sys.path)
+from sgm_jax import models, parallel, train  # noqa: E402
+from sgm_jax.cli import setup  # noqa: E402
+
+PAPER_CONFIGS = ("configs/vp/cifar10_ddpmpp_continuous.py",
+                 "configs/vp/cifar10_ddpmpp_deep_continuous.py",
+                 "configs/ve/cifar10_ncsnpp_continuous.py",
+                 "configs/ve/cifar10_ncsnpp_deep_continuous.py",
+                 "configs/ve/celebahq_256_ncsnpp_continuous.py",
+                 "configs/vp/ddpm/cifar10.py")
+MEMORY_SIZES_GB = (16, 40, 80)
+
+
+def load_config(path: str, dtype: str, remat: bool):
+  import importlib
+  config = importlib.import_module(os.path.splitext(path)[0].replace("/", ".")).get_config()
+  with config.unlocked():
+    config.model.dtype, config.model.remat = dtype, remat
+  return config
+
+
+def compile_step(path: str, batch: int, dtype: str, remat: bool) -> dict:
+  config = load_config(path, dtype, remat)
+  sde = setup.sde_from_config(config)
+  model = models.create_model(config, sde)
+  opt = setup.optimizer_from_config(config)
+  tx = opt.build()
+  shape = (int(config.data.image_size),) * 2 + (int(config.data.num_channels),)
+  state = setup.abstract_initial_state(config, model, shape, tx)
+  step_fn = train.make_train_step(setup.loss_fn_from_config(config, sde, model), tx,
+                                  float(config.model.ema_rate), 0, opt.schedule())
+  devices = jax.devices()[:1]
+  mesh = parallel.mesh(devices)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state = jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), state)
+  x = jax.ShapeDtypeStruct((1, batch) + shape, np.float32, sharding=jax.sharding.NamedSharding(
+      mesh, parallel.batch_spec(1)))
+  t0 = time.perf_counter()
+  compiled = parallel.fused_steps(step_fn, devices=devices).lower(state, x).compile()
+  n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
+  flops = flops_of(compiled)
+  return dict(config=path, batch=batch, dtype=dtype, remat=remat, params=n_params,
+              compile_s=time.perf_counter() - t0, bytes=compiled_bytes(compiled),
+              flops_per_example=None if flops is None else flops / batch)
+
+
+def largest_batch(rows: list[dict], size_gb: float) -> int | None:
+  """The largest batch with fixed + per_example * batch <= size, from the two smallest batches."""
+  rows = sorted(rows, key=lambda r: r["batch"])
+  if len(rows) < 2 or rows[0]["bytes"] is None:
+    return None
+  (b0, m0), (b1, m1) = [(r["batch"], r["bytes"]) for r in rows[:2]]
+  per_example = (m1 - m0) / (b1 - b0)
+  fixed = m0 - per_example * b0
+  return int((size_gb * 1e9 - fixed) // per_example) if per_example > 0 else None
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--configs", nargs="+", default=list(PAPER_CONFIGS))
+  parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
+  parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+  parser.add_argument("--remat", nargs="+", default=["off", "on"], choices=["off", "on"])
+  parser.add_argument("--out", default=None, help="JSON file of the rows")
+  args = parser.parse_args(argv)
+  rows, t0 = [], time.perf_counter()
+  plan = [(c, d, r, b) for c in args.configs for d in args.dtypes for r in args.remat
+          for b in args.batches]
+  for i, (path, dtype, remat, batch) in enumerate(plan):
+    row = compile_step(path, batch, dtype, remat == "on")
+    rows.append(row)
+    elapsed = time.perf_counter() - t0
+    print(f"[{i + 1}/{len(plan)}, {elapsed:.0f} s, ETA {elapsed / (i + 1) * (len(plan) - i - 1):.0f}"
+          f" s] {path} {dtype} remat {remat} batch {batch}: {row['bytes'] / 2 ** 30:.2f} GiB "
+          f"(compiled in {row['compile_s']:.0f} s)", flush=True)
+  print("\n| config | params | GFLOPs / example | dtype | remat | "
+        + " | ".join(f"batch {b}" for b in args.batches) + " | "
+        + " | ".join(f"largest batch in {g} GB" for g in MEMORY_SIZES_GB) + " |")
+  print("|---" * (5 + len(args.batches) + len(MEMORY_SIZES_GB)) + "|")
+  for path in args.configs:
+    for dtype in args.dtypes:
+      for remat in args.remat:
+        group = [r for r in rows if (r["config"], r["dtype"], r["remat"]) == (path, dtype,
+                                                                             remat == "on")]
+        flops = group[0]["flops_per_example"]
+        print(f"| {path} | {group[0]['params']:,} | "
+              f"{'' if flops is None else f'{flops / 1e9:.1f}'} | {dtype} | {remat} | "
+              + " | ".join(f"{r['bytes'] / 2 ** 30:.2f} GiB" for r in group) + " | "
+              + " | ".join(str(largest_batch(group, g)) for g in MEMORY_SIZES_GB) + " |")
+  if args.out:
+    from sgm_jax.io_utils import atomic_write
+    with atomic_write(args.out, "w") as f:
+      json.dump(rows, f, indent=1)
+  return rows
+
+
+if __name__ == "__main__":
+  main()
