@@ -3,6 +3,12 @@ import shutil
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+# One BLAS thread per process: the suite runs one xdist worker per core, and numpy's OpenBLAS
+# threads of two workers (and of the main.py subprocesses) on two cores wait for each other
+# (two workers ran tests/test_evaluation_metrics.py in 33 s each instead of 8 s). Inherited by
+# the workers and subprocesses, like the cache below.
+for _name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+  os.environ.setdefault(_name, "1")
 
 # One XLA compilation cache for the whole test run: the pytest process creates an empty folder,
 # and the xdist workers and every main.py subprocess a test starts inherit it through the
