@@ -130,11 +130,19 @@ def _main(*args, cwd=ROOT):
                         capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
-def test_cli_train_and_sample(tmp_path):
-  wd = str(tmp_path / "wd")
+@pytest.fixture(scope="module")
+def cli_trained(tmp_path_factory):
+  """A toy_2d workdir trained for 2 steps by `main.py --mode train`, and that run's result."""
+  wd = str(tmp_path_factory.mktemp("cli") / "wd")
+  res = _main("--mode", "train", "--config", "configs/toy_2d.py", "--workdir", wd,
+              "--config.training.n_iters=2", "--config.training.snapshot_freq=2",
+              "--config.training.snapshot_freq_for_preemption=1")
+  return wd, res
+
+
+def test_cli_train_and_sample(cli_trained):
+  wd, res = cli_trained
   common = ["--config", "configs/toy_2d.py", "--workdir", wd]
-  res = _main("--mode", "train", *common, "--config.training.n_iters=2",
-              "--config.training.snapshot_freq=2", "--config.training.snapshot_freq_for_preemption=1")
   assert res.returncode == 0, res.stderr[-3000:]
   assert "trained to step 2" in res.stdout
   res = _main("--mode", "sample", *common, "--sampler", "ddim", "--num_steps", "3",
@@ -157,10 +165,8 @@ def test_cli_bad_training_input(tmp_path, args, message):
   assert message in res.stderr, res.stderr[-2000:]
 
 
-def test_cli_bad_sampling_input(tmp_path):
-  wd = str(tmp_path)
-  res = _main("--mode", "train", "--config", "configs/toy_2d.py", "--workdir", wd,
-              "--config.training.n_iters=1")
+def test_cli_bad_sampling_input(cli_trained):
+  wd, res = cli_trained  # a workdir with a checkpoint: the errors are the sampler's, not its
   assert res.returncode == 0, res.stderr[-2000:]
   for args, message in [(["--sampler", "deiss"], "unknown sampler 'deiss'"),
                         (["--sampler", "pc", "--sampler_option", "predictor=foo"],
@@ -180,6 +186,8 @@ def test_eval_writes_metrics_and_resumes_without_redoing_batches(tmp_path):
   config.eval.loss_num_examples = 8
   config.eval.batch_size = 4
   config.eval.num_steps = 2
+  config.eval.denoising_examples = 8  # not asserted here: its default 179 x 1618 only cost time
+  config.eval.denoising_reference = 16
   run_train(config, str(tmp_path))
   first = run_eval(config, str(tmp_path))
   assert np.isfinite(first["bpd"]) and first["bpd_examples"] == 8
