@@ -19,6 +19,9 @@ from sgm_jax import controllable as ctl
 from sgm_jax import sde_lib, toy
 from sgm_jax.sampling import get_sampler
 
+# Compile-heavy, tiny compute: most programs here compile for longer than they run.
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 VP = sde_lib.VPSDE()
 
 
@@ -138,6 +141,7 @@ def test_deterministic_inpainting(method, steps, options):
   np.testing.assert_array_equal(x, np.asarray(x2))
 
 
+@pytest.mark.usefixtures("optimized_compiles")  # 100 steps over 80000 samples run long
 def test_sde_inpainting_without_corrector():
   """An SDE sampler without PC's corrector (milstein, i.e. Euler-Maruyama here) sits between the
   deterministic samplers and PC: the known pixels steer the unknown ones ~38% of the way."""

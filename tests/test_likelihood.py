@@ -7,6 +7,8 @@ import pytest
 
 from sgm_jax import likelihood, sde_lib, toy
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # compile-heavy, tiny compute
+
 SDES = [sde_lib.VPSDE(), sde_lib.subVPSDE(), sde_lib.VESDE(sigma_max=20.0)]
 IDS = [type(s).__name__ for s in SDES]
 

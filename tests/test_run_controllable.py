@@ -19,6 +19,10 @@ from sgm_jax.checkpoints import CheckpointError, CheckpointStore
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# Compile-heavy, tiny compute: XLA's optimizations off here and in the main.py runs (env below).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+FAST_COMPILES = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}
+
 
 def _config(**data):
   config = importlib.import_module("configs.digits").get_config()
@@ -167,6 +171,7 @@ def test_colorize_keeps_gray_values(tmp_path):
   assert single["num_images"] == 1
 
 
+@pytest.mark.usefixtures("optimized_compiles")  # its adaptive ODE solves run long
 def test_interpolation_from_an_input_file(trained, tmp_path):
   config, workdir, _ = trained
   rng = np.random.default_rng(1)
@@ -207,7 +212,8 @@ def test_input_file_errors(trained, tmp_path):
 
 def _main(*args):
   return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args],
-                        capture_output=True, text=True, cwd=ROOT, timeout=600)
+                        capture_output=True, text=True, cwd=ROOT, timeout=600,
+                        env=dict(os.environ, **FAST_COMPILES))
 
 
 def test_cli_modes(trained, tmp_path):
