@@ -20,6 +20,10 @@ from sgm_jax.workdir import WorkdirError, WorkdirLock
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# Compile-heavy, tiny compute: XLA's optimizations off here and in the main.py runs (env below).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+FAST_COMPILES = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}
+
 
 def _config(name, **overrides):
   config = importlib.import_module(f"configs.{name}").get_config()
@@ -127,7 +131,8 @@ def test_create_model_contract(config_file):
 
 def _main(*args, cwd=ROOT):
   return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args],
-                        capture_output=True, text=True, cwd=cwd, timeout=600)
+                        capture_output=True, text=True, cwd=cwd, timeout=600,
+                        env=dict(os.environ, **FAST_COMPILES))
 
 
 @pytest.fixture(scope="module")
