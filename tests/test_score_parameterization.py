@@ -11,6 +11,8 @@ from sgm_jax import score as score_lib
 from sgm_jax import sde_lib
 from sgm_jax.toy import GaussianMixture
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # compile-heavy, tiny compute
+
 SHAPE = (4, 3, 3, 1)
 T = np.array([1e-3, 0.1, 0.5, 1.0], np.float32)
 SDES = {"vp": sde_lib.VPSDE(), "subvp": sde_lib.subVPSDE(), "ve": sde_lib.VESDE()}
@@ -144,10 +146,11 @@ def test_get_loss_fn_trains_every_parameterization_one_step():
   sde = SDES["vp"]
   model = ScoreNet(channels=(4, 8, 8, 8), embed_dim=8, embedding_type="positional")
   x = jax.random.uniform(jax.random.PRNGKey(0), (2, 17, 17, 1), minval=-1, maxval=1)
-  params = model.init(jax.random.PRNGKey(0), x, jnp.zeros(2))["params"]
+  # Jitted: op by op, the network's forward and backward passes were ~450 small compilations.
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), x, jnp.zeros(2))["params"]
   for kind in ("eps", "x0", "v", "edm"):
     loss_fn = losses.get_loss_fn(sde, model, weighting="output", parameterization=kind)
-    loss, grads = jax.value_and_grad(loss_fn)(params, x, jax.random.PRNGKey(1))
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params, x, jax.random.PRNGKey(1))
     assert np.isfinite(float(loss))
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
 
