@@ -86,16 +86,23 @@ def _timed(fn, n: int) -> float:
   return (time.perf_counter() - t0) / n
 
 
-def measure_training(small: bool, dtype: str, devices: list, batch: int, steps: int) -> dict:
-  config = load_config(small, dtype)
+def training_step(config, abstract: bool = False):
+  """(train state, step_fn, one image's shape) of a config's training, as --mode train builds
+  them; `abstract`: the state's shapes and dtypes only (nothing allocated)."""
   sde = setup.sde_from_config(config)
   model = models.create_model(config, sde)
   opt = setup.optimizer_from_config(config)
   tx = opt.build()
   shape = (int(config.data.image_size),) * 2 + (int(config.data.num_channels),)
-  state = setup.initial_state(config, model, shape, tx)
+  state = (setup.abstract_initial_state if abstract else setup.initial_state)(
+      config, model, shape, tx)
   step_fn = train.make_train_step(setup.loss_fn_from_config(config, sde, model), tx,
                                   float(config.model.ema_rate), 0, opt.schedule())
+  return state, step_fn, shape
+
+
+def measure_training(small: bool, dtype: str, devices: list, batch: int, steps: int) -> dict:
+  state, step_fn, shape = training_step(load_config(small, dtype))
   mesh = parallel.mesh(devices)
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   batch_sharding = jax.sharding.NamedSharding(mesh, parallel.batch_spec(1))

@@ -25,9 +25,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from device_check import compiled_bytes, flops_of  # noqa: E402  (the script's folder is on sys.path)
-from sgm_jax import models, parallel, train  # noqa: E402
-from sgm_jax.cli import setup  # noqa: E402
+from device_check import compiled_bytes, flops_of, training_step  # noqa: E402  (script's folder)
+from sgm_jax import parallel  # noqa: E402
 
 PAPER_CONFIGS = ("configs/vp/cifar10_ddpmpp_continuous.py",
                  "configs/vp/cifar10_ddpmpp_deep_continuous.py",
@@ -47,15 +46,7 @@ def load_config(path: str, dtype: str, remat: bool):
 
 
 def compile_step(path: str, batch: int, dtype: str, remat: bool) -> dict:
-  config = load_config(path, dtype, remat)
-  sde = setup.sde_from_config(config)
-  model = models.create_model(config, sde)
-  opt = setup.optimizer_from_config(config)
-  tx = opt.build()
-  shape = (int(config.data.image_size),) * 2 + (int(config.data.num_channels),)
-  state = setup.abstract_initial_state(config, model, shape, tx)
-  step_fn = train.make_train_step(setup.loss_fn_from_config(config, sde, model), tx,
-                                  float(config.model.ema_rate), 0, opt.schedule())
+  state, step_fn, shape = training_step(load_config(path, dtype, remat), abstract=True)
   devices = jax.devices()[:1]
   mesh = parallel.mesh(devices)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
