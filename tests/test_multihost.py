@@ -57,9 +57,13 @@ def _free_port():
 
 
 def _env(devices):
-  # XLA's optimizations only cost compile time at these sizes.
+  # XLA's optimizations only cost compile time at these sizes; the test run's other XLA flags
+  # (tests/conftest.py) are kept.
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  flags.append(f"--xla_force_host_platform_device_count={devices}")
   return dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="true",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+              XLA_FLAGS=" ".join(flags))
 
 
 def _start(args, num_processes, devices, log_dir, name, program=None):
