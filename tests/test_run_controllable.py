@@ -219,15 +219,19 @@ def _main(*args):
 def test_cli_modes(trained, tmp_path):
   _, workdir, _ = trained
   common = ["--config", "configs/digits.py", "--workdir", workdir,
-            "--config.training.batch_size=8", "--num_steps", "2", "--num_samples", "2"]
-  res = _main("--mode", "inpaint", *common, "--sampler", "ddim", "--mask", "top")
+            "--config.training.batch_size=8", "--num_steps", "2"]
+  # The sizes of the tests above (1 image to inpaint, 4 samples), so that main.py finds their
+  # programs in the test run's compilation cache.
+  res = _main("--mode", "inpaint", *common, "--num_samples", "1", "--sampler", "ddim",
+              "--mask", "top")
   assert res.returncode == 0, res.stderr[-3000:]
   assert "inpaint_top_ddim_2steps_ckpt2.png" in res.stdout
-  res = _main("--mode", "sample", *common, "--sampler", "deis", "--class_label", "7")
+  res = _main("--mode", "sample", *common, "--num_samples", "4", "--sampler", "deis",
+              "--class_label", "7")
   assert res.returncode == 0, res.stderr[-3000:]
   assert "of class 7 (classifier scale 1)" in res.stdout
   for args, message in [(["--mode", "colorize"], "colorization needs an RGB model"),
                         (["--mode", "inpaint", "--mask", "middle"], "unknown --mask 'middle'"),
                         (["--mode", "sample", "--class_label", "x"], "--class_label must be")]:
-    res = _main(*args, *common)
+    res = _main(*args, *common, "--num_samples", "2")
     assert res.returncode == 2 and message in res.stderr, (args, res.stderr[-2000:])
