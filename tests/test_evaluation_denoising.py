@@ -9,6 +9,8 @@ from sgm_jax import sde_lib
 from sgm_jax.evaluation import denoising
 from sgm_jax.toy import GaussianMixture
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # compile-heavy, tiny compute
+
 SDE = sde_lib.VPSDE()
 IMAGE = (4, 4, 1)
 

@@ -16,6 +16,8 @@ import pytest
 
 from sgm_jax.evaluation import efficientnet, features, inception, metrics, torch_weights
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # compile-heavy, tiny compute
+
 try:
   import torch
   import torch.nn.functional as F

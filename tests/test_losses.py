@@ -8,6 +8,8 @@ import pytest
 
 from sgm_jax import losses, sde_lib, toy
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # compile-heavy, tiny compute
+
 SDES = [sde_lib.VESDE(sigma_max=5.0), sde_lib.VPSDE(), sde_lib.subVPSDE()]
 IDS = [type(s).__name__ for s in SDES]
 

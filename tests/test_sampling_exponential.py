@@ -8,6 +8,8 @@ import pytest
 from oracle_flow import CountingScore, digits_oracle, exact_flow_map
 from sgm_jax import sampling, sde_lib, toy
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # compile-heavy, tiny compute
+
 GM = toy.GaussianMixture.create(jnp.array([[-1.5, 0.0], [1.5, 0.5], [0.0, -1.5]]),
                                 jnp.array([0.3, 0.4, 0.35]), jnp.array([0.5, 0.3, 0.2]))
 SDES = {"ve": sde_lib.VESDE(sigma_min=0.01, sigma_max=10.0), "vp": sde_lib.VPSDE(),

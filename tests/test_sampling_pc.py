@@ -9,6 +9,8 @@ from oracle_flow import CountingScore
 from sgm_jax import sampling, sde_lib, toy
 from sgm_jax.sampling import pc
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # compile-heavy, tiny compute
+
 # A 2-D mixture with unequal weights and stds: small enough for many samples and steps.
 GM = toy.GaussianMixture.create(jnp.array([[-1.5, 0.0], [1.5, 0.5], [0.0, -1.5]]),
                                 jnp.array([0.3, 0.4, 0.35]), jnp.array([0.5, 0.3, 0.2]))

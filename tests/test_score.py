@@ -12,6 +12,8 @@ from sgm_jax import score as score_lib
 from sgm_jax import sde_lib
 from sgm_jax.toy import GaussianMixture
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # compile-heavy, tiny compute
+
 SHAPE = (3, 4, 4, 1)
 T = np.array([0.013, 0.4567, 0.999], dtype=np.float32)
 

@@ -8,6 +8,8 @@ from scipy import stats
 
 from sgm_jax import sde_lib, toy
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # compile-heavy, tiny compute
+
 SDES = [sde_lib.VESDE(), sde_lib.VPSDE(), sde_lib.subVPSDE(), sde_lib.TutorialSDE()]
 IDS = [type(s).__name__ for s in SDES]
 
