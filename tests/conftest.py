@@ -78,12 +78,22 @@ def optimized_compiles():
   jax.config.update("jax_disable_most_optimizations", previous)
 
 
-# The longest test files (seconds on 2 cores, from --junitxml and --durations runs) are collected
-# first: `pytest -n 2 --dist loadfile` hands out whole files in collection order, and a long file
-# handed out last keeps one worker busy while the other idles.
-LONGEST_FILES_FIRST = ("test_run_lib.py", "test_run_controllable.py", "test_few_step_model.py",
-                       "test_multihost.py", "test_reliability.py", "test_multihost_eval.py",
-                       "test_controllable.py", "test_train.py", "test_run_eval.py")
+# The longest test files (seconds on 2 cores, from a --junitxml run of the whole suite) are handed
+# out first: `pytest -n 2 --dist loadfile` gives whole files to the workers in queue order, and
+# a long file handed out last keeps one worker busy while the other idles. The queue is the
+# collection order: pytest_configure turns off xdist's own reordering (by number of tests in a
+# file), which put one-test files like test_few_step_model.py last.
+LONGEST_FILES_FIRST = (
+    "test_reliability.py", "test_mixed_precision.py", "test_import_score_sde.py",
+    "test_few_step_model.py", "test_import_score_sde_modes.py", "test_remat.py",
+    "test_run_lib.py", "test_models_ncsnpp.py", "test_multihost.py", "test_run_controllable.py",
+    "test_run_eval.py", "test_configs.py", "test_controllable.py", "test_evaluation_fd.py",
+    "test_discrete_schedule.py", "test_sampling_unipc.py", "test_device_check.py")
+
+
+def pytest_configure(config):
+  if hasattr(config.option, "loadscopereorder"):  # pytest-xdist's --dist loadfile / loadscope
+    config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(session, config, items):
