@@ -3,14 +3,18 @@ training step's memory per device, in float32 and bfloat16, with and without rem
 
     python benchmarks/memory_plan.py                                     # every paper config
     python benchmarks/memory_plan.py --configs configs/vp/cifar10_ddpmpp_continuous.py --batches 1 8
+    pip install "jax[tpu]"   # libtpu: compile for a TPU without one
+    python benchmarks/memory_plan.py --target tpu:v5e --batches 64 --dtypes float32
 
 Nothing runs: each training step (loss, gradients, Adam, EMA, as `main.py --mode train` compiles
-it for one device) is compiled for this machine's backend and XLA's analyses are read: FLOPs
-(cost analysis) and memory (buffer assignment: arguments + outputs + temporaries - donated
-aliases). On the CPU backend the buffer assignment differs from a GPU's or TPU's (other fusions,
-no cuDNN workspaces), so the numbers are a plan, not a measurement on the device. The largest
-batch that fits a memory size is extrapolated from two batch sizes (memory is affine in the
-batch): fixed + per_example * batch <= size.
+it for one device) is compiled and XLA's analyses are read: FLOPs (cost analysis) and memory
+(buffer assignment: arguments + outputs + temporaries - donated aliases). `--target` picks the
+compiler: this machine's backend (`local`), or a TPU generation's (`tpu:v5e`, `tpu:v4`, ...)
+through JAX's deviceless ahead-of-time compilation (libtpu compiles for a TPU topology on a
+machine that has none). The CPU backend's buffer assignment is far from an accelerator's: it
+drops rematerialization's optimization barriers, so remat saves nothing there, and fuses
+differently. The largest batch that fits a memory size is extrapolated from two batch sizes
+(memory is affine in the batch): fixed + per_example * batch <= size.
 """
 from __future__ import annotations
 
@@ -45,10 +49,29 @@ def load_config(path: str, dtype: str, remat: bool):
   return config
 
 
-def compile_step(path: str, batch: int, dtype: str, remat: bool) -> dict:
+def target_device(target: str):
+  """One device of the compiler `target` names: 'local' (this machine's first device) or
+  'tpu:<generation>' (a device of a deviceless TPU topology, e.g. tpu:v5e, tpu:v4)."""
+  if target == "local":
+    return jax.devices()[0]
+  kind, _, generation = target.partition(":")
+  if kind != "tpu" or not generation:
+    raise SystemExit(f"--target {target!r}: expected 'local' or 'tpu:<generation>' (tpu:v5e, "
+                     "tpu:v4, tpu:v6e, ...)")
+  from jax.experimental import topologies
+  try:
+    topology = topologies.get_topology_desc(platform="tpu", topology_name=f"{generation}:2x2")
+  except Exception as e:  # pylint: disable=broad-except  # libtpu missing or unknown generation
+    raise SystemExit(f"--target {target!r}: no TPU compiler for it ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0]}); install libtpu with `pip install "
+                     f"\"jax[tpu]\"`") from None
+  return topology.devices[0]
+
+
+def compile_step(path: str, batch: int, dtype: str, remat: bool, device=None) -> dict:
   state, step_fn, shape = training_step(load_config(path, dtype, remat), abstract=True)
-  devices = jax.devices()[:1]
-  mesh = parallel.mesh(devices)
+  devices = [device or jax.devices()[0]]
+  mesh = jax.sharding.Mesh(np.array(devices), (parallel.AXIS_NAME,))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state = jax.tree_util.tree_map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), state)
@@ -80,13 +103,18 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
   parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
   parser.add_argument("--remat", nargs="+", default=["off", "on"], choices=["off", "on"])
+  parser.add_argument("--target", default="local",
+                      help="'local' (this machine's backend) or tpu:<generation> (deviceless)")
   parser.add_argument("--out", default=None, help="JSON file of the rows")
   args = parser.parse_args(argv)
+  device = target_device(args.target)
+  print(f"compiling for {device.platform} ({getattr(device, 'device_kind', '')})", flush=True)
   rows, t0 = [], time.perf_counter()
   plan = [(c, d, r, b) for c in args.configs for d in args.dtypes for r in args.remat
           for b in args.batches]
   for i, (path, dtype, remat, batch) in enumerate(plan):
-    row = compile_step(path, batch, dtype, remat == "on")
+    row = compile_step(path, batch, dtype, remat == "on", device)
+    row["target"] = args.target
     rows.append(row)
     elapsed = time.perf_counter() - t0
     print(f"[{i + 1}/{len(plan)}, {elapsed:.0f} s, ETA {elapsed / (i + 1) * (len(plan) - i - 1):.0f}"

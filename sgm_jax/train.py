@@ -390,12 +390,16 @@ def train_loop(workdir: str, state: TrainState, step_fn: Callable,
                      step)
         break
     look_at_losses()
-    bar.total = step  # stopped by the time limit: done, not short of n_iters
-    bar.close()
-    state = parallel.to_host(rstate)
-    if stats is not None and first_call_done is not None:
+    if stats is not None and first_call_done is not None:  # until the last step has run
+      jax.block_until_ready(rstate)
       stats.update(steady_seconds=time.time() - first_call_done,
                    steady_steps=step - first_call_step)
+    bar.total = step  # stopped by the time limit: done, not short of n_iters
+    bar.close()
+    fetch_start = time.time()
+    state = parallel.to_host(rstate)
+    if stats is not None:
+      stats.update(to_host_seconds=time.time() - fetch_start)
     if writer is not None:
       writer.close()
     if loss_log is not None:

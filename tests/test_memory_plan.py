@@ -1,0 +1,37 @@
+"""benchmarks/memory_plan.py: the largest-batch extrapolation, the compile on this machine's
+backend, and a clear error for a compiler target it does not know."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import memory_plan  # noqa: E402  (a script of benchmarks/)
+
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # the compiles are the test's whole cost
+
+
+def test_largest_batch_solves_fixed_plus_per_example_times_batch():
+  rows = [{"batch": 64, "bytes": 1.0}, {"batch": 8, "bytes": 1e9 + 8 * 1e8},
+          {"batch": 1, "bytes": 1e9 + 1e8}]  # only the two smallest batches count
+  assert memory_plan.largest_batch(rows, 16) == 150  # (16e9 - 1e9) / 1e8
+  assert memory_plan.largest_batch(rows[:1], 16) is None
+  flat = [{"batch": 1, "bytes": 5e8}, {"batch": 8, "bytes": 5e8}]
+  assert memory_plan.largest_batch(flat, 16) is None  # no growth: no extrapolation
+
+
+def test_local_compile_reports_parameters_flops_and_memory_growing_with_the_batch(tmp_path):
+  out = tmp_path / "plan.json"
+  rows = memory_plan.main(["--configs", "configs/digits.py", "--batches", "1", "16",
+                           "--dtypes", "float32", "--remat", "off", "--out", str(out)])
+  assert [r["batch"] for r in rows] == [1, 16] and out.exists()
+  assert all(r["target"] == "local" and r["params"] > 0 for r in rows)
+  assert rows[1]["bytes"] > rows[0]["bytes"] > 0
+  assert rows[0]["flops_per_example"] > 0
+
+
+def test_an_unknown_target_is_one_error_naming_it():
+  with pytest.raises(SystemExit, match="'gpu:h100'.*'local' or 'tpu:<generation>'"):
+    memory_plan.target_device("gpu:h100")
