@@ -17,6 +17,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SDES = [sde_lib.VESDE(), sde_lib.VPSDE(), sde_lib.subVPSDE()]
 FIXED_STEP_SAMPLERS = sorted(set(sampling.SAMPLERS) - {"ode"})
 
+# Compile-heavy, tiny compute (16 two-dimensional points, the toy_2d MLP): XLA's optimizations
+# off here and in the main.py runs (env below).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+FAST_COMPILES = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}
+
 
 @pytest.fixture(scope="module")
 def oracle():
@@ -44,7 +49,7 @@ def test_adaptive_ode_sampler_is_finite(oracle, sde):
 def _main(*args, env=None):
   return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=600,
-                        env=dict(os.environ, **(env or {})))
+                        env=dict(os.environ, **FAST_COMPILES, **(env or {})))
 
 
 def _snapshot(path):
@@ -61,10 +66,18 @@ def _snapshot(path):
 
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory):
+  """A toy_2d workdir trained for 2 steps: what `main.py --mode train --config configs/toy_2d.py
+  --config.training.n_iters=2 --config.training.snapshot_freq=2` writes (the same run_train, here
+  in this process: the tests are about the runs on it)."""
+  import importlib
+  from sgm_jax.cli.train import run_train
+  if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+  config = importlib.import_module("configs.toy_2d").get_config()
+  config.training.n_iters = 2
+  config.training.snapshot_freq = 2
   wd = str(tmp_path_factory.mktemp("trained"))
-  res = _main("--mode", "train", "--config", "configs/toy_2d.py", "--workdir", wd,
-              "--config.training.n_iters=2", "--config.training.snapshot_freq=2")
-  assert res.returncode == 0, res.stderr[-2000:]
+  assert int(run_train(config, wd).step) == 2
   return wd
 
 
@@ -138,7 +151,8 @@ def test_evaluation_killed_mid_way_resumes_from_its_last_batch(trained_workdir, 
               "--config.eval.batch_size=4", "--config.eval.loss_num_examples=2000"]
   pattern = os.path.join(wd, "eval", "ckpt_2", "loss_test", "batch_*.npz")
   proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *evaluate], cwd=ROOT,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          env=dict(os.environ, **FAST_COMPILES))
   deadline = time.time() + 300
   while len(glob.glob(pattern)) < 5 and proc.poll() is None and time.time() < deadline:
     time.sleep(0.01)
