@@ -33,6 +33,10 @@ FAMILIES = ["ve_cifar10_ncsnpp_continuous", "vp_cifar10_ddpmpp_continuous", "vp_
             "ve_ncsnv2_cifar10"]
 TOLERANCE = 1e-4  # relative, per example (the reference README)
 pytestmark = pytest.mark.usefixtures("fast_compiles")
+# the main.py subprocesses compile as the in-process tests do (fast_compiles): XLA's optimizations
+# only cost compile time at these sizes, and main.py's programs that the test process builds too
+# (test_main_and_python_sample_the_same_way) then come from the run's compilation cache
+ENV = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
 
 
 def _meta(family: str) -> dict:
@@ -68,7 +72,7 @@ def _config(family: str, **extra):
 
 def _main(*args) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--verbosity=-1", *args],
-                        capture_output=True, text=True, cwd=ROOT)
+                        capture_output=True, text=True, cwd=ROOT, env=ENV)
 
 
 def _ok(result: subprocess.CompletedProcess) -> str:
@@ -268,9 +272,10 @@ def test_training_continues_the_original_adam_state(tmp_path):
   own moments and step count (warm-up and clipping as the config sets them)."""
   from sgm_jax.cli import setup
   from sgm_jax.cli.train import run_train
-  family = FAMILIES[1]  # DDPM++ VP: warm-up 5000 steps, gradient clipping at 1
+  family = FAMILIES[2]  # DDPM VP: warm-up 5000 steps, gradient clipping at 1
   config = _config(family, **{"data.dataset": "npz", "data.data_dir": _npz_data(tmp_path / "data"),
-                              "training.batch_size": 2, "training.n_iters": 1236})
+                              "training.batch_size": 2, "training.n_iters": 1236,
+                              "training.n_jitted_steps": 1})
   workdir = str(tmp_path / "workdir")
   import_checkpoint.run_import(config, workdir, _checkpoint(family))
   state = run_train(config, workdir)
