@@ -19,6 +19,10 @@ from sgm_jax.errors import UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# Compile-heavy, tiny compute: XLA's optimizations off here and in the main.py runs (env below).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+FAST_COMPILES = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}
+
 
 def _config(name="digits"):
   config = importlib.import_module(f"configs.{name}").get_config()
@@ -63,7 +67,8 @@ def test_the_configs_score_scale_reaches_every_sampler_and_one_means_none():
   assert setup.sampler_options_from_config(config, "deis", {"order": 2}) == {"order": 2}
 
 
-def test_sample_and_eval_use_the_same_sampler_settings(digits_workdir):
+def test_sample_and_eval_use_the_same_sampler_settings(digits_workdir, monkeypatch):
+  _fake_feature_network(monkeypatch)  # the settings are compared, not the features' numbers
   config = _config()
   config.sampling.snr = 0.05
   config.eval.enable_sampling = True
@@ -122,7 +127,8 @@ def test_shipped_digits_config_fits_its_data():
 
 def _main(*args):
   return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=600)
+                        capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, **FAST_COMPILES))
 
 
 def test_cli_reads_python_booleans_and_refuses_unclear_ones(digits_workdir):
