@@ -341,7 +341,7 @@ def test_with_network_dtype_rebuilds_network_score_functions_only():
 
 
 # --- a short Fashion-MNIST training ---------------------------------------------------------------
-TRAIN_STEPS, STEPS_PER_CALL, WINDOW = 100, 5, 25
+TRAIN_STEPS, STEPS_PER_CALL, WINDOW = 100, 1, 25
 
 
 def _train_losses(dtype: str):
