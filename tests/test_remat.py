@@ -42,14 +42,16 @@ def _config(family: str, remat: bool):
 
 def _loss_and_grads(family: str, remat: bool, params=None):
   """(initial params, output, gradients of mean(output^2), jaxpr) of the family's network; with
-  `params` given, the output and gradients at those parameters."""
+  `params` given, the output and gradients at those parameters, and only the shapes of its own
+  initial params (jax.eval_shape: a second initialization op by op took 2-6 s a network)."""
   config = _config(family, remat)
   model = models.create_model(config, setup.sde_from_config(config))
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
   labels = jnp.array([3, 100]) if family.endswith("ncsnv2_cifar10") or family.endswith(
       "ddpm_cifar10") else jnp.array([0.3, 0.8])
-  variables = model.init({"params": jax.random.PRNGKey(1), "dropout": jax.random.PRNGKey(2)},
-                         x, labels, train=False)
+  init = lambda: model.init({"params": jax.random.PRNGKey(1), "dropout": jax.random.PRNGKey(2)},
+                            x, labels, train=False)
+  variables = init() if params is None else jax.eval_shape(init)
 
   def loss(params):
     out = model.apply({"params": params}, x, labels, train=True,
