@@ -3,7 +3,8 @@ and sample like one process with all their devices; a second job is kept off a b
 
 Every run is a real `main.py` in subprocesses, each process with 2 forced CPU devices, on the
 digits config with a tiny Mixer and a few steps. Every process has a timeout and is killed by the
-test when it runs over, so no run outlives a failed test.
+test when it runs over, so no run outlives a failed test. The digits are read from .npz files of
+the same images (the `digits_npz` fixture): a process then starts without scikit-learn (~1 s).
 """
 import importlib
 import os
@@ -30,15 +31,39 @@ OVERRIDES = {("model", "hidden_size"): 16, ("model", "mix_patch_size"): 16,
              ("training", "batch_size"): 8, ("training", "n_iters"): N_ITERS,
              ("training", "log_freq"): 1, ("training", "snapshot_freq_for_preemption"): 2,
              ("training", "snapshot_freq"): N_ITERS, ("sampling", "batch_size"): 6}
-TINY_DIGITS = ["--config", os.path.join(ROOT, "configs", "digits.py")] + [
-    f"--config.{section}.{field}={value}" for (section, field), value in OVERRIDES.items()]
 
 
-def _tiny_digits_config():
+def _overrides(data_dir):
+  return {**OVERRIDES, ("data", "dataset"): "npz", ("data", "data_dir"): str(data_dir)}
+
+
+def tiny_digits(data_dir):
+  """main.py's flags of the digits config with a tiny Mixer, its data read from `data_dir` (the
+  digits_npz fixture)."""
+  return ["--config", os.path.join(ROOT, "configs", "digits.py")] + [
+      f"--config.{section}.{field}={value}"
+      for (section, field), value in _overrides(data_dir).items()]
+
+
+def _tiny_digits_config(data_dir):
   config = importlib.import_module("configs.digits").get_config()
-  for (section, field), value in OVERRIDES.items():
+  for (section, field), value in _overrides(data_dir).items():
     setattr(getattr(config, section), field, value)
   return config
+
+
+@pytest.fixture(scope="session")
+def digits_npz(tmp_path_factory):
+  """A folder of train.npz and test.npz holding the images and labels of configs/digits.py's
+  splits (scikit-learn's digits, as sgm_jax's digits loader gives them): the npz dataset's input."""
+  from sgm_jax import datasets
+  from sgm_jax.datasets import local
+  spec = datasets.from_config(importlib.import_module("configs.digits").get_config())
+  folder = tmp_path_factory.mktemp("digits_npz")
+  for split in ("train", "test"):
+    source = local.load_digits(spec, split)
+    np.savez(folder / f"{split}.npz", images=source.images, labels=source.labels)
+  return folder
 
 
 def _gloo_available():
@@ -108,9 +133,9 @@ def _run(args, num_processes, devices, log_dir, name):
     assert code == 0, f"{name} process {i}: {_log(log_dir, name, i)[-3000:]}"
 
 
-def _train(workdir, num_processes, devices, log_dir, name):
-  _run(["--mode", "train", "--workdir", str(workdir), *TINY_DIGITS], num_processes, devices,
-       log_dir, name)
+def _train(workdir, data_dir, num_processes, devices, log_dir, name):
+  _run(["--mode", "train", "--workdir", str(workdir), *tiny_digits(data_dir)], num_processes,
+       devices, log_dir, name)
 
 
 def _loss_log(workdir):
@@ -118,14 +143,14 @@ def _loss_log(workdir):
   return rows["step"], rows["loss"]
 
 
-def _final_state(workdir):
+def _final_state(workdir, data_dir):
   """The step-N_ITERS train state restored in this one-device process (as sampling on another
   machine would), as numpy arrays."""
   import jax
   from sgm_jax import models, sde_lib
   from sgm_jax.checkpoints import CheckpointStore
   from sgm_jax.cli import setup
-  config = _tiny_digits_config()
+  config = _tiny_digits_config(data_dir)
   model = models.create_model(config, sde_lib.from_config(config))
   target = setup.abstract_initial_state(config, model, (8, 8, 1),
                                         setup.optimizer_from_config(config).build())
@@ -158,24 +183,25 @@ def _assert_same_training(state, reference):
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory):
+def two_process_run(tmp_path_factory, digits_npz):
   """A workdir trained by 2 processes x 2 CPU devices, and the folder of the runs' logs."""
   if not _gloo_available():
     pytest.skip("no gloo CPU collectives in this jaxlib")
   logs = tmp_path_factory.mktemp("logs")
   workdir = tmp_path_factory.mktemp("two_processes")
-  _train(workdir, 2, 2, logs, "train_2x2")
+  _train(workdir, digits_npz, 2, 2, logs, "train_2x2")
   return workdir, logs
 
 
-def test_two_processes_train_like_one_process_with_all_devices(two_process_run, tmp_path):
+def test_two_processes_train_like_one_process_with_all_devices(two_process_run, digits_npz,
+                                                                tmp_path):
   workdir, logs = two_process_run
   one = tmp_path / "one_process"
-  _train(one, 1, 4, logs, "train_1x4")
+  _train(one, digits_npz, 1, 4, logs, "train_1x4")
   steps, losses = _loss_log(workdir)
   np.testing.assert_array_equal(steps, np.arange(1, N_ITERS + 1))  # one log, written once
   np.testing.assert_allclose(losses, _loss_log(one)[1], rtol=1e-5)
-  _assert_same_training(_final_state(workdir), _final_state(one))
+  _assert_same_training(_final_state(workdir, digits_npz), _final_state(one, digits_npz))
   # Process 0 prints the result; process 1 does not (gloo's own lines go around sys.stdout).
   assert "trained to step 8" in _log(logs, "train_2x2", 0, "out")
   assert "trained" not in _log(logs, "train_2x2", 1, "out")
@@ -183,10 +209,11 @@ def test_two_processes_train_like_one_process_with_all_devices(two_process_run, 
 
 
 def test_a_killed_process_and_a_restarted_job_resume_like_an_uninterrupted_run(two_process_run,
+                                                                                digits_npz,
                                                                                 tmp_path):
   reference, logs = two_process_run
   work = tmp_path / "killed"
-  args = ["--mode", "train", "--workdir", str(work), *TINY_DIGITS]
+  args = ["--mode", "train", "--workdir", str(work), *tiny_digits(digits_npz)]
   procs = _start(args, 2, 2, logs, "killed")
   meta = work / "checkpoints-meta"
   deadline = time.time() + TIMEOUT
@@ -211,17 +238,17 @@ def test_a_killed_process_and_a_restarted_job_resume_like_an_uninterrupted_run(t
   np.testing.assert_array_equal(steps, np.arange(1, N_ITERS + 1))
   np.testing.assert_array_equal(losses, _loss_log(reference)[1])
   import jax
-  for a, b in zip(jax.tree_util.tree_leaves(_final_state(work)),
-                  jax.tree_util.tree_leaves(_final_state(reference))):
+  for a, b in zip(jax.tree_util.tree_leaves(_final_state(work, digits_npz)),
+                  jax.tree_util.tree_leaves(_final_state(reference, digits_npz))):
     np.testing.assert_array_equal(a, b)
 
 
-def test_two_processes_sample_together_into_one_file(two_process_run):
+def test_two_processes_sample_together_into_one_file(two_process_run, digits_npz):
   """10 samples, batches of 6 over 4 devices (padded to 8): one .npz of 10 samples, written by
   process 0, equal to what one process on one device samples (deterministic DDIM)."""
   workdir, logs = two_process_run
-  args = ["--mode", "sample", "--workdir", str(workdir), *TINY_DIGITS, "--sampler", "ddim",
-          "--num_steps", "3", "--num_samples", "10"]
+  args = ["--mode", "sample", "--workdir", str(workdir), *tiny_digits(digits_npz),
+          "--sampler", "ddim", "--num_steps", "3", "--num_samples", "10"]
   _run(args, 2, 2, logs, "sample_2x2")
   assert sorted(os.listdir(workdir / "samples")) == [f"ddim_3steps_ckpt{N_ITERS}.npz",
                                                      f"ddim_3steps_ckpt{N_ITERS}.png"]
@@ -232,7 +259,7 @@ def test_two_processes_sample_together_into_one_file(two_process_run):
   assert together.shape == (10, 8, 8, 1)
   # The same samples from this (one-device) process: sample j starts from the j-th prior draw.
   from sgm_jax.cli.sample import run_sample
-  alone = run_sample(_tiny_digits_config(), str(workdir), "ddim", 3, 10)
+  alone = run_sample(_tiny_digits_config(digits_npz), str(workdir), "ddim", 3, 10)
   with np.load(alone["npz"]) as f:
     np.testing.assert_allclose(f["samples"], together, rtol=1e-4, atol=1e-5)
 

@@ -2,8 +2,8 @@
 computes, all by itself, what one process with all their devices computes, and resumes from the
 per-batch files of an interrupted evaluation.
 
-The checkpoint is the tiny digits Mixer of tests/test_multihost.py, saved untrained; each run is
-main.py in subprocesses with a fake feature network (the channel means as features: EfficientNet
+The checkpoint is the tiny digits Mixer of tests/test_multihost.py (its data read from .npz files
+of the digits), saved untrained; each run is main.py in subprocesses with a fake feature network (the channel means as features: EfficientNet
 would cost minutes on CPU), patched in by a small driver before main.py runs.
 """
 import json
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_multihost import (ROOT, TINY_DIGITS, _finish, _gloo_available, _log,  # noqa: E402
-                            _start, _tiny_digits_config)
+from test_multihost import (ROOT, _finish, _gloo_available, _log, _start,  # noqa: E402
+                            _tiny_digits_config, digits_npz, tiny_digits)
 
 STEP = 4
 # Every part of the evaluation, each with a few examples; 2 batches of each of loss, bits/dim and
@@ -27,10 +27,10 @@ EVAL = {"batch_size": 6, "enable_loss": True, "loss_num_examples": 12, "enable_b
         "enable_sampling": True, "reference_examples": 16}
 
 
-def _args(**eval_overrides):
+def _args(data_dir, **eval_overrides):
   overrides = [f"--config.eval.{k}={v}" for k, v in dict(EVAL, **eval_overrides).items()]
-  return [*TINY_DIGITS, *overrides, "--mode", "eval", "--sampler", "deis", "--num_steps", "2",
-          "--num_samples", "10"]
+  return [*tiny_digits(data_dir), *overrides, "--mode", "eval", "--sampler", "deis",
+          "--num_steps", "2", "--num_samples", "10"]
 
 
 _DRIVER = """
@@ -57,11 +57,11 @@ runpy.run_path({main!r}, run_name="__main__")
 """
 
 
-def _eval(workdir, num_processes, devices, log_dir, name, rows=1, **eval_overrides):
+def _eval(workdir, data_dir, num_processes, devices, log_dir, name, rows=1, **eval_overrides):
   """The results row of main.py --mode eval in `num_processes` x `devices`, the `rows`-th."""
   code = _DRIVER.format(root=ROOT, main=os.path.join(ROOT, "main.py"))
-  procs = _start(["--workdir", str(workdir), *_args(**eval_overrides)], num_processes, devices,
-                 log_dir, name, program=["-c", code])
+  procs = _start(["--workdir", str(workdir), *_args(data_dir, **eval_overrides)], num_processes,
+                 devices, log_dir, name, program=["-c", code])
   for i, code in enumerate(_finish(procs, log_dir, name)):
     assert code == 0, f"{name} process {i}: {_log(log_dir, name, i)[-3000:]}"
   with open(os.path.join(workdir, "eval", "results.jsonl")) as f:
@@ -70,13 +70,13 @@ def _eval(workdir, num_processes, devices, log_dir, name, rows=1, **eval_overrid
   return lines[-1]
 
 
-def _save_checkpoint(workdir):
+def _save_checkpoint(workdir, data_dir):
   """The untrained tiny digits state as the checkpoint of step STEP (no step compiled)."""
   import jax
   from sgm_jax import datasets
   from sgm_jax.checkpoints import CheckpointStore
   from sgm_jax.cli import setup
-  config = _tiny_digits_config()
+  config = _tiny_digits_config(data_dir)
   _, model, dataset = setup.build(config)
   state = setup.initial_state(config, model, datasets.example_shape(dataset.spec),
                               setup.optimizer_from_config(config).build())
@@ -96,7 +96,7 @@ def _assert_same(result, expected, keys=COMPARED):
     np.testing.assert_allclose(result[key], expected[key], rtol=1e-4, err_msg=key)
 
 
-def test_two_processes_evaluate_like_one_process_with_all_devices_and_resume(tmp_path):
+def test_two_processes_evaluate_like_one_process_with_all_devices_and_resume(tmp_path, digits_npz):
   """1 process x 4 devices and 2 processes x 2 devices each evaluate the checkpoint in a workdir
   of their own, every batch computed by themselves, and give the same numbers. Then the 2 x 2
   job resumes from its progress files with the first batch of loss and samples deleted (the batch
@@ -105,10 +105,10 @@ def test_two_processes_evaluate_like_one_process_with_all_devices_and_resume(tmp
   if not _gloo_available():
     pytest.skip("no gloo CPU collectives in this jaxlib")
   one, two = tmp_path / "one_process", tmp_path / "two_processes"
-  _save_checkpoint(one)
+  _save_checkpoint(one, digits_npz)
   shutil.copytree(one, two)
-  alone = _eval(one, 1, 4, tmp_path, "eval_1x4")
-  together = _eval(two, 2, 2, tmp_path, "eval_2x2")
+  alone = _eval(one, digits_npz, 1, 4, tmp_path, "eval_1x4")
+  together = _eval(two, digits_npz, 2, 2, tmp_path, "eval_2x2")
   progress = two / "eval" / f"ckpt_{STEP}"
   parts = sorted(p.name for p in progress.iterdir() if p.is_dir())
   assert len(parts) == 3, parts  # loss, bits/dim and samples
@@ -129,7 +129,7 @@ def test_two_processes_evaluate_like_one_process_with_all_devices_and_resume(tmp
   for part in resumed_parts:
     os.remove(progress / part / "batch_000000.npz")
     kept[part] = os.stat(progress / part / "batch_000001.npz").st_mtime_ns
-  resumed = _eval(two, 2, 2, tmp_path, "eval_2x2_resumed", rows=2, enable_bpd=False,
+  resumed = _eval(two, digits_npz, 2, 2, tmp_path, "eval_2x2_resumed", rows=2, enable_bpd=False,
                   enable_denoising_error=False)
   for part in resumed_parts:  # batch 0 computed again and written (by process 0), batch 1 read
     assert sorted(os.listdir(progress / part)) == ["batch_000000.npz", "batch_000001.npz"]
