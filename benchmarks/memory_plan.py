@@ -71,7 +71,7 @@ def target_device(target: str):
 def compile_step(path: str, batch: int, dtype: str, remat: bool, device=None) -> dict:
   state, step_fn, shape = training_step(load_config(path, dtype, remat), abstract=True)
   devices = [device or jax.devices()[0]]
-  mesh = jax.sharding.Mesh(np.array(devices), (parallel.AXIS_NAME,))
+  mesh = parallel.mesh(devices)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state = jax.tree_util.tree_map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), state)

@@ -5,17 +5,14 @@ import os
 import subprocess
 import sys
 
+from xla_flags import with_device_count
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_device_check_small_runs_every_part(tmp_path):
   out = tmp_path / "device_check.json"
-  # 2 CPU devices; the test run's other XLA flags (tests/conftest.py: its faster-compiling fusion
-  # code generator) are kept.
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  flags.append("--xla_force_host_platform_device_count=2")
-  env = dict(os.environ, XLA_FLAGS=" ".join(flags),
+  env = dict(os.environ, XLA_FLAGS=with_device_count(2),
              JAX_DISABLE_MOST_OPTIMIZATIONS="1")  # compile time is all there is at this size
   result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "device_check.py"),
                            "--small", "--out", str(out), "--pc-steps", "5"],

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+from xla_flags import with_device_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -82,13 +83,9 @@ def _free_port():
 
 
 def _env(devices):
-  # XLA's optimizations only cost compile time at these sizes; the test run's other XLA flags
-  # (tests/conftest.py) are kept.
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  flags.append(f"--xla_force_host_platform_device_count={devices}")
+  # XLA's optimizations only cost compile time at these sizes.
   return dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="true",
-              XLA_FLAGS=" ".join(flags))
+              XLA_FLAGS=with_device_count(devices))
 
 
 def _start(args, num_processes, devices, log_dir, name, program=None):

@@ -3,8 +3,9 @@ computes, all by itself, what one process with all their devices computes, and r
 per-batch files of an interrupted evaluation.
 
 The checkpoint is the tiny digits Mixer of tests/test_multihost.py (its data read from .npz files
-of the digits), saved untrained; each run is main.py in subprocesses with a fake feature network (the channel means as features: EfficientNet
-would cost minutes on CPU), patched in by a small driver before main.py runs.
+of the digits), saved untrained; each run is main.py in subprocesses with a fake feature network
+(the channel means as features: EfficientNet would cost minutes on CPU), patched in by a small
+driver before main.py runs.
 """
 import json
 import os

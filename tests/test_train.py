@@ -11,15 +11,9 @@ import numpy as np
 import pytest
 
 from sgm_jax import checkpoints, train
+from xla_flags import with_device_count
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "toy_train_run.py")
-
-
-def _xla_flags(devices):
-  """XLA_FLAGS for `devices` CPU devices, with the test run's other flags (tests/conftest.py)."""
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  return " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
 
 
 def _run(args, env_extra=None, **kwargs):
@@ -140,7 +134,7 @@ def test_one_device_and_two_devices_give_the_same_losses(tmp_path):
   out = {}
   for n in (1, 2):
     res = _run([tmp_path / f"dev{n}", 12, "--out", tmp_path / f"dev{n}.npz"],
-               env_extra={"XLA_FLAGS": _xla_flags(n)}, timeout=600)
+               env_extra={"XLA_FLAGS": with_device_count(n)}, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"devices: {n}" in res.stdout
     out[n] = _read_log(tmp_path / f"dev{n}")[1]
