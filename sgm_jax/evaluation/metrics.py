@@ -211,3 +211,71 @@ def kernel_inception_distance_blocks(features1: np.ndarray, features2: np.ndarra
   if blocks == 1:
     return mean, float("nan")
   return mean, float(np.sqrt(values.var(ddof=1) / blocks))
+
+
+def _squared_distances(a: np.ndarray, b: np.ndarray, b_squared_norms: np.ndarray) -> np.ndarray:
+  """||a_i - b_j||^2 (float64) for rows a (n, d), b (m, d), clipped at 0 against round-off."""
+  sq = (a * a).sum(axis=1)[:, None] + b_squared_norms[None, :] - 2.0 * (a @ b.T)
+  return np.maximum(sq, 0.0)
+
+
+def _knn_squared_radii(x: np.ndarray, k: int, block_size: int) -> np.ndarray:
+  """Squared distance of each row of x to its k-th nearest other row, in blocks of rows and
+  columns: the (k+1)-th smallest including the row itself (distance 0)."""
+  norms = (x * x).sum(axis=1)
+  radii = np.empty(x.shape[0])
+  for start in range(0, x.shape[0], block_size):
+    rows = x[start:start + block_size]
+    smallest = np.full((rows.shape[0], 0), np.inf)
+    for col in range(0, x.shape[0], block_size):
+      block = _squared_distances(rows, x[col:col + block_size], norms[col:col + block_size])
+      candidates = np.concatenate([smallest, block], axis=1)
+      keep = min(k + 1, candidates.shape[1])
+      smallest = np.partition(candidates, keep - 1, axis=1)[:, :keep]
+    radii[start:start + rows.shape[0]] = smallest.max(axis=1)
+  return radii
+
+
+def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, k: int = 3,
+                     block_size: int = 1024) -> tuple[float, float]:
+  """Improved precision and recall (Kynkaanniemi et al., "Improved Precision and Recall Metric
+  for Assessing Generative Models", NeurIPS 2019) of feature sets (N_real, d), (N_fake, d).
+
+  Each real feature's ball reaches its k-th nearest neighbour among the other real features;
+  precision is the share of fake features inside at least one real ball. Recall is the same with
+  the roles swapped: the share of real features inside at least one fake ball, whose radii come
+  from the fakes' own k-NN distances. A ball holds its boundary (distance <= radius).
+  Euclidean distances in float64, about the real features' mean, computed in blocks of
+  `block_size` x `block_size` pairs (memory is O(block_size^2), whatever the set sizes).
+  """
+  real = np.asarray(real_features, np.float64)
+  fake = np.asarray(fake_features, np.float64)
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    raise InputError(f"k (the neighbour that sets each ball's radius) must be an integer >= 1, "
+                     f"got {k!r}")
+  if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or \
+      block_size < 1:
+    raise InputError(f"block_size must be an integer >= 1, got {block_size!r}")
+  if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+    raise InputError(f"feature sets must be (N, d) with equal d, got {real.shape} and "
+                     f"{fake.shape}")
+  if min(real.shape[0], fake.shape[0]) < k + 1:
+    raise InputError(f"precision/recall with k={k} needs at least k + 1 = {k + 1} rows in each "
+                     f"set, got {real.shape[0]} real and {fake.shape[0]} fake")
+  # About the mean, the cancellation in |a|^2 - 2 a.b + |b|^2 is smaller; distances are the same.
+  center = real.mean(axis=0)
+  real, fake = real - center, fake - center
+  real_radii = _knn_squared_radii(real, k, block_size)
+  fake_radii = _knn_squared_radii(fake, k, block_size)
+  fake_norms = (fake * fake).sum(axis=1)
+  fake_covered = np.zeros(fake.shape[0], bool)  # inside some real ball
+  real_covered = np.zeros(real.shape[0], bool)  # inside some fake ball
+  for start in range(0, real.shape[0], block_size):
+    rows = real[start:start + block_size]
+    row_radii = real_radii[start:start + block_size]
+    for col in range(0, fake.shape[0], block_size):
+      block = _squared_distances(rows, fake[col:col + block_size], fake_norms[col:col + block_size])
+      fake_covered[col:col + block_size] |= (block <= row_radii[:, None]).any(axis=0)
+      real_covered[start:start + block_size] |= (
+          block <= fake_radii[None, col:col + block_size]).any(axis=1)
+  return float(fake_covered.mean()), float(real_covered.mean())
