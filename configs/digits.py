@@ -18,6 +18,5 @@ def get_config():
   config.eval.bpd_num_examples = 179
   config.eval.denoising_examples = 179
   config.eval.denoising_reference = 1618
-  config.eval.reference_examples = 1618
   use_few_step_parameterization(config)
   return config

@@ -45,6 +45,12 @@ if "SGM_JAX_TEST_XLA_CACHE" in os.environ:
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
+# The user's cache (trained domain classifiers, sgm_jax/evaluation/domain.py) is one folder per
+# test run, like the XLA cache: tests never read or write ~/.cache, and every run trains afresh.
+_USER_CACHE_OWNER = "SGM_JAX_CACHE_DIR" not in os.environ
+if _USER_CACHE_OWNER:
+  os.environ["SGM_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="sgm-jax-test-cache-")
+
 import jax  # noqa: E402
 
 if "SGM_JAX_TEST_XLA_CACHE" in os.environ:  # also when a plugin imported jax before this file
@@ -104,3 +110,5 @@ def pytest_collection_modifyitems(session, config, items):
 def pytest_unconfigure(config):
   if _CACHE_OWNER:
     shutil.rmtree(os.environ["SGM_JAX_TEST_XLA_CACHE"], ignore_errors=True)
+  if _USER_CACHE_OWNER:
+    shutil.rmtree(os.environ["SGM_JAX_CACHE_DIR"], ignore_errors=True)

@@ -25,7 +25,8 @@ STEP = 4
 EVAL = {"batch_size": 6, "enable_loss": True, "loss_num_examples": 12, "enable_bpd": True,
         "bpd_num_examples": 12, "rtol": 1e-3, "atol": 1e-3, "enable_denoising_error": True,
         "denoising_examples": 8, "denoising_reference": 16, "denoising_levels": 2,
-        "enable_sampling": True, "reference_examples": 16}
+        "enable_sampling": True, "reference_examples": 16,
+        "feature_extractor": "effnet"}  # the driver's stand-in network under effnet's name
 
 
 def _args(data_dir, **eval_overrides):

@@ -70,6 +70,7 @@ def test_the_configs_score_scale_reaches_every_sampler_and_one_means_none():
 def test_sample_and_eval_use_the_same_sampler_settings(digits_workdir, monkeypatch):
   _fake_feature_network(monkeypatch)  # the settings are compared, not the features' numbers
   config = _config()
+  config.eval.feature_extractor = "effnet"  # the stand-in's name
   config.sampling.snr = 0.05
   config.eval.enable_sampling = True
   config.eval.sampler, config.eval.num_steps, config.eval.num_samples = "pc", 2, 4
@@ -106,11 +107,14 @@ def test_eval_with_nothing_enabled_says_so_and_writes_nothing(digits_workdir):
   assert (open(results).read() if os.path.exists(results) else "") == before
 
 
-def test_eval_sizes_are_checked_before_any_work(digits_workdir):
+@pytest.mark.parametrize("extractor,images", [("effnet", "1618 images of the train split"),
+                                               ("domain", "179 images of the test split")])
+def test_eval_sizes_are_checked_before_any_work(digits_workdir, extractor, images):
   config = _config()
   config.eval.enable_sampling = True
-  config.eval.reference_examples = 2048  # the digits training split has 1618
-  with pytest.raises(UserError, match=r"eval.reference_examples=2048 is more than the 1618 images"):
+  config.eval.feature_extractor = extractor  # its reference: the training split, or the test split
+  config.eval.reference_examples = 2048
+  with pytest.raises(UserError, match=rf"eval.reference_examples=2048 is more than the {images}"):
     evaluate.run_eval(config, digits_workdir)
   ckpt_dir = os.path.join(digits_workdir, "eval", "ckpt_2")
   assert not any(name.startswith("samples_deis_10")
@@ -224,6 +228,7 @@ def test_eval_with_another_seed_gives_that_seeds_numbers(digits_workdir, tmp_pat
   shared = _checkpoints_of(digits_workdir, tmp_path / "shared")
   fresh = _checkpoints_of(digits_workdir, tmp_path / "fresh")
   config = _config()
+  config.eval.feature_extractor = "effnet"  # the stand-in's name
   config.eval.enable_sampling = True
   config.eval.sampler, config.eval.num_steps, config.eval.num_samples = "deis", 2, 8
   config.eval.reference_examples = 8

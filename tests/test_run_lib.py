@@ -196,14 +196,16 @@ def test_eval_writes_metrics_and_resumes_without_redoing_batches(tmp_path):
   run_train(config, str(tmp_path))
   first = run_eval(config, str(tmp_path))
   assert np.isfinite(first["bpd"]) and first["bpd_examples"] == 8
-  assert np.isfinite(first["FD-EffNet"]) and first["num_samples"] == 8
+  assert np.isfinite(first["FD-Domain"]) and first["num_samples"] == 8
+  assert 0 <= first["precision (domain)"] <= 1 and 0 <= first["recall (domain)"] <= 1
   progress = sorted((tmp_path / "eval" / "ckpt_2").rglob("batch_*.npz"))
   assert len(progress) == 2 + 2 + 2  # test loss, bits/dim and samples: 8 each in batches of 4
   assert np.isfinite(first["loss"]) and first["loss_examples"] == 8
   stamps = [p.stat().st_mtime_ns for p in progress]
   second = run_eval(config, str(tmp_path))
   assert [p.stat().st_mtime_ns for p in progress] == stamps  # nothing recomputed
-  assert second["bpd"] == first["bpd"] and second["FD-EffNet"] == first["FD-EffNet"]
-  assert np.isfinite(first["KID (effnet)"]) and second["KID (effnet)"] == first["KID (effnet)"]
+  assert second["bpd"] == first["bpd"] and second["FD-Domain"] == first["FD-Domain"]
+  assert np.isfinite(first["KID (domain)"]) and second["KID (domain)"] == first["KID (domain)"]
+  assert second["precision (domain)"] == first["precision (domain)"]
   lines = (tmp_path / "eval" / "results.jsonl").read_text().strip().splitlines()
   assert len(lines) == 2

@@ -68,12 +68,26 @@ PROTOCOL_DEFAULTS = {
 }
 
 
+# The split whose images are the reference of a feature extractor's distances: the domain
+# classifier is trained on the training split, so its reference is the test split it never saw.
+REFERENCE_SPLITS = {"domain": "test"}
+
+
+def reference_split(feature_extractor: str) -> str:
+  return REFERENCE_SPLITS.get(feature_extractor, "train")
+
+
+# Improved precision and recall compare at most this many samples with as many reference images
+# (the first ones): their k-NN balls need all pairwise distances of each set.
+PRECISION_RECALL_MAX = 10_000
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleProtocol:
   """How `run_eval` scores samples, resolved from config.eval before any work."""
 
   name: str
-  feature_extractor: str  # 'inception' (FID) or 'effnet' (FD-EffNet)
+  feature_extractor: str  # 'inception' (FID), 'effnet' (FD-EffNet) or 'domain' (FD-Domain)
   quantize_samples: bool  # score_sde: np.clip(x * 255, 0, 255).astype(uint8) before features
   reference_examples: Optional[int]  # training images of the reference statistics; None: all
   reference_statistics: str  # a statistics file used instead of the data ('' for none)
@@ -96,6 +110,10 @@ def sample_protocol(config: Any) -> SampleProtocol:
     defaults["num_steps"] = int(config.model.num_scales)
   values = {k: setup.get_field(ev, k, None) for k in defaults}
   values = {k: defaults[k] if v is None else v for k, v in values.items()}
+  from sgm_jax.evaluation.features import METRIC_NAMES
+  if str(values["feature_extractor"]) not in METRIC_NAMES:
+    raise InputError(f"unknown eval.feature_extractor {values['feature_extractor']!r}; choose from "
+                     f"{sorted(METRIC_NAMES)}")
   count = int(values["reference_examples"])
   if count < 0:
     raise InputError(f"eval.reference_examples must be >= 0 (0: the whole training split), got "
@@ -128,17 +146,24 @@ def check_eval_sizes(config: Any, dataset: datasets.Dataset, parts: list[str]) -
     return
   protocol = sample_protocol(config)
   from sgm_jax.evaluation import features
-  features.resolve_weights(protocol.feature_extractor,
-                           setup.get_field(ev, "inception_weights", None) or None)
+  if protocol.feature_extractor == "domain":
+    if dataset.labels("train") is None:
+      raise InputError(f"eval.feature_extractor='domain' trains a classifier on the labels of "
+                       f"{config.data.dataset!r}, which has none; eval.feature_extractor="
+                       "'effnet' works without labels")
+  else:
+    features.resolve_weights(protocol.feature_extractor,
+                             setup.get_field(ev, "inception_weights", None) or None)
   if protocol.reference_statistics:
     if not os.path.isfile(protocol.reference_statistics):
       raise InputError(f"eval.reference_statistics={protocol.reference_statistics!r} is not a "
                        "file")
     return
-  wanted, available = protocol.reference_examples, dataset.num_examples("train")
+  split = reference_split(protocol.feature_extractor)
+  wanted, available = protocol.reference_examples, dataset.num_examples(split)
   if wanted is not None and wanted > available:
     raise InputError(f"eval.reference_examples={wanted} is more than the {available} images of "
-                     f"the train split of {config.data.dataset!r}; set "
+                     f"the {split} split of {config.data.dataset!r}; set "
                      f"--config.eval.reference_examples={available} or less (0: all of them)")
 
 
@@ -479,7 +504,8 @@ def _denoising_error(config: Any, dataset, sde, score_fn, out_dir: str, key) -> 
 
 def _reference_statistics(config: Any, workdir: str, dataset, extractor, protocol) -> tuple:
   """(FeatureStatistics, description) of the protocol's reference: a statistics file, or the
-  features of eval.reference_examples (or all) training images, computed once and cached."""
+  features of eval.reference_examples (or all) images of the extractor's reference split (the
+  training split; the test split for 'domain'), computed once and cached."""
   from sgm_jax.evaluation import features, statistics_files
   if protocol.reference_statistics:
     ref = statistics_files.load_reference_statistics(protocol.reference_statistics)
@@ -490,19 +516,20 @@ def _reference_statistics(config: Any, workdir: str, dataset, extractor, protoco
           "; published FID statistics need eval.feature_extractor='inception'")
     return ref, protocol.reference_statistics
   centered = bool(config.data.centered)
-  available = dataset.num_examples("train")
+  split = reference_split(extractor.name)
+  available = dataset.num_examples(split)
   count = protocol.reference_examples or available
   ref_batches = (dict(image=_to_unit(b["image"], centered), mask=b["mask"])
-                 for b in _whole_batches(dataset, "train", uniform_dequantization=False))
+                 for b in _whole_batches(dataset, split, uniform_dequantization=False))
   cache = features.default_cache_path(os.path.join(workdir, "eval"), extractor.name,
-                                      str(config.data.dataset), "train",
+                                      str(config.data.dataset), split,
                                       int(config.data.image_size), count)
   ref = features.dataset_statistics(extractor, ref_batches, cache,
-                                    dataset=str(config.data.dataset), split="train",
+                                    dataset=str(config.data.dataset), split=split,
                                     image_size=int(config.data.image_size), count=count,
                                     available=available,
                                     keep_features=features.REFERENCE_FEATURES)
-  return ref, f"{count} training images"
+  return ref, f"{count} {'training' if split == 'train' else split} images"
 
 
 _KID_REASONS_LOGGED: set = set()
@@ -531,6 +558,20 @@ def _kid(name: str, ref, sample_features: np.ndarray, reference: str) -> dict:
   return {label: None, f"{label} unavailable": why}
 
 
+def _precision_recall(name: str, ref, sample_features: np.ndarray) -> dict:
+  """Improved precision and recall (Kynkaanniemi et al. 2019, k = 3) of the first m samples
+  against the first m reference features, m = min(samples, reference features,
+  PRECISION_RECALL_MAX); None where the reference has no features."""
+  from sgm_jax.evaluation import metrics
+  m = min(len(sample_features), PRECISION_RECALL_MAX,
+          0 if ref.features is None else len(ref.features))
+  if m < 4:
+    return {f"precision ({name})": None, f"recall ({name})": None}
+  precision, recall = metrics.precision_recall(ref.features[:m], sample_features[:m])
+  return {f"precision ({name})": precision, f"recall ({name})": recall,
+          "precision_recall_examples": m}
+
+
 def _eval_samples(config: Any, workdir: str, dataset, sde, score_fn, out_dir: str, key,
                   sampler_name: str | None, num_steps: int | None, num_samples: int | None,
                   overrides: dict) -> dict:
@@ -555,8 +596,12 @@ def _eval_samples(config: Any, workdir: str, dataset, sde, score_fn, out_dir: st
   name = protocol.feature_extractor
   first_process = parallel.is_first_process()
   if first_process:  # features of the samples and the reference: process 0 alone
-    extractor = features.get_feature_extractor(
-        name, setup.get_field(ev, "inception_weights", None) or None)
+    if name == "domain":
+      from sgm_jax.evaluation import domain
+      extractor = domain.get_domain_extractor(str(config.data.dataset), dataset)
+    else:
+      extractor = features.get_feature_extractor(
+          name, setup.get_field(ev, "inception_weights", None) or None)
     ref, reference = _reference_statistics(config, workdir, dataset, extractor, protocol)
   sampler_name = sampler_name or protocol.sampler
   num_steps = int(num_steps or protocol.num_steps)
@@ -612,6 +657,7 @@ def _eval_samples(config: Any, workdir: str, dataset, sde, score_fn, out_dir: st
                                             splits=min(protocol.inception_score_splits, n))
   return {features.METRIC_NAMES[name]: fd, f"IS ({name})": is_mean, f"IS ({name}) std": is_std,
           **_kid(name, ref, sample_features, reference),
+          **_precision_recall(name, ref, sample_features),
           "num_samples": n, "reference_examples": ref.count or None, "reference": reference,
           "protocol": protocol.name, "quantized_samples": protocol.quantize_samples,
           "sampler": sampler_name, "num_steps": num_steps,

