@@ -14,7 +14,8 @@ center|random|FILE.png), colorize (RGB models), interpolate (--num_points); thei
 Config fields can be overridden on the command line, e.g. --config.training.batch_size=32.
 Several processes (train, sample): the same command in each with --coordinator_address HOST:PORT
 --num_processes N --process_id I, or --distributed auto where JAX finds the cluster (TPU pods).
-Sampler options: --sampler deis --num_steps 10 --sampler_option order=2 ...
+Sampler options: --sampler deis --num_steps 10 --sampler_option order=2 ..., or --nfe 5 (the best
+sampler for 5 score evaluations per sample).
 Log lines: --verbosity=-1 (warnings only), 0 (default: sgm-jax's progress), 1 (libraries' too).
 Errors: a mistake in the input is one line `error: ...` (exit code 2); a fault shows its
 traceback (exit code 1).
@@ -37,6 +38,9 @@ flags.DEFINE_string("workdir", None, "Work directory (checkpoints, logs, samples
 flags.DEFINE_enum("mode", None, list(MODES), "What to run.")
 flags.DEFINE_string("sampler", None, "sample/eval: sampler name (default: from the config).")
 flags.DEFINE_integer("num_steps", None, "sample/eval: number of sampler steps.")
+flags.DEFINE_integer("nfe", None, "sample/eval: a budget of score evaluations per sample: without "
+                     "--sampler the best sampler for it (README, 'Samplers by budget'), with one "
+                     "its most steps that fit; instead of --num_steps.")
 flags.DEFINE_integer("num_samples", None, "sample/eval: number of samples; inpaint/colorize: "
                      "number of images (default 8); interpolate: number of pairs (default 4).")
 flags.DEFINE_integer("checkpoint_step", None, "sample/eval: checkpoint step (default latest).")
@@ -121,6 +125,9 @@ def main(argv):
   from sgm_jax.cli import evaluate, sample, train, train_classifier
   config, workdir = FLAGS.config, FLAGS.workdir
   mode = FLAGS.mode
+  if FLAGS.nfe is not None and mode not in ("sample", "eval", "all"):
+    from sgm_jax.errors import InputError
+    raise InputError(f"--nfe is a flag of --mode sample, eval and all, not of --mode {mode}")
   if mode == "import":
     from sgm_jax.cli import import_checkpoint
     done = import_checkpoint.run_import(config, workdir, FLAGS.checkpoint, FLAGS.classifier)
@@ -135,7 +142,7 @@ def main(argv):
     _print_samples(sample.run_sample(config, workdir, FLAGS.sampler, FLAGS.num_steps,
                                      FLAGS.num_samples, FLAGS.checkpoint_step,
                                      class_label=FLAGS.class_label,
-                                     classifier_scale=FLAGS.classifier_scale,
+                                     classifier_scale=FLAGS.classifier_scale, nfe=FLAGS.nfe,
                                      **_parse_options(FLAGS.sampler_option)))
   if mode == "train_classifier":
     metrics = train_classifier.run_train_classifier(config, workdir)
@@ -151,7 +158,7 @@ def main(argv):
     print(f"the samplers side by side: {side_by_side}")
   if mode in ("eval", "all"):
     result = evaluate.run_eval(config, workdir, FLAGS.checkpoint_step, FLAGS.sampler,
-                               FLAGS.num_steps, FLAGS.num_samples,
+                               FLAGS.num_steps, FLAGS.num_samples, nfe=FLAGS.nfe,
                                **(_parse_options(FLAGS.sampler_option) if mode == "eval" else {}))
     shown = {k: v for k, v in result.items() if k not in ("results_file", "denoising_error")}
     if "denoising_error" in result:

@@ -21,6 +21,9 @@ import numpy as np
 from sgm_jax import parallel, sampling
 from sgm_jax.cli import setup
 from sgm_jax.errors import InputError, MissingFileError
+
+# Model.sample's sampler when neither a sampler nor a budget (nfe) is given
+DEFAULT_SAMPLER, DEFAULT_NUM_STEPS = "deis", 10
 from sgm_jax.workdir import CONFIG_FILE
 
 
@@ -87,26 +90,36 @@ class Model:
     `options` replacing single ones."""
     return setup.sampler_options_from_config(self.config, sampler, options)
 
-  def sample(self, num_samples: int = 64, sampler: str = "deis", num_steps: int = 10,
-             seed: int = 0, **options) -> np.ndarray:
-    """`num_samples` samples in the data's range, e.g. sample(16, "pc", 1000) or
-    sample(64, "dpm_solver", 10, order=3). The config's sampler settings apply (as in --mode
-    sample); `options` replace single ones. Sample j depends on seed and j only, not on the batch
-    size or the number of devices."""
-    return self.sample_with_info(num_samples, sampler, num_steps, seed, **options).samples
+  def sample(self, num_samples: int = 64, sampler: Optional[str] = None,
+             num_steps: Optional[int] = None, seed: int = 0, *, nfe: Optional[int] = None,
+             **options) -> np.ndarray:
+    """`num_samples` samples in the data's range, e.g. sample(16, "pc", 1000),
+    sample(64, "dpm_solver", 10, order=3) or sample(64, nfe=5) (the best sampler for 5 score
+    evaluations, sampling/budget.py; with a sampler, its most steps within the budget). Without
+    either, DEIS in 10 steps. The config's sampler settings apply (as in --mode sample); `options`
+    replace single ones. Sample j depends on seed and j only, not on the batch size or the number
+    of devices."""
+    return self.sample_with_info(num_samples, sampler, num_steps, seed, nfe=nfe,
+                                 **options).samples
 
-  def sample_with_info(self, num_samples: int, sampler: str, num_steps: int, seed: int, *,
-                       batch_size: Optional[int] = None, conditional: Any = None,
-                       progress: bool = False, **options) -> SampleResult:
+  def sample_with_info(self, num_samples: int, sampler: Optional[str] = None,
+                       num_steps: Optional[int] = None, seed: int = 0, *,
+                       nfe: Optional[int] = None, batch_size: Optional[int] = None,
+                       conditional: Any = None, progress: bool = False,
+                       **options) -> SampleResult:
     """`sample`, with the NFE, labels and options. Batches of `batch_size` (default
     config.sampling.batch_size, 64) are split over every device of every process (all processes
     call it); `conditional` (cli/sample.py's class-conditional score) gives the score of
     p_t(x | y); `progress` shows a progress bar with rate and ETA."""
     from tqdm import tqdm
-    num_samples, num_steps = int(num_samples), int(num_steps)
+    resolved = setup.resolve_sampler(self.config, self.sde, self.example_shape, sampler,
+                                     num_steps, nfe, options, DEFAULT_SAMPLER,
+                                     lambda _: DEFAULT_NUM_STEPS)
+    sampler, num_steps = resolved.sampler, resolved.num_steps
+    num_samples = int(num_samples)
     if num_samples < 1:
       raise InputError(f"num_samples must be >= 1, got {num_samples}")
-    options = self.sampler_options(sampler, options)
+    options = self.sampler_options(sampler, resolved.options)
     batch_size = int(batch_size or setup.get_field(self.config.sampling, "batch_size", 64))
     batch = parallel.padded_size(min(batch_size, num_samples))
     shape = (batch // parallel.device_count(),) + self.example_shape

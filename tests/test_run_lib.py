@@ -15,6 +15,7 @@ from sgm_jax.cli import setup
 from sgm_jax.cli.evaluate import run_eval
 from sgm_jax.cli.sample import run_sample
 from sgm_jax.cli.train import run_train
+from sgm_jax.sampling import budget
 from sgm_jax.workdir import WorkdirError, WorkdirLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,6 +156,11 @@ def test_cli_train_and_sample(cli_trained):
   assert res.returncode == 0, res.stderr[-3000:]
   assert "8 samples" in res.stdout and os.path.exists(os.path.join(wd, "samples",
                                                                    "ddim_3steps_eta-0.5_ckpt2.png"))
+  res = _main("--mode", "sample", *common, "--nfe", "7", "--num_samples", "4")  # the table's pick
+  assert res.returncode == 0, res.stderr[-3000:]
+  row = budget.table_row(7)
+  assert "(7 score evaluations per batch)" in res.stdout
+  assert os.path.exists(os.path.join(wd, "samples", f"{row.sampler}_7steps_ckpt2.png"))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -178,7 +184,9 @@ def test_cli_bad_sampling_input(cli_trained):
                          "unknown predictor 'foo'"),
                         (["--sampler", "deis", "--num_steps", "0"], "num_steps must be a positive"),
                         (["--sampler", "pc", "--sampler_option", "corrector=bar"],
-                         "unknown corrector 'bar'")]:
+                         "unknown corrector 'bar'"),
+                        (["--nfe", "2"], "nfe=2 is below the smallest budget"),
+                        (["--nfe", "5", "--num_steps", "3"], "not both")]:
     res = _main("--mode", "sample", "--config", "configs/toy_2d.py", "--workdir", wd, *args)
     assert res.returncode != 0 and message in res.stderr, (args, res.stderr[-2000:])
 

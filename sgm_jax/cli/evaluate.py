@@ -211,14 +211,24 @@ def checkpoint_steps(config: Any, workdir: str) -> list[int]:
 
 def run_eval(config: Any, workdir: str, checkpoint_step: Any = None,
              sampler_name: str | None = None, num_steps: int | None = None,
-             num_samples: int | None = None, **sampler_options) -> dict:
+             num_samples: int | None = None, nfe: int | None = None,
+             **sampler_options) -> dict:
   """Evaluate the EMA parameters of the given checkpoint; without one, of every checkpoint of
   eval.begin_ckpt..end_ckpt that exists (when the config sets them), else of the latest.
 
   Over a range, checkpoints already evaluated with the same settings are skipped (their stored
   summary is used), and the last checkpoint's summary is returned with `checkpoints`, the
-  summaries of all of them. See `evaluate_checkpoint` for what is computed.
+  summaries of all of them. See `evaluate_checkpoint` for what is computed. With `nfe`, the
+  samples' sampler is the best for that budget of score evaluations (sampling/budget.py), or
+  `sampler_name` in its most steps that fit.
   """
+  if nfe is not None:
+    resolved = setup.resolve_sampler(
+        config, setup.sde_from_config(config),
+        tuple(datasets.example_shape(datasets.from_config(config))), sampler_name, num_steps, nfe,
+        sampler_options, "", lambda _: 0)
+    sampler_name, num_steps, sampler_options = (resolved.sampler, resolved.num_steps,
+                                                resolved.options)
   args = (sampler_name, num_steps, num_samples)
   if checkpoint_step is not None or checkpoint_range(config) is None:
     return evaluate_checkpoint(config, workdir, checkpoint_step, *args, **sampler_options)

@@ -15,7 +15,8 @@ from sgm_jax.cli import classifier, outputs, setup
 def run_sample(config: Any, workdir: str, sampler_name: str | None = None,
                num_steps: int | None = None, num_samples: int | None = None,
                checkpoint_step: Any = None, class_label: Any = None,
-               classifier_scale: float | None = None, **sampler_options) -> dict:
+               classifier_scale: float | None = None, nfe: int | None = None,
+               **sampler_options) -> dict:
   """Sample from the EMA parameters of a checkpoint.
 
   Samples through sgm_jax.load(workdir).sample_with_info (the Python API's path) with the seed
@@ -23,13 +24,17 @@ def run_sample(config: Any, workdir: str, sampler_name: str | None = None,
   returns their paths and the mean nfe per batch. With class_label (an integer, or 'all' to cycle
   through the classes) the score is that of p_t(x | y) through the workdir's classifier (of
   --mode train_classifier or --mode import --classifier), weighted by classifier_scale (default
-  config.classifier.scale).
+  config.classifier.scale). With `nfe`, a budget of score evaluations per sample: the best
+  sampler for it (sampling/budget.py), or `sampler_name`'s most steps that fit.
   """
   model = loading.load(workdir, checkpoint_step, config=config)
   s = config.sampling
-  sampler_name = sampler_name or str(setup.get_field(s, "method", "pc"))
-  num_steps = int(num_steps if num_steps is not None
-                  else setup.get_field(s, "num_steps", model.sde.N))
+  resolved = setup.resolve_sampler(
+      config, model.sde, model.example_shape, sampler_name, num_steps, nfe, sampler_options,
+      str(setup.get_field(s, "method", "pc")),
+      lambda _: int(setup.get_field(s, "num_steps", model.sde.N)))
+  sampler_name, num_steps, sampler_options = (resolved.sampler, resolved.num_steps,
+                                              resolved.options)
   num_samples = int(num_samples if num_samples is not None
                     else setup.get_field(s, "num_samples", 64))
   conditional, suffix = None, ""

@@ -7,15 +7,15 @@ a ConfigDict. Every mode of main.py builds what it needs here.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
-from sgm_jax import datasets, losses, models, parallel, score, sde_lib, train
+from sgm_jax import datasets, losses, models, parallel, sampling, score, sde_lib, train
 from sgm_jax.checkpoints import CheckpointError, CheckpointStore, has_checkpoints
 from sgm_jax.errors import InputError
-from sgm_jax.sampling import data_prediction
+from sgm_jax.sampling import budget, data_prediction
 
 
 def get_field(section: Any, key: str, default: Any) -> Any:
@@ -190,6 +190,21 @@ def sampler_options_from_config(config: Any, sampler_name: str, overrides: dict)
   if "score_scale" in options and data_prediction.check_score_scale(options["score_scale"]) is None:
     del options["score_scale"]  # 1: off
   return options
+
+
+def resolve_sampler(config: Any, sde: sde_lib.SDE, example_shape: tuple, sampler_name: Any,
+                    num_steps: Any, nfe: Any, overrides: dict, default_sampler: str,
+                    default_steps: Callable[[str], int]) -> budget.Resolved:
+  """The sampler, steps and options (overrides) of a request, with a budget of `nfe` score
+  evaluations when given (sampling/budget.py: the best sampler for it, or `sampler_name`'s most
+  steps that fit), counted with the options the run will have (the config's, then overrides)."""
+  def nfe_of_steps(name: str, steps: int, options: dict) -> Optional[int]:
+    options = sampler_options_from_config(config, name, options)
+    built = sampling.get_sampler(name, sde, (1,) + tuple(example_shape), num_steps=steps,
+                                 **options)
+    return built.info.get("nfe")
+  return budget.resolve(nfe, sampler_name, num_steps, overrides, nfe_of_steps, default_sampler,
+                        default_steps)
 
 
 def sample_shard_fn(sampler, sde: sde_lib.SDE, example_shape: tuple, seed: int,
