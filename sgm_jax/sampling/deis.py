@@ -33,6 +33,11 @@ DEFAULT_ORDER = 3  # DEIS recommends third-order tAB (tAB3) for few steps
 DEFAULT_TABLEAU = "kutta3"  # the DEIS reference code's default rhoRK method
 DEFAULT_TIME_GRID = "quadratic"  # DEIS's default: quadratic in t
 GRIDS_WITH_ORDER = ("polynomial_t", "polynomial_rho")
+# iPNDM's fixed weights where the rho steps they combine are within this factor of each other:
+# on the quadratic grid that keeps 20+ steps the classical iPNDM (its windows' ratios stay below
+# 15) and gives 5-10 steps the actual steps' weights where the ratios reach 20-300x (README,
+# "iPNDM on unequal steps").
+DEFAULT_MAX_STEP_RATIO = 16.0
 
 
 def _time_grid(sde: SDE, num_steps: int, time_grid, grid_order: Optional[float],
@@ -200,11 +205,16 @@ def build_ipndm_sampler(sde: SDE, shape: tuple, num_steps: int, **options: Any) 
   equal-step Adams-Bashforth weights of order min(k + 1, order) at step k (lower-order warm-up).
 
   Options: order 1..4 (default 4: the number of evaluations combined, the classical AB order);
-  time_grid (default 'quadratic'), grid_order, eps, denoise as for 'deis'. The fixed weights are
-  those of equal steps in rho: on a grid that is not uniform in rho the asymptotic order is 2 at
-  most.
+  time_grid (default 'quadratic'), grid_order, eps, denoise as for 'deis'; max_step_ratio
+  (DEFAULT_MAX_STEP_RATIO, 16): a step whose rho step and those of the evaluations it combines
+  differ by more than this factor takes the Adams-Bashforth weights of its actual steps
+  (rhoAB-DEIS's) instead of the fixed ones, which extrapolate eps across noise levels far apart
+  there (5-10 steps of the quadratic grid: 14-18 % of a trained model's pixels out of range);
+  inf gives the classical iPNDM everywhere. The fixed weights are those of equal steps in rho:
+  on a grid that is not uniform in rho the asymptotic order is 2 at most.
   """
-  base.check_options("ipndm", options, ("order", "time_grid", "grid_order", "eps", "denoise"),
+  base.check_options("ipndm", options, ("order", "time_grid", "grid_order", "eps", "denoise",
+                                         "max_step_ratio"),
                      generic=base.GENERIC_OPTIONS)
   denoise = base.bool_option(options, "denoise")
   order = options.get("order", 4)
@@ -212,7 +222,12 @@ def build_ipndm_sampler(sde: SDE, shape: tuple, num_steps: int, **options: Any) 
     raise InputError(f"order of iPNDM must be one of [1, 2, 3, 4], got {order!r}")
   time_grid = options.get("time_grid", DEFAULT_TIME_GRID)
   ts = _time_grid(sde, num_steps, time_grid, options.get("grid_order"), options.get("eps"))
-  psi, C = dc.ipndm_coefficients(sde, ts, int(order))
-  info = {"order": int(order), "time_grid": base.grid_name(time_grid), "eps": float(ts[-1]), "num_steps": num_steps,
+  ratio = options.get("max_step_ratio", DEFAULT_MAX_STEP_RATIO)
+  if not (isinstance(ratio, (int, float, np.integer, np.floating)) and not isinstance(ratio, bool)
+          and ratio >= 1):
+    raise InputError(f"max_step_ratio of iPNDM must be a number >= 1 (inf: the equal-step weights "
+                     f"everywhere), got {ratio!r}")
+  psi, C = dc.ipndm_coefficients(sde, ts, int(order), float(ratio))
+  info = {"order": int(order), "max_step_ratio": float(ratio), "time_grid": base.grid_name(time_grid), "eps": float(ts[-1]), "num_steps": num_steps,
           "nfe": num_steps, "ts": ts}
   return _sampler("ipndm", shape, ts, _multistep_run(sde, shape, ts, psi, C), info, denoise)

@@ -190,15 +190,33 @@ def rho_ab_coefficients(sde: SDE, ts: np.ndarray, order: int) -> tuple[np.ndarra
   return psi, C
 
 
-def ipndm_coefficients(sde: SDE, ts: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarray]:
+def unequal_steps(rho: np.ndarray, order: int, max_step_ratio: float) -> np.ndarray:
+  """(n,) bool: step k and the rho-steps of the evaluations it combines (min(k + 1, order) of
+  them) differ by more than a factor max_step_ratio, where equal-step weights do not apply."""
+  h = np.abs(np.diff(rho))
+  unequal = np.zeros(h.size, bool)
+  for k in range(h.size):
+    past = h[max(0, k - order + 1):k]
+    ratio = np.maximum(past / h[k], h[k] / past) if past.size else np.ones(1)
+    unequal[k] = bool(np.any(ratio > max_step_ratio))
+  return unequal
+
+
+def ipndm_coefficients(sde: SDE, ts: np.ndarray, order: int,
+                       max_step_ratio: float = np.inf) -> tuple[np.ndarray, np.ndarray]:
   """iPNDM (improved PNDM of DEIS): the fixed equal-step Adams-Bashforth weights of order
-  min(k + 1, order) times the DDIM step alpha_{k+1} (rho_{k+1} - rho_k), in x."""
+  min(k + 1, order) times the DDIM step alpha_{k+1} (rho_{k+1} - rho_k), in x. Steps whose rho
+  steps differ by more than `max_step_ratio` (`unequal_steps`) take the Adams-Bashforth weights of
+  their actual steps instead (rhoAB-DEIS's, of the same order)."""
   coef = check_grid(sde, ts)
   rho, alpha, n = coef["rho"], coef["alpha"], ts.size - 1
   table = np.zeros((order, order))
   for i, ab in enumerate(ADAMS_BASHFORTH[:order]):
     table[i, :len(ab)] = ab
   C = (alpha[1:] * (rho[1:] - rho[:-1]))[:, None] * table[np.minimum(np.arange(n), order - 1)]
+  unequal = unequal_steps(rho, order, max_step_ratio)
+  if unequal.any():
+    C[unequal] = rho_ab_coefficients(sde, ts, order - 1)[1][unequal]
   psi = alpha[1:] / alpha[:-1]
   _check_coefficients("ipndm", psi, C, coef)
   return psi, C
