@@ -1,5 +1,7 @@
 """`--nfe N` / `nfe=`: the sampler of a budget of score evaluations (sgm_jax/sampling/budget.py)
 and the most steps of a sampler within it, counted exactly (the NFE a run reports)."""
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -13,8 +15,10 @@ SDE = sde_lib.VPSDE(N=100)
 
 
 def _nfe_of(name, options):
-  return lambda steps: sampling.get_sampler(name, SDE, SHAPE, num_steps=steps,
-                                            **dict(options)).info.get("nfe")
+  @functools.lru_cache(maxsize=None)
+  def nfe_of(steps):
+    return sampling.get_sampler(name, SDE, SHAPE, num_steps=steps, **dict(options)).info.get("nfe")
+  return nfe_of
 
 
 @pytest.mark.parametrize("name,options", [
