@@ -24,6 +24,7 @@ SAMPLERS = {
     "ddim": ("ddim", "build_ddim_sampler"),
     "heun": ("heun", "build_heun_sampler"),
     "edm_sde": ("edm_sde", "build_edm_sde_sampler"),
+    "restart": ("restart", "build_restart_sampler"),
     "dpm_solver": ("dpm_solver", "build_dpm_solver_sampler"),
     "dpm_solver_sde": ("dpm_solver_sde", "build_dpm_solver_sde_sampler"),
     "deis": ("deis", "build_deis_sampler"),
