@@ -10,6 +10,10 @@ from sgm_jax import sampling, sde_lib
 from sgm_jax.errors import InputError
 from sgm_jax.sampling import budget
 
+# The pc case builds samplers of 30 grid lengths, each running its host coefficients op by op
+# (dozens of tiny float64 programs per length): XLA's optimizations only cost compile time there.
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 SHAPE = (2, 3)
 SDE = sde_lib.VPSDE(N=100)
 
