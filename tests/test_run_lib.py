@@ -2,6 +2,7 @@
 samples; main.py gives one clear error and a non-zero exit for bad input."""
 import importlib
 import os
+import re
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from sgm_jax.cli import setup
 from sgm_jax.cli.evaluate import run_eval
 from sgm_jax.cli.sample import run_sample
 from sgm_jax.cli.train import run_train
+from sgm_jax.errors import UserError
 from sgm_jax.sampling import budget
 from sgm_jax.workdir import WorkdirError, WorkdirLock
 
@@ -163,11 +165,12 @@ def test_cli_train_and_sample(cli_trained):
   assert os.path.exists(os.path.join(wd, "samples", f"{row.sampler}_7steps_ckpt2.png"))
 
 
+# main.py's own part of a bad input: a --config override of a missing field (its flag parser), and
+# a UserError of the mode's function as the message and a non-zero exit. The other bad values are
+# UserErrors of the function that main.py calls with its flags, checked in this process below (a
+# main.py run each, ~2 s of imports, only repeated the exit code).
 @pytest.mark.parametrize("args, message", [
     (["--config.training.sde=vpsd"], "unknown SDE 'vpsd'"),
-    (["--config.model.name=unet"], "unknown model 'unet'"),
-    (["--config.data.dataset=cifar11"], "cifar11"),
-    (["--config.training.n_iters=0"], "training.n_iters must be a positive integer, got 0"),
     (["--config.training.nonsense=1"], "nonsense"),
 ])
 def test_cli_bad_training_input(tmp_path, args, message):
@@ -176,19 +179,45 @@ def test_cli_bad_training_input(tmp_path, args, message):
   assert message in res.stderr, res.stderr[-2000:]
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("model.name", "unet", "unknown model 'unet'"),
+    ("data.dataset", "cifar11", "cifar11"),
+    ("training.n_iters", 0, "training.n_iters must be a positive integer, got 0"),
+])
+def test_bad_training_input_is_a_user_error(tmp_path, field, value, message):
+  """What `main.py --mode train --config configs/toy_2d.py --config.<field>=<value>` runs."""
+  config = importlib.import_module("configs.toy_2d").get_config()
+  section, name = field.split(".")
+  setattr(getattr(config, section), name, value)
+  with pytest.raises(UserError, match=re.escape(message)):
+    run_train(config, str(tmp_path))
+
+
 def test_cli_bad_sampling_input(cli_trained):
   wd, res = cli_trained  # a workdir with a checkpoint: the errors are the sampler's, not its
   assert res.returncode == 0, res.stderr[-2000:]
-  for args, message in [(["--sampler", "deiss"], "unknown sampler 'deiss'"),
-                        (["--sampler", "pc", "--sampler_option", "predictor=foo"],
-                         "unknown predictor 'foo'"),
-                        (["--sampler", "deis", "--num_steps", "0"], "num_steps must be a positive"),
-                        (["--sampler", "pc", "--sampler_option", "corrector=bar"],
-                         "unknown corrector 'bar'"),
-                        (["--nfe", "2"], "nfe=2 is below the smallest budget"),
-                        (["--nfe", "5", "--num_steps", "3"], "not both")]:
-    res = _main("--mode", "sample", "--config", "configs/toy_2d.py", "--workdir", wd, *args)
-    assert res.returncode != 0 and message in res.stderr, (args, res.stderr[-2000:])
+  # --sampler_option parsed by main.py into the sampler's options; a bad one: message, exit code
+  res = _main("--mode", "sample", "--config", "configs/toy_2d.py", "--workdir", wd,
+              "--sampler", "pc", "--sampler_option", "predictor=foo")
+  assert res.returncode != 0 and "unknown predictor 'foo'" in res.stderr, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(sampler_name="deiss"), "unknown sampler 'deiss'"),
+    (dict(sampler_name="pc", predictor="foo"), "unknown predictor 'foo'"),
+    (dict(sampler_name="deis", num_steps=0), "num_steps must be a positive"),
+    (dict(sampler_name="pc", corrector="bar"), "unknown corrector 'bar'"),
+    (dict(nfe=2), "nfe=2 is below the smallest budget"),
+    (dict(nfe=5, num_steps=3), "not both"),
+])
+def test_bad_sampling_input_is_a_user_error(cli_trained, args, message):
+  """What `main.py --mode sample --config configs/toy_2d.py` runs with --sampler, --num_steps,
+  --nfe and --sampler_option KEY=VALUE (the flags it leaves out are None)."""
+  wd, res = cli_trained
+  assert res.returncode == 0, res.stderr[-2000:]
+  config = importlib.import_module("configs.toy_2d").get_config()
+  with pytest.raises(UserError, match=re.escape(message)):
+    run_sample(config, wd, **args)
 
 
 def test_eval_writes_metrics_and_resumes_without_redoing_batches(tmp_path):
