@@ -69,10 +69,18 @@ def test_resolve_picks_the_table_row_and_keeps_the_callers_options():
       expected = budget.table_row(nfe)
       assert got.sampler == expected.sampler and got.options["score_scale"] == 1.5
       nfe_of = _nfe_of(got.sampler, got.options)
-      assert nfe_of(got.num_steps) <= nfe < nfe_of(got.num_steps + 1)
+      assert nfe_of(got.num_steps) <= nfe
+      assert got.num_steps == expected.max_steps or nfe < nfe_of(got.num_steps + 1)
   assert _resolve(None) == budget.Resolved("deis", 7, {})  # no budget: the caller's defaults
   assert _resolve(None, "pc", 3).num_steps == 3
   assert _resolve(21, "pc").num_steps == 10  # reverse diffusion + Langevin: 2 per step
+
+
+def test_a_rows_max_steps_caps_a_larger_budget(monkeypatch):
+  monkeypatch.setattr(budget, "NFE_TABLE", (budget.BudgetRow(3, "heun", max_steps=4),))
+  assert _resolve(100) == budget.Resolved("heun", 4, {})  # 7 evaluations, not 100
+  assert _resolve(5).num_steps == 3  # below the cap: the most that fit
+  assert _resolve(100, "heun").num_steps == 50  # a named sampler spends the budget
 
 
 @pytest.mark.parametrize("kwargs,message", [

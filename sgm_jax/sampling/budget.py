@@ -21,14 +21,21 @@ class BudgetRow:
   min_nfe: int
   sampler: str
   options: tuple = ()  # (name, value) pairs: the row's own options, below the caller's
+  max_steps: Optional[int] = None  # more steps measured worse: a larger budget is not spent
   why: str = ""  # the measurement behind the row (README, "Samplers by budget")
 
 
 # Budgets from 3 evaluations on, in increasing min_nfe. Measured with FD-Domain on three
-# independently trained main-job checkpoints (benchmarks/nfe_frontier.py).
+# independently trained main-job checkpoints (benchmarks/nfe_frontier.py; README, "Samplers by
+# budget"). A row's options sit above the config's (score_scale=1 turns the config's scale off).
 NFE_TABLE = (
-    BudgetRow(3, "unipc", (), "deterministic: the lowest FD-Domain at 5 and 10 NFE"),
-    BudgetRow(15, "edm_sde", (), "EDM's stochastic sampler: below UniPC from ~20 NFE on"),
+    BudgetRow(3, "unipc", (("score_scale", 1.0),),
+              why="5 NFE: the lowest FD-Domain of the deterministic samplers, lower unscaled"),
+    BudgetRow(10, "unipc", why="10 NFE: the lowest FD-Domain of the deterministic samplers; the "
+              "stochastic ones at 19-20 NFE are no better or leave 1.5 % of pixels out of range"),
+    BudgetRow(29, "edm_sde", max_steps=25,
+              why="29 and 49 NFE: below UniPC-10; more steps at its default churn are worse"),
+    BudgetRow(1001, "pc", why="PC-500: the lowest FD-Domain measured"),
 )
 
 
@@ -83,7 +90,8 @@ def resolve(nfe: Optional[int], sampler: Optional[str], num_steps: Optional[int]
 
   Without `nfe`: `sampler` (or `default_sampler`) in `num_steps` (or `default_steps(sampler)`).
   With `nfe`: `sampler`, or the NFE_TABLE row's sampler with its options under `options`, in
-  the most steps that fit (`nfe_of_steps(sampler, steps, options)`); num_steps must then be None.
+  the most steps that fit (`nfe_of_steps(sampler, steps, options)`; at most the row's max_steps);
+  num_steps must then be None.
   """
   options = dict(options)
   if nfe is None:
@@ -94,8 +102,9 @@ def resolve(nfe: Optional[int], sampler: Optional[str], num_steps: Optional[int]
   if num_steps is not None:
     raise InputError(f"give nfe ({nfe}) or num_steps ({num_steps}), not both: nfe sets the "
                      "number of steps")
+  max_steps = None
   if sampler is None:
     row = table_row(nfe)
-    sampler, options = row.sampler, dict(row.options, **options)
+    sampler, options, max_steps = row.sampler, dict(row.options, **options), row.max_steps
   steps = steps_for_nfe(nfe, sampler, lambda k: nfe_of_steps(sampler, k, options))
-  return Resolved(sampler, steps, options)
+  return Resolved(sampler, steps if max_steps is None else min(steps, max_steps), options)
