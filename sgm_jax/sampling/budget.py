@@ -33,8 +33,12 @@ NFE_TABLE = (
               why="5 NFE: the lowest FD-Domain of the deterministic samplers, lower unscaled"),
     BudgetRow(10, "unipc", why="10 NFE: the lowest FD-Domain of the deterministic samplers; the "
               "stochastic ones at 19-20 NFE are no better or leave 1.5 % of pixels out of range"),
-    BudgetRow(29, "edm_sde", max_steps=25,
-              why="29 and 49 NFE: below UniPC-10; more steps at its default churn are worse"),
+    BudgetRow(27, "restart", (("score_scale", 1.0),), max_steps=10,
+              why="27 NFE (10 main steps, 2 restarts; measured unscaled): below UniPC-10 and "
+              "edm_sde at 29 NFE; restart at 43 NFE is worse"),
+    BudgetRow(49, "edm_sde", max_steps=25,
+              why="49 NFE: the lowest FD-Domain below PC-500; edm_sde at 99 and 199 NFE and PC at "
+              "201 NFE are worse"),
     BudgetRow(1001, "pc", why="PC-500: the lowest FD-Domain measured"),
 )
 
