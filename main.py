@@ -204,7 +204,8 @@ def _print_controllable(mode, result):
 def _print_samples(result):
   label = (f" of class {result['class_label']} (classifier scale {result['classifier_scale']:g})"
            if "class_label" in result else "")
-  print(f"{result['num_samples']} samples{label} ({result['nfe']:.0f} score evaluations per batch) "
+  print(f"{result['num_samples']} samples{label} by {result['sampler']} in {result['num_steps']} "
+        f"steps ({result['nfe']:.0f} score evaluations per batch) "
         f"from checkpoint {result['checkpoint_step']}: {result['png']} and {result['npz']}"
         + ("" if result.get("out_of_range") is None else
            f"; {100 * result['out_of_range']:.2f} % of pixels outside [-1.1, 1.1] before clipping"))

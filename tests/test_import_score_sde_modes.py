@@ -168,7 +168,8 @@ def test_the_imported_classifier_is_score_sde_s_with_its_input_normalization(gui
 
 def test_class_conditional_sampling_uses_the_imported_classifier(guided):
   out = guided["sampled"]
-  assert f"2 samples of class 3 (classifier scale 5) (4 score evaluations per batch) from " \
+  assert f"2 samples of class 3 (classifier scale 5) by deis in 4 steps (4 score evaluations " \
+         f"per batch) from " \
          f"checkpoint {STEP}" in out, out
   path = out.split(" and ")[-1].split(";")[0].strip()
   assert path.endswith(".npz") and "class3" in os.path.basename(path) and os.path.exists(path)

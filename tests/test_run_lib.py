@@ -161,7 +161,7 @@ def test_cli_train_and_sample(cli_trained):
   res = _main("--mode", "sample", *common, "--nfe", "7", "--num_samples", "4")  # the table's pick
   assert res.returncode == 0, res.stderr[-3000:]
   row = budget.table_row(7)
-  assert "(7 score evaluations per batch)" in res.stdout
+  assert f"by {row.sampler} in 7 steps (7 score evaluations per batch)" in res.stdout
   assert os.path.exists(os.path.join(wd, "samples", f"{row.sampler}_7steps_ckpt2.png"))
 
 

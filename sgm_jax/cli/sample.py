@@ -53,7 +53,8 @@ def run_sample(config: Any, workdir: str, sampler_name: str | None = None,
   paths = (outputs.save_samples(samples, config, stem, settings) if parallel.is_first_process()
            else {"npz": stem + ".npz", "png": stem + ".png"})  # process 0 writes
   centered = bool(config.data.centered)
-  result = dict(paths, nfe=drawn.nfe, checkpoint_step=model.step,
+  result = dict(paths, sampler=sampler_name, num_steps=num_steps, nfe=drawn.nfe,
+                checkpoint_step=model.step,
                 num_samples=num_samples, sampler_options=sampler_options,
                 out_of_range=(outputs.out_of_range_share(samples, centered)
                               if samples.ndim == 4 else None))
