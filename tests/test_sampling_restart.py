@@ -8,8 +8,8 @@ import pytest
 
 from oracle_flow import CountingScore
 from test_sampler_hooks import Recorder
-from test_sampling_stochastic import (GM, SDES, assert_matches_oracle, edm_denoiser, eps_offset,
-                                      exact_moments, sampler_noise, scaled)
+from test_sampling_stochastic import (GM, SDES, assert_matches_oracle, distribution_errors,
+                                      edm_denoiser, eps_offset, sampler_noise, scaled)
 from sgm_jax import sampling
 from sgm_jax.errors import InputError
 from sgm_jax.sampling import base
@@ -160,20 +160,6 @@ def test_identity_hook_leaves_the_sampler_unchanged():
 
 
 # --- (d) a perturbed score: the restarts contract what the ODE carries to the end ----------------
-N_PERTURBED = 20_000
-
-
-def distribution_errors(name, num_steps, sde, score_fn, **options):
-  """(nfe, |mean error|, Frobenius norm of the covariance error) of N_PERTURBED samples."""
-  shape = (N_PERTURBED, 2)
-  sampler = sampling.get_sampler(name, sde, shape, num_steps=num_steps, **options)
-  x_T = sde.prior_sampling(jax.random.PRNGKey(1), shape)
-  x, nfe = sampler(jax.random.PRNGKey(0), jax.tree_util.Partial(score_fn), x_T)
-  x = np.asarray(x, np.float64)
-  mean, cov = exact_moments(sde, float(sampler.info["ts"][-1]))
-  return int(nfe), np.linalg.norm(x.mean(0) - mean), np.linalg.norm(np.cov(x.T) - cov)
-
-
 # (restart main steps, options, heun steps (the same nfe), sde, perturbation, error compared,
 # largest ratio asserted). Measured (mean / covariance errors, keys 0, 10, 20; Monte-Carlo standard
 # error of the mean error ~0.01, of the covariance error ~0.02), at 31 nfe with WIDE (10 main
