@@ -247,18 +247,17 @@ def test_eval_with_another_seed_gives_that_seeds_numbers(digits_workdir, tmp_pat
 
 
 def test_eval_with_a_budget_samples_within_it(digits_workdir, monkeypatch):
-  """nfe=4 with heun (2 n - 1 evaluations): 2 steps, 3 evaluations, and the row says so; without
-  a sampler the budget table's sampler."""
+  """nfe=5 without a sampler: the budget table's sampler in 5 evaluations, and the row says so
+  (a named sampler's steps: tests/test_sampling_budget.py, the same resolution)."""
   from sgm_jax.sampling import budget
   _fake_feature_network(monkeypatch)
   config = _config()
   config.eval.feature_extractor = "effnet"  # the stand-in's name
   config.eval.enable_sampling = True
   config.eval.num_samples, config.eval.reference_examples = 4, 8
-  result = evaluate.run_eval(config, digits_workdir, sampler_name="heun", nfe=4)
-  assert (result["sampler"], result["num_steps"], result["nfe"]) == ("heun", 2, 3.0)
   result = evaluate.run_eval(config, digits_workdir, nfe=5)
-  assert (result["sampler"], result["nfe"]) == (budget.table_row(5).sampler, 5.0)
+  assert (result["sampler"], result["num_steps"], result["nfe"]) == (
+      budget.table_row(5).sampler, 5, 5.0)
   with pytest.raises(UserError, match="not both"):
     evaluate.run_eval(config, digits_workdir, num_steps=3, nfe=5)
 
