@@ -169,6 +169,15 @@ def test_inpainter_rejects_bad_arguments():
     ctl.get_inpainter("deis", VP, (2, 3), 10, snr=0.1)
   with pytest.raises(ValueError, match="known_noise"):
     ctl.get_inpainter("pc", VP, (2, 3), 10, known_noise="sometimes")
+
+
+def test_stochastic_samplers_draw_the_known_regions_noise_afresh_by_default():
+  """The SDE samplers' own noise is fresh at every step, so is the known region's; an ODE
+  sampler keeps one draw (its path stays deterministic)."""
+  for method in ("pc", "milstein", "edm_sde", "dpm_solver_sde", "restart"):
+    assert ctl.get_inpainter(method, VP, (2, 3), 10).info["known_noise"] == "fresh", method
+  for method in ("deis", "heun", "ddim"):
+    assert ctl.get_inpainter(method, VP, (2, 3), 10).info["known_noise"] == "fixed", method
   # DEIS's own `method` option passes through (the inpainting method is positional-only).
   assert ctl.get_inpainter("deis", VP, (2, 3), 5, method="rhoab", order=1).info["order"] == 1
   inpaint = ctl.get_inpainter("ddim", VP, (2, 3), 10)

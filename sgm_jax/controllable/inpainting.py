@@ -45,7 +45,7 @@ Partial = jax.tree_util.Partial
 
 METHODS = tuple(SAMPLERS)  # every sampler takes a hook ('ode' only with a fixed-step solver)
 KNOWN_NOISE = ("fresh", "fixed")
-_FRESH_BY_DEFAULT = ("pc", "milstein")  # the SDE samplers
+_FRESH_BY_DEFAULT = ("pc", "milstein", "edm_sde", "dpm_solver_sde", "restart")  # stochastic
 _DEFAULT_OPTIONS = {"ode": {"solver": "euler"}}  # a hook needs fixed steps
 
 
