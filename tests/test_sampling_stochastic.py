@@ -90,19 +90,25 @@ def sampler_noise(key, num_steps, like):
           for i in range(num_steps)]
 
 
+def _run_against_reference(name, sde, n, **options):
+  """The sampler's x0 from a fixed x_T and key, with what a float64 reference loop needs: its
+  grid's alpha and rho, x_T, the exact denoiser D(y, rho) and the sampler's own noise draws."""
+  sampler = sampling.get_sampler(name, sde, (6, 2), num_steps=n, **options)
+  ts = sampler.info["ts"]
+  alpha, rho = base.on_host(sde.alpha, ts), base.on_host(sde.rho, ts)
+  x_T = sde.prior_sampling(jax.random.PRNGKey(1), (6, 2))
+  key = jax.random.PRNGKey(2)
+  x, _ = sampler(key, GM.score_fn(sde), x_T)
+  return x, alpha, rho, x_T, edm_denoiser(sde), sampler_noise(key, n, x_T)
+
+
 @pytest.mark.parametrize("sde_name", ["vp", "ve"])
 def test_edm_sde_is_algorithm_2(sde_name):
   """Against Karras et al.'s Algorithm 2 written out in float64 in y = x / alpha and rho (their x
   and sigma), with the sampler's own noise draws."""
   sde, n = SDES[sde_name], 8
   options = dict(S_churn=2.0, S_tmin=0.05, S_tmax=5.0, S_noise=1.007)
-  sampler = sampling.get_sampler("edm_sde", sde, (6, 2), num_steps=n, **options)
-  ts = sampler.info["ts"]
-  alpha, rho = base.on_host(sde.alpha, ts), base.on_host(sde.rho, ts)
-  x_T = sde.prior_sampling(jax.random.PRNGKey(1), (6, 2))
-  key = jax.random.PRNGKey(2)
-  x, _ = sampler(key, GM.score_fn(sde), x_T)
-  D, noise = edm_denoiser(sde), sampler_noise(key, n, x_T)
+  x, alpha, rho, x_T, D, noise = _run_against_reference("edm_sde", sde, n, **options)
   y = np.asarray(x_T, np.float64) / alpha[0]
   churned = 0
   for i in range(n):
@@ -126,13 +132,7 @@ def test_dpm_solver_sde_is_k_diffusions_2m_sde(sde_name, eta):
   and rho (its x and sigma), with the sampler's own noise draws; 16 steps: no lower_order_final,
   which k-diffusion does not have."""
   sde, n = SDES[sde_name], 16
-  sampler = sampling.get_sampler("dpm_solver_sde", sde, (6, 2), num_steps=n, eta=eta)
-  ts = sampler.info["ts"]
-  alpha, rho = base.on_host(sde.alpha, ts), base.on_host(sde.rho, ts)
-  x_T = sde.prior_sampling(jax.random.PRNGKey(1), (6, 2))
-  key = jax.random.PRNGKey(2)
-  x, _ = sampler(key, GM.score_fn(sde), x_T)
-  D, noise = edm_denoiser(sde), sampler_noise(key, n, x_T)
+  x, alpha, rho, x_T, D, noise = _run_against_reference("dpm_solver_sde", sde, n, eta=eta)
   y, old_denoised, h_last = np.asarray(x_T, np.float64) / alpha[0], None, None
   for i in range(n):
     denoised = D(y, rho[i])
