@@ -10,7 +10,8 @@ from sgm_jax.evaluation import features, metrics
 
 def test_fd_effnet_of_fashion_mnist_train_vs_test_is_far_below_train_vs_noise():
   spec = datasets.DataSpec(dataset="FashionMNIST", image_size=28, num_channels=1, centered=False,
-                           batch_size=96, eval_batch_size=96, shuffle=False)
+                           batch_size=48, eval_batch_size=48, shuffle=False)
+  # 48 images a set (96 cost 34 s here): FD 110 train-test, 365 train-noise measured
   try:
     ds = datasets.get_dataset(spec)
     train = ds.train_batch(0)["image"]
