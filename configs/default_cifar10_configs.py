@@ -72,6 +72,9 @@ def get_default_configs() -> ml_collections.ConfigDict:
   optim.eps = 1e-8
   optim.warmup = 5000
   optim.grad_clip = 1.
+  # After the warm-up: 'none' (a constant rate, score_sde's), 'cosine' or 'linear' decay to 0 at
+  # step training.n_iters.
+  optim.decay = 'none'
 
   # score_sde's noise-conditional classifier (WRN-28-10) of --mode sample --class_label: imported
   # (--mode import --classifier) or trained here (--mode train_classifier); the WRN sizes must be

@@ -73,6 +73,9 @@ def get_default_configs() -> ml_collections.ConfigDict:
   optim.eps = 1e-8
   optim.warmup = 5000
   optim.grad_clip = 1.
+  # After the warm-up: 'none' (a constant rate, score_sde's), 'cosine' or 'linear' decay to 0 at
+  # step training.n_iters.
+  optim.decay = 'none'
 
   config.seed = 42
   return config

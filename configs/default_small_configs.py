@@ -111,6 +111,9 @@ def get_default_configs() -> ml_collections.ConfigDict:
   optim.weight_decay = 0.
   optim.warmup = 200
   optim.grad_clip = 1.
+  # After the warm-up: 'none' (a constant rate, score_sde's), 'cosine' or 'linear' decay to 0 at
+  # step training.n_iters.
+  optim.decay = 'none'
 
   # The noise-conditional classifier of --mode train_classifier (a small WRN-10-2 of
   # models/wideresnet.py) and the default weight of --class_label sampling.

@@ -37,9 +37,19 @@ class TrainState:
   opt_state: Any
 
 
+# Learning-rate decays from the peak rate to 0 over a number of steps.
+DECAYS = {
+    "none": None,
+    "cosine": lambda lr, steps: optax.cosine_decay_schedule(lr, steps),
+    "linear": lambda lr, steps: optax.linear_schedule(lr, 0.0, steps),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerSpec:
-  """Adam with linear warm-up and global-norm clipping (score_sde's defaults)."""
+  """Adam with linear warm-up and global-norm clipping (score_sde's defaults), and optionally the
+  rate decayed to 0 at step `decay_steps` after the warm-up ('cosine' or 'linear'; 'none':
+  constant, score_sde's)."""
 
   lr: float = 2e-4
   warmup: int = 5000
@@ -48,17 +58,26 @@ class OptimizerSpec:
   beta2: float = 0.999
   eps: float = 1e-8
   weight_decay: float = 0.0
+  decay: str = "none"
+  decay_steps: int = 0
 
   def __post_init__(self):
     if not self.lr > 0:
       raise InputError(f"optim.lr must be > 0, got {self.lr!r}")
     if self.warmup < 0:
       raise InputError(f"optim.warmup must be >= 0, got {self.warmup!r}")
+    if self.decay not in DECAYS:
+      raise InputError(f"optim.decay must be one of {list(DECAYS)}, got {self.decay!r}")
+    if self.decay != "none" and not self.decay_steps > self.warmup:
+      raise InputError(f"a learning-rate decay needs more steps ({self.decay_steps}, "
+                       f"training.n_iters) than the warm-up ({self.warmup}, optim.warmup)")
 
   def schedule(self) -> optax.Schedule:
-    if self.warmup == 0:
-      return optax.constant_schedule(self.lr)
-    return optax.linear_schedule(0.0, self.lr, self.warmup)
+    rise = optax.linear_schedule(0.0, self.lr, self.warmup) if self.warmup else None
+    if self.decay == "none":
+      return rise or optax.constant_schedule(self.lr)
+    fall = DECAYS[self.decay](self.lr, self.decay_steps - self.warmup)
+    return optax.join_schedules([rise, fall], [self.warmup]) if rise else fall
 
   def build(self) -> optax.GradientTransformation:
     """Clipping (none when grad_clip is negative or None: a bound of +inf, which changes no

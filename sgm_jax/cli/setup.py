@@ -83,7 +83,9 @@ def optimizer_from_config(config: Any) -> train.OptimizerSpec:
                              grad_clip=float(get_field(o, "grad_clip", 1.0)),
                              beta1=float(get_field(o, "beta1", 0.9)),
                              eps=float(get_field(o, "eps", 1e-8)),
-                             weight_decay=float(get_field(o, "weight_decay", 0.0)))
+                             weight_decay=float(get_field(o, "weight_decay", 0.0)),
+                             decay=str(get_field(o, "decay", "none")),
+                             decay_steps=int(config.training.n_iters))
 
 
 def loop_spec_from_config(config: Any) -> train.LoopSpec:
