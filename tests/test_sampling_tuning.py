@@ -112,6 +112,27 @@ def test_tuning_keeps_the_sampler_options_and_eps():
   get_sampler("deis", VP, SHAPE, 3, time_grid=grid, order=1)
 
 
+STUDENT_OPTIONS = [dict(score_scale=1.5), dict(thresholding="clip", data_range=(-0.4, 0.4)),
+                   dict(denoise=True, eps=0.05)]
+
+
+@pytest.mark.parametrize("options", STUDENT_OPTIONS, ids=["score_scale", "thresholding", "denoise"])
+def test_the_teacher_has_the_students_score_scale_thresholding_and_final_jump(tmp_path, options):
+  """A fine DEIS grid (160 steps) is nearly the teacher's solve when the teacher runs the same
+  program around the ODE; against the plain probability-flow ODE its end points are far off."""
+  path, steps = str(tmp_path / "grids.json"), 160
+  tuning.tune_time_grid("deis", VP, score_fn, SHAPE, steps, key=jax.random.PRNGKey(1),
+                        num_warmup=32, max_evals=1, cache=path, model_id="oracle", **options)
+  (stored,) = json.load(open(path)).values()
+  x_T = VP.prior_sampling(jax.random.split(jax.random.PRNGKey(1))[0], (32, 2))
+  student = get_sampler("deis", VP, (32, 2), steps, **options)(jax.random.PRNGKey(0), score_fn,
+                                                                x_T=x_T)[0]
+  plain = get_sampler("ode", VP, (32, 2), 1, eps=options.get("eps", VP.default_sampling_eps),
+                      **tuning.TEACHER_OPTIONS)(jax.random.PRNGKey(0), score_fn, x_T=x_T)[0]
+  assert stored["warmup_error"] < 5e-3, stored
+  assert tuning.rms_error(student, plain) > 20 * stored["warmup_error"]
+
+
 def test_cache_returns_the_stored_grid_without_running_the_model(tmp_path, tuned_unipc):
   path = str(tmp_path / "grids.json")
   kwargs = dict(key=jax.random.PRNGKey(2), num_warmup=16, max_evals=5, cache=path,

@@ -9,7 +9,8 @@ a mixture, where samples decide on a mode) a step costs more accuracy than elsew
 Your Steps (Sabour et al., 2024) this searches the grid for the model and solver at hand, on a
 few warm-up trajectories, but with a plain objective: the RMS error of the sampler's answer
 against an accurate solve of the same probability-flow ODE from the same x_T (the "teacher",
-the adaptive `ode` sampler at tight tolerances, computed once). The grid is parametrized by its
+the adaptive `ode` sampler at tight tolerances, computed once, with the sampler's own score scale,
+thresholding and final denoising jump: `teacher_options`). The grid is parametrized by its
 positive increments in sqrt(t) (softmax of free logits, so every candidate is a valid grid from
 T to eps), starts from the sampler's default grid and is improved by Nelder-Mead (scipy): every
 candidate is one run of the real sampler, so the grid is tuned for exactly the program that will
@@ -54,6 +55,21 @@ def grid_from_logits(z: np.ndarray, T: float, eps: float) -> np.ndarray:
 def logits_from_grid(ts: np.ndarray) -> np.ndarray:
   """The logits z with grid_from_logits(z, ts[0], ts[-1]) == ts (up to rounding)."""
   return np.log(-np.diff(np.sqrt(np.asarray(ts, np.float64))))
+
+
+def teacher_options(student_info: dict) -> dict:
+  """What the teacher solve shares with the student sampler (from its info): the score scale,
+  thresholding and the final denoising jump, so that the grid is tuned for the flow and the end
+  point the student really has, not for the plain probability-flow ODE."""
+  options = {"denoise": bool(student_info.get("denoise", False))}
+  if student_info.get("score_scale") is not None:
+    options["score_scale"] = student_info["score_scale"]
+  if student_info.get("thresholding") is not None:
+    options.update(thresholding=student_info["thresholding"],
+                   data_range=tuple(student_info["data_range"]))
+    if student_info["thresholding"] == "dynamic":
+      options["threshold_percentile"] = student_info["threshold_percentile"]
+  return options
 
 
 def rms_error(x: np.ndarray, ref: np.ndarray) -> float:
@@ -127,7 +143,8 @@ def tune_time_grid(sampler_name: str, sde: SDE, score_fn: Callable, shape: tuple
   warmup_shape = (num_warmup,) + tuple(shape[1:])
   key_prior, key_run = jax.random.split(key)
   x_T = sde.prior_sampling(key_prior, warmup_shape)
-  teacher = get_sampler("ode", sde, warmup_shape, num_steps, eps=eps, **TEACHER_OPTIONS)
+  teacher = get_sampler("ode", sde, warmup_shape, num_steps, eps=eps,
+                        **teacher_options(default.info), **TEACHER_OPTIONS)
   target = np.asarray(teacher(key_run, score_fn, x_T=x_T)[0])
   options = {k: v for k, v in sampler_options.items() if k != "eps"}
 
