@@ -205,6 +205,8 @@ def test_from_config_builds_each_model():
       small.from_config(config(name, parameterization="score"))
   # An output other than the score is never scaled, so it needs no SDE.
   assert small.from_config(config("unet_small", parameterization="edm")).sde is None
+  assert small.from_config(config("unet_small", parameterization="edm")).mid_blocks == 0
+  assert small.from_config(config("unet_small", parameterization="edm", mid_blocks=1)).mid_blocks == 1
   # Under VP the network predicts the noise (score.py divides by the std), so no scaling inside;
   # under a score-output SDE it divides by that SDE's std.
   assert small.from_config(config("scorenet"), sde=sde_lib.VPSDE()).sde is None
@@ -237,6 +239,29 @@ def test_scorenet_same_padding_keeps_parameters_and_sees_the_border():
   assert min(gains) > 0.1 * gains[2]
   with pytest.raises(ValueError, match="padding"):
     small.ScoreNet(padding="FULL").init(jax.random.PRNGKey(0), x, t[:1])
+
+
+def test_scorenet_mid_blocks_add_residual_blocks_that_start_as_the_identity():
+  """mid_blocks=k adds k residual blocks after each of the two lowest-resolution convolutions,
+  under names of their own: the plain network's parameters keep their names and shapes, and at
+  initialization (zero last convolution) the deeper network computes exactly the plain one."""
+  t = jnp.array([0.3, 0.7])
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 28, 28, 1))
+  plain, deep = small.ScoreNet(padding="SAME"), small.ScoreNet(padding="SAME", mid_blocks=2)
+  deep_params = jax.jit(deep.init)(jax.random.PRNGKey(0), x, t)["params"]
+  plain_shapes = _shapes(plain, x, t)["params"]
+  blocks = {k for k in deep_params if k.startswith("ResidualBlock")}
+  assert blocks == {f"ResidualBlock_{level}_{i}" for level in (3, 4) for i in range(2)}
+  shared = {k: v for k, v in deep_params.items() if k not in blocks}
+  assert jax.tree.map(jnp.shape, shared) == jax.tree.map(lambda s: s.shape, plain_shapes)
+  assert _count({k: deep_params[k] for k in blocks}) == 2 * sum(
+      2 * (9 * ch * ch + ch) + _dense(256, ch) + 4 * ch for ch in (128, 256))
+  np.testing.assert_array_equal(jax.jit(deep.apply)({"params": deep_params}, x, t),
+                                jax.jit(plain.apply)({"params": shared}, x, t))
+  # trained (non-zero) blocks change the output
+  moved = jax.tree.map(lambda a: a + 0.05, deep_params)
+  assert not np.allclose(jax.jit(deep.apply)({"params": moved}, x, t),
+                         jax.jit(plain.apply)({"params": {k: moved[k] for k in shared}}, x, t))
 
 
 def _dilated_conv_padding(n: int, size: int, same: bool) -> tuple[int, int]:

@@ -129,6 +129,23 @@ def _up_conv(h: Array, features: int, target: tuple[int, int], same: bool = Fals
                  conv_general_dilated=upsampling_conv, dtype=dtype)(h)
 
 
+class ResidualBlock(nn.Module):
+  """DDPM's residual block at a fixed width: GroupNorm, swish, 3x3 conv, + Dense(time embedding),
+  GroupNorm, swish, 3x3 conv (zero-initialized, so the block starts as the identity), + input."""
+
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h: Array, embed: Array) -> Array:
+    c = h.shape[-1]
+    norm = lambda: nn.GroupNorm(num_groups=min(32, c), dtype=self.dtype)
+    y = nn.Conv(c, (3, 3), padding="SAME", dtype=self.dtype)(nn.swish(norm()(h)))
+    y = y + nn.Dense(c, dtype=self.dtype)(embed)[:, None, None, :]
+    y = nn.Conv(c, (3, 3), padding="SAME", kernel_init=nn.initializers.zeros,
+                dtype=self.dtype)(nn.swish(norm()(y)))
+    return h + y
+
+
 class ScoreNet(nn.Module):
   """Time-conditional U-Net of the score-SDE tutorial (output divided by the marginal std when
   the SDE's networks output the score).
@@ -154,6 +171,7 @@ class ScoreNet(nn.Module):
   sde: Optional[sde_lib.SDE] = None
   embedding_type: str = "fourier"
   padding: str = "VALID"
+  mid_blocks: int = 0  # residual blocks after each of the two lowest-resolution convolutions
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -185,7 +203,11 @@ class ScoreNet(nn.Module):
     h1 = condition(conv(x.astype(dtype), c1), groups=4)
     h2 = condition(conv(h1, c2, (2, 2)))
     h3 = condition(conv(h2, c3, (2, 2)))
+    for i in range(self.mid_blocks):
+      h3 = ResidualBlock(dtype, name=f"ResidualBlock_3_{i}")(h3, embed)
     h4 = condition(conv(h3, c4, (2, 2)))
+    for i in range(self.mid_blocks):
+      h4 = ResidualBlock(dtype, name=f"ResidualBlock_4_{i}")(h4, embed)
 
     h = condition(_up_conv(h4, c3, h3.shape[1:3], same, dtype))
     h = condition(_up_conv(jnp.concatenate([h, h3], axis=-1), c2, h2.shape[1:3], same, dtype))
@@ -308,7 +330,8 @@ def from_config(config, sde: Optional[sde_lib.SDE] = None) -> nn.Module:
                     embed_dim=m.get("embed_dim", 256), fourier_scale=m.get("fourier_scale", 30.0),
                     sde=sde if output == "score" else None,
                     embedding_type=m.get("embedding_type", "fourier"),
-                    padding=m.get("padding", "VALID"), dtype=dtype)
+                    padding=m.get("padding", "VALID"), mid_blocks=m.get("mid_blocks", 0),
+                    dtype=dtype)
   if name == "mixer":
     return Mixer(patch_size=m.get("patch_size", 4), hidden_size=m.get("hidden_size", 64),
                  mix_patch_size=m.get("mix_patch_size", 512),
