@@ -47,5 +47,5 @@ def test_deis10_samples_of_a_short_default_run_stay_in_range(tmp_path):
   tutorial_share, tutorial_max = _short_run("fashion_mnist_tutorial", str(tmp_path / "tutorial"))
   print(f"out of range after {STEPS} steps: default {share:.4f} (max {max_abs:.2f}), "
         f"tutorial eps network {tutorial_share:.4f} (max {tutorial_max:.2f})")
-  assert share < 0.05 and max_abs < 3.0  # measured 0.015 (max 1.70), tutorial 0.88 (max 359)
+  assert share < 0.05 and max_abs < 3.0  # measured 0.019 (max 1.78), tutorial 0.88 (max 359)
   assert tutorial_share > 5 * share and tutorial_max > 10.0
