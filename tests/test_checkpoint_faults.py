@@ -8,7 +8,6 @@ import importlib
 import logging
 import os
 import shutil
-import subprocess
 import sys
 
 import jax
@@ -22,6 +21,7 @@ from sgm_jax.cli.train import run_train
 from sgm_jax.checkpoints import CheckpointError, CheckpointStore
 from sgm_jax.errors import UserError
 from sgm_jax.workdir import WorkdirError
+import prewarmed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -289,9 +289,9 @@ FAST_COMPILES = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}
 
 
 def _main(*args):
-  return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=600,
-                        env=dict(os.environ, **FAST_COMPILES))
+  return prewarmed.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, **FAST_COMPILES))
 
 
 def test_cli_samples_and_trains_on_from_the_newest_readable_checkpoint(tmp_path):

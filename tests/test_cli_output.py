@@ -2,8 +2,9 @@
 project's own progress lines without the libraries' INFO chatter unless --verbosity asks."""
 import os
 import re
-import subprocess
 import sys
+
+import prewarmed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["--mode", "train", "--config", "configs/toy_2d.py", "--config.training.n_iters=2",
@@ -16,8 +17,8 @@ FAULTY = ("import sys; sys.path.insert(0, {root!r}); sys.argv = ['main.py'] + {a
 
 
 def _run(*args):
-  return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                        timeout=600)
+  return prewarmed.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
 
 
 def test_a_fault_keeps_its_traceback_and_exit_code_1(tmp_path):

@@ -2,9 +2,9 @@
 float32 and bfloat16 on one and two devices, DEIS and PC sampling) and the JSON says what ran."""
 import json
 import os
-import subprocess
 import sys
 
+import prewarmed
 from xla_flags import with_device_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -13,10 +13,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_device_check_small_runs_every_part(tmp_path):
   out = tmp_path / "device_check.json"
   env = dict(os.environ, XLA_FLAGS=with_device_count(2),
-             JAX_DISABLE_MOST_OPTIMIZATIONS="1")  # compile time is all there is at this size
-  result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "device_check.py"),
+             JAX_DISABLE_MOST_OPTIMIZATIONS="true")  # compile time is all there is at this size
+  result = prewarmed.run([sys.executable, os.path.join(ROOT, "benchmarks", "device_check.py"),
                            "--small", "--out", str(out), "--pc-steps", "5"],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(out.read_text())
   assert report["env"]["device_count"] == 2 and report["env"]["small"]

@@ -28,6 +28,7 @@ from reference_data import FORWARD  # noqa: E402
 from sgm_jax import convert  # noqa: E402
 from sgm_jax.cli import import_checkpoint  # noqa: E402
 from sgm_jax.errors import InputError  # noqa: E402
+import prewarmed
 
 FAMILIES = ["ve_cifar10_ncsnpp_continuous", "vp_cifar10_ddpmpp_continuous", "vp_ddpm_cifar10",
             "ve_ncsnv2_cifar10"]
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")
 # the main.py subprocesses compile as the in-process tests do (fast_compiles): XLA's optimizations
 # only cost compile time at these sizes, and main.py's programs that the test process builds too
 # (test_main_and_python_sample_the_same_way) then come from the run's compilation cache
-ENV = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+ENV = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="true")
 
 
 def _meta(family: str) -> dict:
@@ -71,8 +72,8 @@ def _config(family: str, **extra):
 
 
 def _main(*args) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--verbosity=-1", *args],
-                        capture_output=True, text=True, cwd=ROOT, env=ENV)
+  return prewarmed.run([sys.executable, os.path.join(ROOT, "main.py"), "--verbosity=-1", *args],
+                       capture_output=True, text=True, cwd=ROOT, env=ENV)
 
 
 def _ok(result: subprocess.CompletedProcess) -> str:

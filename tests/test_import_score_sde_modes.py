@@ -32,6 +32,7 @@ from sgm_jax.checkpoints import CheckpointStore  # noqa: E402
 from sgm_jax.cli import classifier, import_checkpoint, setup  # noqa: E402
 from sgm_jax.errors import InputError  # noqa: E402
 from sgm_jax.models.wideresnet import create_classifier  # noqa: E402
+import prewarmed
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -44,7 +45,7 @@ SCORE_SDE_MEAN = np.array([0.49139968, 0.48215841, 0.44653091], np.float32)
 SCORE_SDE_STD = np.array([0.24703223, 0.24348513, 0.26158784], np.float32)
 # the subprocesses compile as the in-process tests do (fast_compiles): XLA's optimizations only
 # cost compile time at these sizes
-ENV = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+ENV = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="true")
 
 
 def _meta(family: str) -> dict:
@@ -79,8 +80,8 @@ def _config(family: str, **extra):
 
 
 def _main(*args) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--verbosity=-1", *args],
-                        capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
+  return prewarmed.run([sys.executable, os.path.join(ROOT, "main.py"), "--verbosity=-1", *args],
+                       capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
 
 
 def _ok(result: subprocess.CompletedProcess) -> str:

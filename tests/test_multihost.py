@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+import prewarmed
 from xla_flags import with_device_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,9 +100,9 @@ def _start(args, num_processes, devices, log_dir, name, program=None):
               f"--process_id={i}"])
     out = open(os.path.join(log_dir, f"{name}_{i}.out"), "w")
     err = open(os.path.join(log_dir, f"{name}_{i}.err"), "w")
-    procs.append(subprocess.Popen([sys.executable, *(program or [os.path.join(ROOT, "main.py")]),
+    procs.append(prewarmed.Popen([sys.executable, *(program or [os.path.join(ROOT, "main.py")]),
                                    *args, *extra],
-                                  cwd=ROOT, env=_env(devices), stdout=out, stderr=err))
+                                 cwd=ROOT, env=_env(devices), stdout=out, stderr=err))
   return procs
 
 
@@ -288,7 +289,7 @@ def _lock_job(num_processes, workdir, release, log_dir, name):
   for i in range(num_processes):
     out = open(os.path.join(log_dir, f"{name}_{i}.out"), "w")
     err = open(os.path.join(log_dir, f"{name}_{i}.err"), "w")
-    procs.append(subprocess.Popen(
+    procs.append(prewarmed.Popen(
         [sys.executable, "-c", code, str(num_processes), str(i), str(port), str(workdir),
          str(release)], cwd=ROOT, env=_env(1), stdout=out, stderr=err))
   return procs

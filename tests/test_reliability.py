@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from sgm_jax import sampling, sde_lib, toy
+import prewarmed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SDES = [sde_lib.VESDE(), sde_lib.VPSDE(), sde_lib.subVPSDE()]
@@ -48,9 +49,9 @@ def test_adaptive_ode_sampler_is_finite(oracle, sde):
 
 
 def _main(*args, env=None):
-  return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=600,
-                        env=dict(os.environ, **FAST_COMPILES, **(env or {})))
+  return prewarmed.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, **FAST_COMPILES, **(env or {})))
 
 
 def _snapshot(path):
@@ -158,9 +159,9 @@ def test_evaluation_killed_mid_way_resumes_from_its_last_batch(trained_workdir, 
   evaluate = ["--mode", "eval", "--config", "configs/toy_2d.py", "--workdir", wd,
               "--config.eval.batch_size=4", "--config.eval.loss_num_examples=2000"]
   pattern = os.path.join(wd, "eval", "ckpt_2", "loss_test", "batch_*.npz")
-  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *evaluate], cwd=ROOT,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                          env=dict(os.environ, **FAST_COMPILES))
+  proc = prewarmed.Popen([sys.executable, os.path.join(ROOT, "main.py"), *evaluate], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env=dict(os.environ, **FAST_COMPILES))
   deadline = time.time() + 300
   while len(glob.glob(pattern)) < 5 and proc.poll() is None and time.time() < deadline:
     time.sleep(0.01)

@@ -3,7 +3,6 @@ class-conditional sampling, inpainting, colorization and interpolation on small 
 import importlib
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -16,6 +15,7 @@ from sgm_jax.cli.sample import run_sample
 from sgm_jax.cli.train import run_train
 from sgm_jax.checkpoints import CheckpointError, CheckpointStore
 from sgm_jax.errors import UserError
+import prewarmed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -212,9 +212,9 @@ def test_input_file_errors(trained, tmp_path):
 
 
 def _main(*args):
-  return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args],
-                        capture_output=True, text=True, cwd=ROOT, timeout=600,
-                        env=dict(os.environ, **FAST_COMPILES))
+  return prewarmed.run([sys.executable, os.path.join(ROOT, "main.py"), *args],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600,
+                       env=dict(os.environ, **FAST_COMPILES))
 
 
 def test_cli_modes(trained, tmp_path):

@@ -5,7 +5,6 @@ bits/dim program equals a direct computation."""
 import importlib
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -15,6 +14,7 @@ from sgm_jax.cli import evaluate, outputs, setup
 from sgm_jax.cli.sample import run_sample
 from sgm_jax.cli.train import run_train
 from sgm_jax.errors import UserError
+import prewarmed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -130,9 +130,9 @@ def test_shipped_digits_config_fits_its_data():
 
 
 def _main(*args):
-  return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=600,
-                        env=dict(os.environ, **FAST_COMPILES))
+  return prewarmed.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, **FAST_COMPILES))
 
 
 def test_cli_reads_python_booleans_and_refuses_unclear_ones(digits_workdir):

@@ -3,7 +3,6 @@ samples; main.py gives one clear error and a non-zero exit for bad input."""
 import importlib
 import os
 import re
-import subprocess
 import sys
 
 import jax
@@ -19,6 +18,7 @@ from sgm_jax.cli.train import run_train
 from sgm_jax.errors import UserError
 from sgm_jax.sampling import budget
 from sgm_jax.workdir import WorkdirError, WorkdirLock
+import prewarmed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -109,7 +109,7 @@ def test_second_process_on_the_same_workdir_is_refused(tmp_path):
     code = ("import sys; sys.path.insert(0, %r)\n"
             "from sgm_jax.workdir import WorkdirLock\n"
             "with WorkdirLock(%r): pass\n") % (ROOT, str(tmp_path))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    res = prewarmed.run([sys.executable, "-c", code], capture_output=True, text=True)
   assert res.returncode != 0 and "is in use by another process" in res.stderr
   with WorkdirLock(str(tmp_path)):  # released again
     pass
@@ -133,9 +133,9 @@ def test_create_model_contract(config_file):
 
 
 def _main(*args, cwd=ROOT):
-  return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args],
-                        capture_output=True, text=True, cwd=cwd, timeout=600,
-                        env=dict(os.environ, **FAST_COMPILES))
+  return prewarmed.run([sys.executable, os.path.join(ROOT, "main.py"), *args],
+                       capture_output=True, text=True, cwd=cwd, timeout=600,
+                       env=dict(os.environ, **FAST_COMPILES))
 
 
 @pytest.fixture(scope="module")

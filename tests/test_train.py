@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from sgm_jax import checkpoints, train
+import prewarmed
 from xla_flags import with_device_count
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "toy_train_run.py")
@@ -18,8 +19,8 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "toy_train_run.py")
 
 def _run(args, env_extra=None, **kwargs):
   env = dict(os.environ, **(env_extra or {}))
-  return subprocess.run([sys.executable, SCRIPT] + [str(a) for a in args], env=env,
-                        capture_output=True, text=True, **kwargs)
+  return prewarmed.run([sys.executable, SCRIPT] + [str(a) for a in args], env=env,
+                       capture_output=True, text=True, **kwargs)
 
 
 # toy_train_run.py with its batches(start) wrapped to report the step of every batch handed out.
@@ -39,8 +40,8 @@ sys.exit(run.main(sys.argv[1:]))
 def _run_counting_batches(args, **kwargs):
   """_run, and the steps whose batches the run asked for."""
   code = _COUNTING_RUN.format(tests=os.path.dirname(SCRIPT))
-  res = subprocess.run([sys.executable, "-c", code] + [str(a) for a in args], capture_output=True,
-                       text=True, **kwargs)
+  res = prewarmed.run([sys.executable, "-c", code] + [str(a) for a in args], capture_output=True,
+                      text=True, **kwargs)
   return res, [int(s) for s in re.findall(r"batch for step (\d+)", res.stderr)]
 
 
@@ -102,8 +103,8 @@ def test_killed_and_resumed_training_is_bit_identical(tmp_path):
   assert ref.returncode == 0, ref.stderr[-2000:]
   # Kill -9 once a snapshot exists, at a point that differs from the checkpoint steps.
   work = tmp_path / "killed"
-  proc = subprocess.Popen([sys.executable, SCRIPT, str(work), str(n_iters)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = prewarmed.Popen([sys.executable, SCRIPT, str(work), str(n_iters)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
     meta = work / "checkpoints-meta"
