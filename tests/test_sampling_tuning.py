@@ -162,3 +162,21 @@ def test_bad_tuning_requests_are_refused(call, match):
   with pytest.raises(InputError, match=match):
     tuning.tune_time_grid(name, VP, score_fn, SHAPE, steps, key=jax.random.PRNGKey(0),
                           max_evals=2, **call)
+
+
+def test_compiled_once_gives_the_scores_and_compiles_the_network_once_for_many_programs():
+  traces = []
+
+  def counted_score(x, t):
+    traces.append(x.shape)
+    return score_fn(x, t)
+
+  once = tuning.compiled_once(counted_score)
+  x, t = jax.random.normal(jax.random.PRNGKey(0), SHAPE), jnp.full((SHAPE[0],), 0.3)
+  for steps in (3, 4, 5):  # three candidate programs, as tune_time_grid builds them
+    sampler = get_sampler("unipc", VP, SHAPE, steps)
+    got, _ = sampler(jax.random.PRNGKey(1), once, x_T=x)
+    want, _ = sampler(jax.random.PRNGKey(1), score_fn, x_T=x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert traces == [SHAPE]  # traced (and compiled) once for the three programs
+  np.testing.assert_allclose(jax.jit(once)(x, t), score_fn(x, t), rtol=1e-6)
