@@ -244,7 +244,8 @@ def _decoded(data: bytes, text: bool):
 
 def run(args, *, cwd=None, env=None, capture_output=False, text=False, timeout=None,
         stdout=None, stderr=None, check=False, input=None):  # pylint: disable=redefined-builtin
-  """subprocess.run for [sys.executable, SCRIPT | -c CODE, *args] (see Popen)."""
+  """subprocess.run for [sys.executable, SCRIPT | -c CODE, *args] (see Popen); the program's
+  stdin is /dev/null (no test feeds one; subprocess.run would hand it pytest's)."""
   if input is not None or not _forkable([str(a) for a in args]):
     return subprocess.run(args, cwd=cwd, env=env, capture_output=capture_output, text=text,
                           timeout=timeout, stdout=stdout, stderr=stderr, check=check, input=input)
