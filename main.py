@@ -15,7 +15,9 @@ Config fields can be overridden on the command line, e.g. --config.training.batc
 Several processes (train, sample): the same command in each with --coordinator_address HOST:PORT
 --num_processes N --process_id I, or --distributed auto where JAX finds the cluster (TPU pods).
 Sampler options: --sampler deis --num_steps 10 --sampler_option order=2 ..., or --nfe 5 (the best
-sampler for 5 score evaluations per sample).
+sampler for 5 score evaluations per sample; for 3-9 on a time grid fitted to the checkpoint, tuned
+on first use and kept in the workdir: --sampler_option time_grid=tuned does that for any
+fixed-grid sampler).
 Log lines: --verbosity=-1 (warnings only), 0 (default: sgm-jax's progress), 1 (libraries' too).
 Errors: a mistake in the input is one line `error: ...` (exit code 2); a fault shows its
 traceback (exit code 1).
@@ -39,8 +41,9 @@ flags.DEFINE_enum("mode", None, list(MODES), "What to run.")
 flags.DEFINE_string("sampler", None, "sample/eval: sampler name (default: from the config).")
 flags.DEFINE_integer("num_steps", None, "sample/eval: number of sampler steps.")
 flags.DEFINE_integer("nfe", None, "sample/eval: a budget of score evaluations per sample: without "
-                     "--sampler the best sampler for it (README, 'Samplers by budget'), with one "
-                     "its most steps that fit; instead of --num_steps.")
+                     "--sampler the best sampler for it (README, 'Samplers by budget'; 3-9 tune "
+                     "a time grid for the checkpoint on first use, minutes), with one its most "
+                     "steps that fit; instead of --num_steps.")
 flags.DEFINE_integer("num_samples", None, "sample/eval: number of samples; inpaint/colorize: "
                      "number of images (default 8); interpolate: number of pairs (default 4).")
 flags.DEFINE_integer("checkpoint_step", None, "sample/eval: checkpoint step (default latest).")

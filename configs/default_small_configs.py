@@ -42,6 +42,12 @@ def get_default_configs() -> ml_collections.ConfigDict:
   sampling.batch_size = 64
   sampling.num_samples = 64
   sampling.pc_num_steps = 500  # the PC run of main.py --mode all
+  # time_grid=tuned (what --nfe 3-9 uses): the grid fitted to the checkpoint, by Nelder-Mead
+  # over tune_max_evals candidates on tune_warmup prior draws of key tune_seed
+  # (sgm_jax/cli/tuned_grid.py)
+  sampling.tune_warmup = 128
+  sampling.tune_max_evals = 100
+  sampling.tune_seed = 1
   # Every sampler run from this config sees score_scale * score (None: 1, the score unchanged);
   # > 1 cleans the samples of an under-fitted network of high-frequency residue (README "Score
   # scaling").

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from sgm_jax import parallel, sampling
-from sgm_jax.cli import setup
+from sgm_jax.cli import setup, tuned_grid
 from sgm_jax.errors import InputError, MissingFileError
 
 # Model.sample's sampler when neither a sampler nor a budget (nfe) is given
@@ -37,6 +37,7 @@ class SampleResult:
   sampler: str
   num_steps: int
   options: dict  # the sampler options used: the config's, with the caller's replacing them
+  # (time_grid=tuned as the grid it stands for)
 
 
 def _tuples(value: Any) -> Any:
@@ -119,7 +120,10 @@ class Model:
     num_samples = int(num_samples)
     if num_samples < 1:
       raise InputError(f"num_samples must be >= 1, got {num_samples}")
-    options = self.sampler_options(sampler, resolved.options)
+    options = tuned_grid.resolve(self.config, self.workdir,
+                                 self.sampler_options(sampler, resolved.options), sampler,
+                                 num_steps, self.sde, self.score_fn, self.example_shape,
+                                 self.step, self.params)
     batch_size = int(batch_size or setup.get_field(self.config.sampling, "batch_size", 64))
     batch = parallel.padded_size(min(batch_size, num_samples))
     shape = (batch // parallel.device_count(),) + self.example_shape

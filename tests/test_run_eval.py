@@ -255,6 +255,7 @@ def test_eval_with_a_budget_samples_within_it(digits_workdir, monkeypatch):
   config.eval.feature_extractor = "effnet"  # the stand-in's name
   config.eval.enable_sampling = True
   config.eval.num_samples, config.eval.reference_examples = 4, 8
+  config.sampling.tune_warmup, config.sampling.tune_max_evals = 8, 4  # the row's tuned grid
   result = evaluate.run_eval(config, digits_workdir, nfe=5)
   assert (result["sampler"], result["num_steps"], result["nfe"]) == (
       budget.table_row(5).sampler, 5, 5.0)

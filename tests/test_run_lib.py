@@ -158,11 +158,15 @@ def test_cli_train_and_sample(cli_trained):
   assert res.returncode == 0, res.stderr[-3000:]
   assert "8 samples" in res.stdout and os.path.exists(os.path.join(wd, "samples",
                                                                    "ddim_3steps_eta-0.5_ckpt2.png"))
-  res = _main("--mode", "sample", *common, "--nfe", "7", "--num_samples", "4")  # the table's pick
+  res = _main("--mode", "sample", *common, "--nfe", "7", "--num_samples", "4",  # the table's pick
+              "--config.sampling.tune_warmup=8", "--config.sampling.tune_max_evals=4")
   assert res.returncode == 0, res.stderr[-3000:]
   row = budget.table_row(7)
   assert f"by {row.sampler} in 7 steps (7 score evaluations per batch)" in res.stdout
-  assert os.path.exists(os.path.join(wd, "samples", f"{row.sampler}_7steps_ckpt2.png"))
+  assert "tune_time_grid unipc, 7 steps" in res.stdout  # tuned for this checkpoint, then kept
+  assert os.path.exists(os.path.join(wd, "samples",
+                                     f"{row.sampler}_7steps_time_grid-tuned_ckpt2.png"))
+  assert os.path.exists(os.path.join(wd, "tuned_grids.json"))
 
 
 # main.py's own part of a bad input: a --config override of a missing field (its flag parser), and

@@ -145,7 +145,8 @@ def test_cache_returns_the_stored_grid_without_running_the_model(tmp_path, tuned
 
   np.testing.assert_array_equal(tuning.tune_time_grid("unipc", VP, never_called, SHAPE, 4,
                                                       **kwargs), first)
-  with pytest.raises(AssertionError, match="must not evaluate"):  # another model: tuned anew
+  # another model: tuned anew (the error comes through the network's host callback)
+  with pytest.raises((AssertionError, jax.errors.JaxRuntimeError), match="must not evaluate"):
     tuning.tune_time_grid("unipc", VP, never_called, SHAPE, 4, **{**kwargs, "model_id": "other"})
 
 

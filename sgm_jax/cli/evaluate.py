@@ -34,7 +34,7 @@ import numpy as np
 
 from sgm_jax import datasets, io_utils, parallel, sampling
 from sgm_jax.checkpoints import CheckpointError, CheckpointStore, has_checkpoints
-from sgm_jax.cli import outputs, setup
+from sgm_jax.cli import outputs, setup, tuned_grid
 from sgm_jax.errors import InputError
 
 # config.eval switches of run_eval's parts, and whether a part needs image data
@@ -334,7 +334,8 @@ def evaluate_checkpoint(config: Any, workdir: str, checkpoint_step: Any = None,
     result["denoising_error"] = _denoising_error(config, dataset, sde, score_fn, out_dir, key)
   if "sampling" in parts:
     result.update(_eval_samples(config, workdir, dataset, sde, score_fn, out_dir, key,
-                                sampler_name, num_steps, num_samples, sampler_options))
+                                sampler_name, num_steps, num_samples, sampler_options,
+                                (step, params)))
   path = os.path.join(workdir, "eval", "results.jsonl")
   if parallel.is_first_process():
     io_utils.append_line(path, json.dumps(result))
@@ -584,7 +585,7 @@ def _precision_recall(name: str, ref, sample_features: np.ndarray) -> dict:
 
 def _eval_samples(config: Any, workdir: str, dataset, sde, score_fn, out_dir: str, key,
                   sampler_name: str | None, num_steps: int | None, num_samples: int | None,
-                  overrides: dict) -> dict:
+                  overrides: dict, checkpoint: tuple) -> dict:
   """FD (FD-EffNet, or FID with Inception weights), IS, KID and the out-of-range share of
   samples, scored as eval.protocol says; the reference statistics are ready before any sample is
   drawn. KID is computed from the reference's features (the first features.REFERENCE_FEATURES
@@ -595,7 +596,8 @@ def _eval_samples(config: Any, workdir: str, dataset, sde, score_fn, out_dir: st
   program over every device of every process (cli.setup.sample_shard_fn: sample j starts from
   the j-th prior draw, so a deterministic sampler gives the same samples on any number of devices)
   and gathered once; process 0 extracts their features and records the batch. `key` is unused:
-  the samples' randomness comes from config.seed."""
+  the samples' randomness comes from config.seed. `checkpoint`: (step, params) of score_fn, whose
+  tuned time grid time_grid=tuned stands for (cli/tuned_grid.py)."""
   from tqdm import tqdm
   from sgm_jax.evaluation import features, metrics
   del key
@@ -619,6 +621,9 @@ def _eval_samples(config: Any, workdir: str, dataset, sde, score_fn, out_dir: st
   if n < 1:
     raise InputError(f"num_samples must be >= 1, got {n}")
   options = setup.sampler_options_from_config(config, sampler_name, overrides)
+  tag = f"{sampler_name}_{num_steps}" + "".join(f"_{k}-{v}" for k, v in sorted(options.items()))
+  options = tuned_grid.resolve(config, workdir, options, sampler_name, num_steps, sde, score_fn,
+                               example_shape, *checkpoint)
   batch = parallel.padded_size(min(int(setup.get_field(config.sampling, "batch_size", 64)), n))
   sampler = sampling.get_sampler(sampler_name, sde,
                                  (batch // parallel.device_count(),) + example_shape,
@@ -628,7 +633,6 @@ def _eval_samples(config: Any, workdir: str, dataset, sde, score_fn, out_dir: st
       setup.sample_shard_fn(sampler, sde, example_shape, int(config.seed) + 10 ** 6))
   shared = parallel.replicate((score_fn, None))
   no_labels = parallel.from_global_batch(np.zeros(batch, np.int32))
-  tag = f"{sampler_name}_{num_steps}" + "".join(f"_{k}-{v}" for k, v in sorted(options.items()))
   scoring = f"{name}_uint8" if protocol.quantize_samples else name
   num_batches = -(-n // batch)
   # A stochastic sampler's noise depends on the batch and the number of devices.

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from sgm_jax import controllable, io_utils, loading, parallel, sde_lib
-from sgm_jax.cli import classifier, outputs, setup
+from sgm_jax.cli import classifier, outputs, setup, tuned_grid
 
 
 def run_sample(config: Any, workdir: str, sampler_name: str | None = None,
@@ -44,9 +44,11 @@ def run_sample(config: Any, workdir: str, sampler_name: str | None = None,
     suffix = f"_class{conditional.label}"
   drawn = model.sample_with_info(num_samples, sampler_name, num_steps, int(config.seed),
                                  conditional=conditional, progress=True, **sampler_options)
+  named_options = (dict(drawn.options, time_grid=tuned_grid.TUNED)
+                   if tuned_grid.wants_tuned_grid(sampler_options) else drawn.options)
   samples, sampler_options = drawn.samples, drawn.options
   stem = os.path.join(workdir, "samples", outputs.sample_file_stem(
-      sampler_name, num_steps, sampler_options, model.step) + suffix)
+      sampler_name, num_steps, named_options, model.step) + suffix)
   settings = dict(sampler=sampler_name, num_steps=num_steps, options=sampler_options,
                   seed=int(config.seed), num_samples=num_samples,
                   classifier=None if conditional is None else (conditional.scale, conditional.step))

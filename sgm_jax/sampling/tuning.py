@@ -115,8 +115,8 @@ def _read_cache(path: str) -> dict:
 def tune_time_grid(sampler_name: str, sde: SDE, score_fn: Callable, shape: tuple, num_steps: int,
                    *, key: jax.Array, num_warmup: int = DEFAULT_WARMUP,
                    max_evals: int = DEFAULT_MAX_EVALS, cache: Optional[str] = None,
-                   model_id: Optional[str] = None, verbose: bool = False,
-                   **sampler_options: Any) -> np.ndarray:
+                   model_id: Optional[str] = None, write_cache: bool = True,
+                   verbose: bool = False, **sampler_options: Any) -> np.ndarray:
   """A time grid for `sampler_name` with `num_steps` steps (and `sampler_options`) tuned to
   score_fn: the float64 array of num_steps + 1 times from T to eps that, among the grids
   Nelder-Mead visits from the sampler's default grid, gives the least RMS error against the
@@ -125,8 +125,9 @@ def tune_time_grid(sampler_name: str, sde: SDE, score_fn: Callable, shape: tuple
 
   cache: a JSON file of tuned grids; a grid found there under the same key (sampler, options,
   SDE, shapes, steps, budget, key, model_id) is returned without tuning, a new one is added
-  (atomic write). model_id names the score function (e.g. 'workdir/checkpoint_12'), because
-  a function cannot be keyed; it is required with `cache`.
+  (atomic write; write_cache=False reads only, e.g. in all processes of a job but the first).
+  model_id names the score function (e.g. 'workdir/checkpoint_12'), because a function cannot be
+  keyed; it is required with `cache`. verbose: progress lines with rate and ETA.
   """
   from sgm_jax.sampling import get_sampler
   import scipy.optimize
@@ -151,6 +152,7 @@ def tune_time_grid(sampler_name: str, sde: SDE, score_fn: Callable, shape: tuple
     if stored is not None:
       return base.sampling_grid(sde, np.asarray(stored["time_grid"], np.float64), num_steps, None)
 
+  start = time.perf_counter()
   default = get_sampler(sampler_name, sde, shape, num_steps, **sampler_options)
   ts0 = np.asarray(default.info.get("ts"), np.float64) if "ts" in default.info else None
   if ts0 is None or ts0.shape != (num_steps + 1,):
@@ -161,14 +163,21 @@ def tune_time_grid(sampler_name: str, sde: SDE, score_fn: Callable, shape: tuple
   warmup_shape = (num_warmup,) + tuple(shape[1:])
   key_prior, key_run = jax.random.split(key)
   x_T = sde.prior_sampling(key_prior, warmup_shape)
+  candidate_score_fn = compiled_once(score_fn)
+  on_default_grid = get_sampler(sampler_name, sde, warmup_shape, num_steps, **sampler_options)
+  if not np.array_equal(*(np.asarray(on_default_grid(k, candidate_score_fn, x_T=x_T)[0])
+                          for k in (key_run, jax.random.fold_in(key_run, 1)))):
+    raise InputError(f"sampler {sampler_name!r} with options {sampler_options} draws noise (its "
+                     "samples depend on its key); tune_time_grid fits deterministic samplers to "
+                     "the probability-flow ODE (deis, unipc, dpm_solver, ipndm, heun, ddim with "
+                     "eta=0, ...)")
   teacher = get_sampler("ode", sde, warmup_shape, num_steps, eps=eps,
                         **teacher_options(default.info), **TEACHER_OPTIONS)
   target = np.asarray(teacher(key_run, score_fn, x_T=x_T)[0])
   options = {k: v for k, v in sampler_options.items() if k != "eps"}
-  candidate_score_fn = compiled_once(score_fn)
 
   z0 = logits_from_grid(ts0)
-  evaluations, start = [0], time.perf_counter()
+  evaluations = [0]
   best = dict(error=np.inf, z=z0)  # the simplex starts at z0: never worse than the default grid
 
   def objective(z):
@@ -185,11 +194,16 @@ def tune_time_grid(sampler_name: str, sde: SDE, score_fn: Callable, shape: tuple
             flush=True)
     return error if np.isfinite(error) else np.inf
 
+  if verbose:
+    print(f"tune_time_grid {sampler_name}, {num_steps} steps: teacher solved on {num_warmup} "
+          f"warm-up draws in {time.perf_counter() - start:.0f} s; up to {max_evals} candidate "
+          "grids follow", flush=True)
+  start = time.perf_counter()
   simplex = np.vstack([z0, z0 + INITIAL_SIMPLEX_STEP * np.eye(num_steps)])
   scipy.optimize.minimize(objective, z0, method="Nelder-Mead", options=dict(
       initial_simplex=simplex, maxfev=max_evals, xatol=1e-3, fatol=1e-6, adaptive=True))
   ts = base.sampling_grid(sde, grid_from_logits(best["z"], T, eps), num_steps, None)
-  if cache is not None:
+  if cache is not None and write_cache:
     stored = _read_cache(cache)
     stored[entry] = dict(time_grid=ts.tolist(), warmup_error=float(best["error"]))
     with io_utils.atomic_write(cache, "w") as f:
