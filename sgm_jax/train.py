@@ -315,7 +315,9 @@ def train_loop(workdir: str, state: TrainState, step_fn: Callable,
   state as host arrays.
 
   If `stats` is a dict it receives the wall time and number of steps after the first (compiling)
-  device call: 'steady_seconds', 'steady_steps'.
+  device call until the last step has run, before the final checkpoint ('steady_seconds',
+  'steady_steps'), the final checkpoint's save ('final_checkpoint_seconds') and the fetch of the
+  final state ('to_host_seconds').
 
   `batches(start_step)` yields this process's (batch_size / process_count, ...) block of the
   training batches from `start_step` on, the same ones an uninterrupted run would see there.
@@ -378,6 +380,13 @@ def train_loop(workdir: str, state: TrainState, step_fn: Callable,
             writer.add_scalar("lr", float(lr), s)
       bar.set_postfix(loss=f"{float(losses[-1]):.4g}", refresh=False)
 
+    def stop_steady_clock():
+      """stats' steady rate: until the last step has run (once)."""
+      if stats is not None and first_call_done is not None and "steady_seconds" not in stats:
+        jax.block_until_ready(rstate)
+        stats.update(steady_seconds=time.time() - first_call_done,
+                     steady_steps=step - first_call_step)
+
     while step < spec.n_iters:
       n = min(spec.n_jitted_steps, spec.n_iters - step)
       host = np.stack([next(data) for _ in range(n)])            # (n, local_batch, ...)
@@ -402,17 +411,19 @@ def train_loop(workdir: str, state: TrainState, step_fn: Callable,
       if logs or kind is not None:
         look_at_losses()  # before a save: never checkpoint a diverged state
       if kind is not None:
+        if step >= spec.n_iters or out_of_time:
+          stop_steady_clock()
+        save_start = time.time()
         store.save(step, rstate, kind=kind)
         last_good = step
+        if stats is not None and "steady_seconds" in stats:
+          stats.update(final_checkpoint_seconds=time.time() - save_start)
       if out_of_time:
         logging.info("stopping after %.0f s (training.max_seconds) at step %d", time.time() - t0,
                      step)
         break
     look_at_losses()
-    if stats is not None and first_call_done is not None:  # until the last step has run
-      jax.block_until_ready(rstate)
-      stats.update(steady_seconds=time.time() - first_call_done,
-                   steady_steps=step - first_call_step)
+    stop_steady_clock()
     bar.total = step  # stopped by the time limit: done, not short of n_iters
     bar.close()
     fetch_start = time.time()

@@ -238,3 +238,31 @@ def test_train_bar_total_follows_the_time_limit(tmp_path, monkeypatch):
   assert max(totals[2:]) < 1000  # after a rate is known, never the 10**6 of n_iters
   assert abs(totals[-1] - steps) <= 0.3 * steps, (totals[-5:], steps)
   assert bars[0].total == bars[0].n == steps
+
+
+def test_steady_clock_stops_before_the_final_checkpoint(tmp_path, monkeypatch):
+  """stats' steady time covers the steps, not the checkpoint every run saves at its end (a
+  1 GB DDPM++ state takes seconds to write: benchmarks/train.py's loop overhead counted it)."""
+  import optax
+  from sgm_jax.checkpoints import CheckpointStore
+  save = CheckpointStore.save
+
+  def slow_save(self, *args, **kwargs):
+    time.sleep(1.0)
+    return save(self, *args, **kwargs)
+
+  monkeypatch.setattr(CheckpointStore, "save", slow_save)
+
+  def step_fn(state, batch):
+    return state.replace(step=state.step + 1), {"loss": jnp.mean(batch)}
+
+  def batches(start):
+    while True:
+      yield np.ones((2, 2), np.float32)
+
+  state = train.create_train_state({"w": jnp.zeros(2)}, optax.sgd(0.1))
+  stats = {}
+  spec = train.LoopSpec(n_iters=20, batch_size=2, log_freq=5)
+  assert int(train.train_loop(str(tmp_path), state, step_fn, batches, spec, stats=stats).step) == 20
+  assert stats["steady_steps"] == 19  # after the first (compiling) call
+  assert stats["steady_seconds"] < 0.9 and stats["final_checkpoint_seconds"] >= 1.0, stats
