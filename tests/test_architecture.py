@@ -14,7 +14,7 @@ CLI = "sgm_jax.cli"
 # One module per main.py mode; the other modules of sgm_jax/cli/ are layers every mode may use.
 MODES = {f"{CLI}.{name}" for name in ("train", "sample", "evaluate", "train_classifier",
                                       "controllable", "import_checkpoint")}
-CLI_SHARED = {CLI, f"{CLI}.setup", f"{CLI}.classifier", f"{CLI}.outputs"}
+CLI_SHARED = {CLI, f"{CLI}.setup", f"{CLI}.classifier", f"{CLI}.outputs", f"{CLI}.tuned_grid"}
 
 
 def module_files(root: str = ROOT) -> dict[str, str]:
