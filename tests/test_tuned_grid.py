@@ -10,7 +10,6 @@ import pytest
 import scipy.optimize
 
 import sgm_jax
-from sgm_jax import sampling
 from sgm_jax.cli import evaluate, tuned_grid
 from sgm_jax.cli.sample import run_sample
 from sgm_jax.cli.train import run_train
@@ -54,14 +53,23 @@ def test_the_small_budgets_ask_for_a_tuned_grid():
 
 def test_nfe_samples_on_the_checkpoints_tuned_grid_tuned_once(workdir, monkeypatch):
   config = _config()
+  calls, tune = [], tuning.tune_time_grid
+
+  def recorded(*args, **kwargs):
+    calls.append((args, kwargs))
+    return tune(*args, **kwargs)
+
+  monkeypatch.setattr(tuning, "tune_time_grid", recorded)
   sampled = run_sample(config, workdir, num_samples=4, nfe=NFE)
   assert sampled["sampler"] == "unipc" and sampled["nfe"] == NFE
   grid = sampled["sampler_options"]["time_grid"]
+  (args, kwargs), = calls  # the recipe of config.sampling.tune_*, the table row's options
+  assert args[0] == "unipc" and args[3] == (8, 8, 8, 1) and args[4] == sampled["num_steps"]
+  assert (kwargs["num_warmup"], kwargs["max_evals"]) == (8, 6)
+  np.testing.assert_array_equal(jax.random.key_data(kwargs["key"]),
+                                jax.random.key_data(jax.random.PRNGKey(1)))
+  assert not {"time_grid", "score_scale"} & set(kwargs)  # unscaled, as the row says
   model = sgm_jax.load(workdir, config=config)
-  want = tuning.tune_time_grid("unipc", model.sde, model.score_fn, (8,) + model.example_shape,
-                               sampled["num_steps"], key=jax.random.PRNGKey(1), num_warmup=8,
-                               max_evals=6)
-  np.testing.assert_array_equal(grid, want)  # the recipe of config.sampling.tune_*
   steps = sampled["num_steps"]
   assert os.path.basename(sampled["npz"]).startswith(f"unipc_{steps}steps_time_grid-tuned_")
   entries = list(_cache(workdir).values())
@@ -93,14 +101,14 @@ def test_eval_with_nfe_uses_the_same_grid(workdir, monkeypatch):
 def test_another_checkpoint_gets_its_own_grid(workdir):
   config = _config()
   model = sgm_jax.load(workdir, config=config)
-  options = dict(time_grid=tuned_grid.TUNED)
-  args = ("unipc", 4, model.sde, model.score_fn, model.example_shape)
+  options = dict(time_grid=tuned_grid.TUNED)  # --nfe 5's (kept by the tests above)
+  args = ("unipc", NFE, model.sde, model.score_fn, model.example_shape)
   first = tuned_grid.resolve(config, workdir, options, *args, model.step, model.params)
   n = len(_cache(workdir))
   other = jax.tree_util.tree_map(lambda p: p * 1.01, model.params)
   tuned_grid.resolve(config, workdir, options, *args, model.step, other)
   assert len(_cache(workdir)) == n + 1  # other parameters at the same step: tuned anew
-  assert len(first["time_grid"]) == 5 and first["time_grid"][0] == model.sde.T
+  assert len(first["time_grid"]) == NFE + 1 and first["time_grid"][0] == model.sde.T
 
 
 def test_a_tuned_grid_for_a_stochastic_sampler_is_refused(workdir):
