@@ -12,10 +12,10 @@ import scipy.optimize
 import sgm_jax
 from sgm_jax.cli import evaluate, tuned_grid
 from sgm_jax.cli.sample import run_sample
-from sgm_jax.cli.train import run_train
 from sgm_jax.errors import UserError
 from sgm_jax.sampling import budget, tuning
 from test_run_eval import _config as _eval_config, _fake_feature_network
+from test_run_eval import digits_workdir  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 NFE = 5
@@ -28,10 +28,10 @@ def _config():
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("digits"))
-  run_train(_config(), workdir)
-  return workdir
+def workdir(digits_workdir):
+  """test_run_eval's digits workdir (2 training steps): the tune_* fields only matter when
+  sampling."""
+  return digits_workdir
 
 
 def _no_tuning(monkeypatch):
