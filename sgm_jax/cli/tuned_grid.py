@@ -7,7 +7,7 @@ by the checkpoint (its step and a digest of its parameters), so later runs of an
 `--nfe N` asks for it where the budget table says it pays (sampling/budget.py).
 
 The recipe is config.sampling.tune_warmup / tune_max_evals / tune_seed (the constants below when
-a config has no such field): 100 Nelder-Mead candidates on 128 warm-up draws took 4-5 CPU minutes
+a config has no such field): 100 Nelder-Mead candidates on 128 warm-up draws took 2.5-5 minutes
 on 2 cores for the Fashion-MNIST U-Net at 5 steps (README, "A grid learned per checkpoint").
 """
 from __future__ import annotations
