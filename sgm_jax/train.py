@@ -380,6 +380,10 @@ def train_loop(workdir: str, state: TrainState, step_fn: Callable,
             writer.add_scalar("lr", float(lr), s)
       bar.set_postfix(loss=f"{float(losses[-1]):.4g}", refresh=False)
 
+    if stats is not None:  # a dict of an earlier run: its numbers are not this run's
+      for name in ("steady_seconds", "steady_steps", "final_checkpoint_seconds", "to_host_seconds"):
+        stats.pop(name, None)
+
     def stop_steady_clock():
       """stats' steady rate: until the last step has run (once)."""
       if stats is not None and first_call_done is not None and "steady_seconds" not in stats:

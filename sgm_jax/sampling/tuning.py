@@ -195,9 +195,9 @@ def tune_time_grid(sampler_name: str, sde: SDE, score_fn: Callable, shape: tuple
     return error if np.isfinite(error) else np.inf
 
   if verbose:
-    print(f"tune_time_grid {sampler_name}, {num_steps} steps: teacher solved on {num_warmup} "
-          f"warm-up draws in {time.perf_counter() - start:.0f} s; up to {max_evals} candidate "
-          "grids follow", flush=True)
+    print(f"tune_time_grid {sampler_name}, {num_steps} steps: the default grid and the teacher "
+          f"ran on {num_warmup} warm-up draws in {time.perf_counter() - start:.0f} s; up to "
+          f"{max_evals} candidate grids follow", flush=True)
   start = time.perf_counter()
   simplex = np.vstack([z0, z0 + INITIAL_SIMPLEX_STEP * np.eye(num_steps)])
   scipy.optimize.minimize(objective, z0, method="Nelder-Mead", options=dict(
