@@ -21,8 +21,7 @@ def main(argv=None) -> list:
   import sgm_jax
   from sgm_jax.sampling import tuning
   model = sgm_jax.load(args.workdir)
-  data = model.config.data
-  shape = (args.num_warmup, data.image_size, data.image_size, data.num_channels)
+  shape = (args.num_warmup,) + model.example_shape
   start = time.time()
   grid = tuning.tune_time_grid(args.sampler, model.sde, model.score_fn, shape, args.num_steps,
                                key=jax.random.PRNGKey(args.seed), num_warmup=args.num_warmup,

@@ -153,19 +153,18 @@ def tune_time_grid(sampler_name: str, sde: SDE, score_fn: Callable, shape: tuple
       return base.sampling_grid(sde, np.asarray(stored["time_grid"], np.float64), num_steps, None)
 
   start = time.perf_counter()
-  default = get_sampler(sampler_name, sde, shape, num_steps, **sampler_options)
+  warmup_shape = (num_warmup,) + tuple(shape[1:])
+  default = get_sampler(sampler_name, sde, warmup_shape, num_steps, **sampler_options)
   ts0 = np.asarray(default.info.get("ts"), np.float64) if "ts" in default.info else None
   if ts0 is None or ts0.shape != (num_steps + 1,):
     raise InputError(f"sampler {sampler_name!r} does not run on a time grid of num_steps + 1 "
                      "times; tune_time_grid is for the fixed-grid samplers (deis, ipndm, "
                      "dpm_solver, unipc, ddim, heun, ...)")
   T, eps = float(ts0[0]), float(ts0[-1])
-  warmup_shape = (num_warmup,) + tuple(shape[1:])
   key_prior, key_run = jax.random.split(key)
   x_T = sde.prior_sampling(key_prior, warmup_shape)
   candidate_score_fn = compiled_once(score_fn)
-  on_default_grid = get_sampler(sampler_name, sde, warmup_shape, num_steps, **sampler_options)
-  if not np.array_equal(*(np.asarray(on_default_grid(k, candidate_score_fn, x_T=x_T)[0])
+  if not np.array_equal(*(np.asarray(default(k, candidate_score_fn, x_T=x_T)[0])
                           for k in (key_run, jax.random.fold_in(key_run, 1)))):
     raise InputError(f"sampler {sampler_name!r} with options {sampler_options} draws noise (its "
                      "samples depend on its key); tune_time_grid fits deterministic samplers to "
