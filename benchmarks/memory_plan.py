@@ -14,7 +14,9 @@ through JAX's deviceless ahead-of-time compilation (libtpu compiles for a TPU to
 machine that has none). The CPU backend's buffer assignment is far from an accelerator's: it
 drops rematerialization's optimization barriers, so remat saves nothing there, and fuses
 differently. The largest batch that fits a memory size is extrapolated from two batch sizes
-(memory is affine in the batch): fixed + per_example * batch <= size.
+(memory is affine in the batch): fixed + per_example * batch <= size. With `--out`, the rows are
+written after every compile and a rerun with the same `--out` compiles only the rows missing from
+it (a long table survives an interrupted run).
 """
 from __future__ import annotations
 
@@ -105,19 +107,30 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--remat", nargs="+", default=["off", "on"], choices=["off", "on"])
   parser.add_argument("--target", default="local",
                       help="'local' (this machine's backend) or tpu:<generation> (deviceless)")
-  parser.add_argument("--out", default=None, help="JSON file of the rows")
+  parser.add_argument("--out", default=None,
+                      help="JSON file of the rows, written after every compile; rows already in "
+                      "it are not compiled again")
   args = parser.parse_args(argv)
   device = target_device(args.target)
   print(f"compiling for {device.platform} ({getattr(device, 'device_kind', '')})", flush=True)
-  rows, t0 = [], time.perf_counter()
+  saved = _read_rows(args.out)
   plan = [(c, d, r, b) for c in args.configs for d in args.dtypes for r in args.remat
           for b in args.batches]
-  for i, (path, dtype, remat, batch) in enumerate(plan):
+  rows, todo = [], []
+  for path, dtype, remat, batch in plan:
+    key = (path, dtype, remat == "on", batch, args.target)
+    (rows if key in saved else todo).append(saved.get(key, (path, dtype, remat, batch)))
+  if rows:
+    print(f"{len(rows)} of {len(plan)} rows read from {args.out}", flush=True)
+  t0 = time.perf_counter()
+  for i, (path, dtype, remat, batch) in enumerate(todo):
     row = compile_step(path, batch, dtype, remat == "on", device)
     row["target"] = args.target
     rows.append(row)
+    if args.out:
+      _write_rows(args.out, list(saved.values()) + [r for r in rows if _key(r) not in saved])
     elapsed = time.perf_counter() - t0
-    print(f"[{i + 1}/{len(plan)}, {elapsed:.0f} s, ETA {elapsed / (i + 1) * (len(plan) - i - 1):.0f}"
+    print(f"[{i + 1}/{len(todo)}, {elapsed:.0f} s, ETA {elapsed / (i + 1) * (len(todo) - i - 1):.0f}"
           f" s] {path} {dtype} remat {remat} batch {batch}: {row['bytes'] / 2 ** 30:.2f} GiB "
           f"(compiled in {row['compile_s']:.0f} s)", flush=True)
   print("\n| config | params | GFLOPs / example | dtype | remat | "
@@ -127,18 +140,31 @@ def main(argv=None) -> list[dict]:
   for path in args.configs:
     for dtype in args.dtypes:
       for remat in args.remat:
-        group = [r for r in rows if (r["config"], r["dtype"], r["remat"]) == (path, dtype,
-                                                                             remat == "on")]
+        group = sorted((r for r in rows if (r["config"], r["dtype"], r["remat"]) == (
+            path, dtype, remat == "on")), key=lambda r: r["batch"])
         flops = group[0]["flops_per_example"]
         print(f"| {path} | {group[0]['params']:,} | "
               f"{'' if flops is None else f'{flops / 1e9:.1f}'} | {dtype} | {remat} | "
               + " | ".join(f"{r['bytes'] / 2 ** 30:.2f} GiB" for r in group) + " | "
               + " | ".join(str(largest_batch(group, g)) for g in MEMORY_SIZES_GB) + " |")
-  if args.out:
-    from sgm_jax.io_utils import atomic_write
-    with atomic_write(args.out, "w") as f:
-      json.dump(rows, f, indent=1)
   return rows
+
+
+def _key(row: dict) -> tuple:
+  return row["config"], row["dtype"], row["remat"], row["batch"], row["target"]
+
+
+def _read_rows(path: str | None) -> dict:
+  if not path or not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return {_key(r): r for r in json.load(f)}
+
+
+def _write_rows(path: str, rows: list[dict]):
+  from sgm_jax.io_utils import atomic_write
+  with atomic_write(path, "w") as f:
+    json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

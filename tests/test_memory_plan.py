@@ -32,6 +32,26 @@ def test_local_compile_reports_parameters_flops_and_memory_growing_with_the_batc
   assert rows[0]["flops_per_example"] > 0
 
 
+def test_a_rerun_compiles_only_the_rows_missing_from_its_out_file(tmp_path, monkeypatch):
+  out = str(tmp_path / "plan.json")
+  args = ["--configs", "configs/digits.py", "--dtypes", "float32", "--remat", "off", "--out", out]
+  compiled = []
+  def fake_compile(path, batch, dtype, remat, device=None):
+    compiled.append(batch)
+    if len(compiled) == 2:
+      raise KeyboardInterrupt  # the run stops during its second compile
+    return dict(config=path, batch=batch, dtype=dtype, remat=remat, params=10, compile_s=0.0,
+                bytes=1000 * batch, flops_per_example=1.0)
+  monkeypatch.setattr(memory_plan, "compile_step", fake_compile)
+  with pytest.raises(KeyboardInterrupt):
+    memory_plan.main(args + ["--batches", "8", "1"])
+  rows = memory_plan.main(args + ["--batches", "1", "8", "64"])
+  assert compiled == [8, 1, 1, 64]  # batch 8 was saved before the interruption
+  assert [r["batch"] for r in rows] == [8, 1, 64]
+  assert sorted(r["batch"] for r in memory_plan._read_rows(out).values()) == [1, 8, 64]
+  assert memory_plan.main(args + ["--batches", "1", "8", "64"]) and compiled == [8, 1, 1, 64]
+
+
 def test_an_unknown_target_is_one_error_naming_it():
   with pytest.raises(SystemExit, match="'gpu:h100'.*'local' or 'tpu:<generation>'"):
     memory_plan.target_device("gpu:h100")
