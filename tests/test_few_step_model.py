@@ -16,16 +16,17 @@ from sgm_jax.cli.train import run_train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-STEPS = 150
+# Training steps of each run: at 100 the default's DEIS-10 samples were 1.7 % out of range (1.7 %
+# at 150 too), the tutorial's 90 % at 100 and 94 % at 60 (it diverges early: fewer steps suffice).
+STEPS = {"fashion_mnist": 100, "fashion_mnist_tutorial": 60}
 
 
 def _short_run(name: str, workdir: str):
   config = importlib.import_module(f"configs.{name}").get_config()
-  config.training.n_iters = STEPS
+  config.training.n_iters = STEPS[name]
   config.training.batch_size = 16  # 32 gave out-of-range shares 0.013 / 0.87 in 1.5x the time
   config.training.log_freq = 50
-  config.training.snapshot_freq = STEPS
-  config.training.snapshot_freq_for_preemption = STEPS
+  config.training.snapshot_freq = config.training.snapshot_freq_for_preemption = STEPS[name]
   config.training.max_seconds = None
   config.optim.warmup = 20
   config.model.ema_rate = 0.9
@@ -45,7 +46,8 @@ def _short_run(name: str, workdir: str):
 def test_deis10_samples_of_a_short_default_run_stay_in_range(tmp_path):
   share, max_abs = _short_run("fashion_mnist", str(tmp_path / "default"))
   tutorial_share, tutorial_max = _short_run("fashion_mnist_tutorial", str(tmp_path / "tutorial"))
-  print(f"out of range after {STEPS} steps: default {share:.4f} (max {max_abs:.2f}), "
-        f"tutorial eps network {tutorial_share:.4f} (max {tutorial_max:.2f})")
-  assert share < 0.05 and max_abs < 3.0  # measured 0.019 (max 1.78), tutorial 0.88 (max 359)
+  print(f"out of range: default {share:.4f} (max {max_abs:.2f}) after {STEPS['fashion_mnist']} "
+        f"steps, tutorial eps network {tutorial_share:.4f} (max {tutorial_max:.2f}) after "
+        f"{STEPS['fashion_mnist_tutorial']}")
+  assert share < 0.05 and max_abs < 3.0  # measured 0.017 (max 1.56), tutorial 0.94 (max 428)
   assert tutorial_share > 5 * share and tutorial_max > 10.0
