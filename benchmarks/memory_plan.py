@@ -14,7 +14,9 @@ through JAX's deviceless ahead-of-time compilation (libtpu compiles for a TPU to
 machine that has none). The CPU backend's buffer assignment is far from an accelerator's: it
 drops rematerialization's optimization barriers, so remat saves nothing there, and fuses
 differently. The largest batch that fits a memory size is extrapolated from two batch sizes
-(memory is affine in the batch): fixed + per_example * batch <= size. With `--out`, the rows are
+(memory is affine in the batch): fixed + per_example * batch <= size. The last column is what
+score_sde's training budget (1.3M steps at batch 128) would take on one device at `--utilization`
+of its peak FLOPs (an H100's by default; `--peak-tflops-bfloat16`, `--peak-tflops-float32`). With `--out`, the rows are
 written after every compile and a rerun with the same `--out` compiles only the rows missing from
 it (a long table survives an interrupted run).
 """
@@ -41,6 +43,11 @@ PAPER_CONFIGS = ("configs/vp/cifar10_ddpmpp_continuous.py",
                  "configs/ve/celebahq_256_ncsnpp_continuous.py",
                  "configs/vp/ddpm/cifar10.py")
 MEMORY_SIZES_GB = (16, 40, 80)
+# score_sde's published training budget for its CIFAR-10 models: 1.3M iterations at batch 128
+SCORE_SDE_EXAMPLES = 1_300_000 * 128
+# An H100 SXM's dense peak (NVIDIA's data sheet): bfloat16 tensor cores, and TF32, which XLA uses
+# for float32 convolutions and matmuls on GPUs by default
+H100_PEAK_TFLOPS = {"bfloat16": 989.0, "float32": 495.0}
 
 
 def load_config(path: str, dtype: str, remat: bool):
@@ -99,14 +106,25 @@ def largest_batch(rows: list[dict], size_gb: float) -> int | None:
   return int((size_gb * 1e9 - fixed) // per_example) if per_example > 0 else None
 
 
+def budget_days(flops_per_example: float, peak_tflops: float, utilization: float) -> float:
+  """Days of one device for score_sde's budget at `utilization` of a `peak_tflops` device."""
+  return SCORE_SDE_EXAMPLES * flops_per_example / (peak_tflops * 1e12 * utilization) / 86400
+
+
 def main(argv=None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--configs", nargs="+", default=list(PAPER_CONFIGS))
   parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
-  parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+  parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                      choices=["float32", "bfloat16"])
   parser.add_argument("--remat", nargs="+", default=["off", "on"], choices=["off", "on"])
   parser.add_argument("--target", default="local",
                       help="'local' (this machine's backend) or tpu:<generation> (deviceless)")
+  parser.add_argument("--utilization", type=float, default=0.3,
+                      help="the share of the peak FLOPs assumed for the budget column (0.3)")
+  for dtype, tflops in H100_PEAK_TFLOPS.items():
+    parser.add_argument(f"--peak-tflops-{dtype}", type=float, default=tflops,
+                        help=f"the device's {dtype} peak for the budget column ({tflops:g}: H100)")
   parser.add_argument("--out", default=None,
                       help="JSON file of the rows, written after every compile; rows already in "
                       "it are not compiled again")
@@ -135,8 +153,10 @@ def main(argv=None) -> list[dict]:
           f"(compiled in {row['compile_s']:.0f} s)", flush=True)
   print("\n| config | params | GFLOPs / example | dtype | remat | "
         + " | ".join(f"batch {b}" for b in args.batches) + " | "
-        + " | ".join(f"largest batch in {g} GB" for g in MEMORY_SIZES_GB) + " |")
-  print("|---" * (5 + len(args.batches) + len(MEMORY_SIZES_GB)) + "|")
+        + " | ".join(f"largest batch in {g} GB" for g in MEMORY_SIZES_GB)
+        + f" | days for 1.3M steps at batch 128, {args.utilization:.0%} of peak |")
+  print("|---" * (6 + len(args.batches) + len(MEMORY_SIZES_GB)) + "|")
+  peak = {d: getattr(args, f"peak_tflops_{d}") for d in H100_PEAK_TFLOPS}
   for path in args.configs:
     for dtype in args.dtypes:
       for remat in args.remat:
@@ -146,7 +166,9 @@ def main(argv=None) -> list[dict]:
         print(f"| {path} | {group[0]['params']:,} | "
               f"{'' if flops is None else f'{flops / 1e9:.1f}'} | {dtype} | {remat} | "
               + " | ".join(f"{r['bytes'] / 2 ** 30:.2f} GiB" for r in group) + " | "
-              + " | ".join(str(largest_batch(group, g)) for g in MEMORY_SIZES_GB) + " |")
+              + " | ".join(str(largest_batch(group, g)) for g in MEMORY_SIZES_GB) + " | "
+              + ("" if flops is None else f"{budget_days(flops, peak[dtype], args.utilization):.1f}")
+              + " |")
   return rows
 
 

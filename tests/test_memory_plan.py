@@ -22,14 +22,26 @@ def test_largest_batch_solves_fixed_plus_per_example_times_batch():
   assert memory_plan.largest_batch(flat, 16) is None  # no growth: no extrapolation
 
 
-def test_local_compile_reports_parameters_flops_and_memory_growing_with_the_batch(tmp_path):
+def test_budget_days_are_score_sde_s_examples_times_flops_over_the_used_peak():
+  flops = 62.8e9  # DDPM++ cont.'s training FLOPs per example
+  days = memory_plan.budget_days(flops, peak_tflops=989.0, utilization=0.3)
+  assert days * 86400 * 989e12 * 0.3 == pytest.approx(1_300_000 * 128 * flops)
+  assert memory_plan.budget_days(flops, 989.0, 0.6) == pytest.approx(days / 2)
+
+
+def test_local_compile_reports_parameters_flops_and_memory_growing_with_the_batch(tmp_path,
+                                                                                  capsys):
   out = tmp_path / "plan.json"
   rows = memory_plan.main(["--configs", "configs/digits.py", "--batches", "1", "16",
-                           "--dtypes", "float32", "--remat", "off", "--out", str(out)])
+                           "--dtypes", "float32", "--remat", "off", "--out", str(out),
+                           "--peak-tflops-float32", "0.001", "--utilization", "0.5"])
   assert [r["batch"] for r in rows] == [1, 16] and out.exists()
   assert all(r["target"] == "local" and r["params"] > 0 for r in rows)
   assert rows[1]["bytes"] > rows[0]["bytes"] > 0
   assert rows[0]["flops_per_example"] > 0
+  line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("| configs/"))
+  days = memory_plan.budget_days(rows[0]["flops_per_example"], 0.001, 0.5)
+  assert days > 10 and line.endswith(f" | {days:.1f} |"), line  # the float32 peak given
 
 
 def test_a_rerun_compiles_only_the_rows_missing_from_its_out_file(tmp_path, monkeypatch):
