@@ -205,10 +205,12 @@ def _print_controllable(mode, result):
 
 
 def _print_samples(result):
+  from sgm_jax.cli import outputs
   label = (f" of class {result['class_label']} (classifier scale {result['classifier_scale']:g})"
            if "class_label" in result else "")
-  print(f"{result['num_samples']} samples{label} by {result['sampler']} in {result['num_steps']} "
-        f"steps ({result['nfe']:.0f} score evaluations per batch) "
+  steps = outputs.steps_phrase(result["sampler"], result["num_steps"], result["sampler_options"])
+  print(f"{result['num_samples']} samples{label} by {result['sampler']} {steps} "
+        f"({result['nfe']:.0f} score evaluations per batch) "
         f"from checkpoint {result['checkpoint_step']}: {result['png']} and {result['npz']}"
         + ("" if result.get("out_of_range") is None else
            f"; {100 * result['out_of_range']:.2f} % of pixels outside [-1.1, 1.1] before clipping"))

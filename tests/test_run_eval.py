@@ -273,6 +273,11 @@ def test_sample_file_names_say_what_changes_the_samples():
   assert stem("ode", 1, {"solver": "tsit5", "rtol": 1e-3}, 2) == \
       "ode_tsit5_rtol0.001_atol1e-05_ckpt2"
   assert stem("ode", 4, {"solver": "heun"}, 2) == "ode_heun_4steps_ckpt2"
+  # and main.py's line says so too, not "in 1 steps"
+  assert outputs.steps_phrase("ode", 1, {}) == \
+      "by dopri5 with adaptive steps (rtol 1e-05, atol 1e-05)"
+  assert outputs.steps_phrase("ode", 4, {"solver": "heun"}) == "in 4 steps"
+  assert outputs.steps_phrase("deis", 10, {}) == "in 10 steps"
   # pc: the config's predictor-corrector fields at pc's defaults are left out
   config_pc = dict(predictor="reverse_diffusion", corrector="langevin", snr=0.16, n_steps_each=1,
                    denoise=True, probability_flow=False)

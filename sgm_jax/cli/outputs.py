@@ -72,6 +72,17 @@ def _name_value(value: Any) -> str:
   return "h" + _digest(settings_json(value))
 
 
+def steps_phrase(sampler: str, num_steps: int, options: dict) -> str:
+  """How a log line says how a sampler stepped: 'in 10 steps', or for the adaptive ODE (which
+  ignores num_steps) 'by dopri5 with adaptive steps (rtol 1e-05, atol 1e-05)'."""
+  from sgm_jax.sampling import ode
+  solver = options.get("solver", "dopri5")
+  if sampler == "ode" and ode.SOLVERS.get(solver, (None, False))[1]:
+    return (f"by {solver} with adaptive steps (rtol {options.get('rtol', 1e-5):g}, "
+            f"atol {options.get('atol', 1e-5):g})")
+  return f"in {int(num_steps)} steps"
+
+
 def sample_file_stem(sampler: str, num_steps: int, options: dict, checkpoint_step: int) -> str:
   """The name (without .npz / .png) of --mode sample's files: what changes the samples, short.
 
