@@ -14,8 +14,8 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")  # the compiles are the te
 
 
 def test_largest_batch_solves_fixed_plus_per_example_times_batch():
-  rows = [{"batch": 64, "bytes": 1.0}, {"batch": 8, "bytes": 1e9 + 8 * 1e8},
-          {"batch": 1, "bytes": 1e9 + 1e8}]  # only the two smallest batches count
+  rows = [{"batch": 64, "bytes": 1e9 + 64 * 1e8}, {"batch": 8, "bytes": 1e9 + 8 * 1e8},
+          {"batch": 1, "bytes": 1.0}]  # only the two largest batches count
   assert memory_plan.largest_batch(rows, 16) == 150  # (16e9 - 1e9) / 1e8
   assert memory_plan.largest_batch(rows[:1], 16) is None
   flat = [{"batch": 1, "bytes": 5e8}, {"batch": 8, "bytes": 5e8}]
