@@ -186,6 +186,18 @@ def test_interpolation_from_an_input_file(trained, tmp_path):
   assert 0.0 <= result["reconstruction_rms_error"] <= result["reconstruction_max_abs_error"]
   width, height = Image.open(result["png"]).size
   assert width > 2 * height  # 2 rows of 5
+  # named by what changes it: another ODE tolerance writes its own files
+  assert os.path.basename(result["png"]) == "interpolate_5points_tol1e-05_ckpt2.png"
+
+
+def test_controllable_outputs_of_other_settings_are_kept(trained, tmp_path):
+  config, workdir, _ = trained
+  plain = controllable.run_inpaint(config, workdir, "ddim", 2, 1, mask="top")
+  scaled = controllable.run_inpaint(config, workdir, "ddim", 2, 1, mask="top", score_scale=1.5)
+  assert os.path.basename(plain["png"]) == "inpaint_top_ddim_2steps_ckpt2.png"
+  assert os.path.basename(scaled["png"]) == "inpaint_top_ddim_2steps_score_scale-1.5_ckpt2.png"
+  with np.load(plain["npz"]) as a, np.load(scaled["npz"]) as b:
+    assert not np.array_equal(a["result"], b["result"])  # both kept, each its own
 
 
 def test_a_single_input_image_needs_no_count(trained, tmp_path):

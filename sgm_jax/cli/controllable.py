@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgm_jax import controllable, datasets, io_utils, sde_lib
-from sgm_jax.cli import setup
+from sgm_jax.cli import outputs, setup
 from sgm_jax.errors import InputError, MissingFileError
 
 OUTPUT_DIR = "controllable"
@@ -42,7 +42,9 @@ def run_inpaint(config: Any, workdir: str, method: Optional[str] = None,
               checkpoint_step=step, num_images=n,
               known_pixel_max_abs_change=float(np.max(np.abs(x - images) * known)),
               unknown_fraction=float(1.0 - known.mean()))
-  return _write_outputs(workdir, f"inpaint_{mask_name}_{method}_{num_steps}steps_ckpt{step}",
+  # named by the mask and what changes the result, as --mode sample's files are
+  return _write_outputs(workdir, f"inpaint_{mask_name}_" + outputs.sample_file_stem(
+                            method, num_steps, options, step),
                         np.concatenate([images, masked, x]), n,
                         dict(inputs=images, mask=known, result=x), config, info)
 
@@ -70,7 +72,8 @@ def run_colorize(config: Any, workdir: str, method: Optional[str] = None,
   info = dict(mode="colorize", method=method, num_steps=num_steps, nfe=int(nfe),
               checkpoint_step=step, num_images=n, gray_max_abs_change=gray_error)
   grid = np.concatenate([images, np.broadcast_to(gray, images.shape), x])
-  return _write_outputs(workdir, f"colorize_{method}_{num_steps}steps_ckpt{step}", grid, n,
+  return _write_outputs(workdir, "colorize_" + outputs.sample_file_stem(
+                            method, num_steps, options, step), grid, n,
                         dict(inputs=images, gray=gray, result=x), config, info)
 
 
@@ -102,7 +105,9 @@ def run_interpolate(config: Any, workdir: str, num_pairs: Optional[int] = None,
               ode_rtol=rtol, ode_atol=atol,
               reconstruction_max_abs_error=float(np.max(np.abs(round_trip))),
               reconstruction_rms_error=float(np.sqrt(np.mean(round_trip ** 2))))
-  return _write_outputs(workdir, f"interpolate_ckpt{trained.step}",
+  tol = (f"tol{outputs.name_value(rtol)}" if rtol == atol
+         else f"rtol{outputs.name_value(rtol)}_atol{outputs.name_value(atol)}")
+  return _write_outputs(workdir, f"interpolate_{int(num_points)}points_{tol}_ckpt{trained.step}",
                         strips.reshape((-1,) + strips.shape[2:]), int(num_points),
                         dict(inputs=images, result=strips), config, info)
 
