@@ -13,12 +13,13 @@ compiler: this machine's backend (`local`), or a TPU generation's (`tpu:v5e`, `t
 through JAX's deviceless ahead-of-time compilation (libtpu compiles for a TPU topology on a
 machine that has none). The CPU backend's buffer assignment is far from an accelerator's: it
 drops rematerialization's optimization barriers, so remat saves nothing there, and fuses
-differently. The largest batch that fits a memory size is extrapolated from the two largest batch
-sizes compiled (memory is nearly affine in the batch): fixed + per_example * batch <= size. The last column is what
-score_sde's training budget (1.3M steps at batch 128) would take on one device at `--utilization`
-of its peak FLOPs (an H100's by default; `--peak-tflops-bfloat16`, `--peak-tflops-float32`). With `--out`, the rows are
-written after every compile and a rerun with the same `--out` compiles only the rows missing from
-it (a long table survives an interrupted run).
+differently. The largest batch that fits a memory size is extrapolated from the two largest
+batch sizes compiled (memory is nearly affine in the batch): fixed + per_example * batch <= size.
+The last column is what score_sde's training budget (1.3M steps at batch 128) would take on one
+device at `--utilization` of its peak FLOPs (an H100's by default; `--peak-tflops-bfloat16`,
+`--peak-tflops-float32`), with the FLOPs per example of the largest batch compiled. With `--out`,
+the rows are written after every compile and a rerun with the same `--out` compiles only the rows
+missing from it (a long table survives an interrupted run).
 """
 from __future__ import annotations
 
@@ -150,9 +151,10 @@ def main(argv=None) -> list[dict]:
     if args.out:
       _write_rows(args.out, list(saved.values()) + [r for r in rows if _key(r) not in saved])
     elapsed = time.perf_counter() - t0
-    print(f"[{i + 1}/{len(todo)}, {elapsed:.0f} s, ETA {elapsed / (i + 1) * (len(todo) - i - 1):.0f}"
-          f" s] {path} {dtype} remat {remat} batch {batch}: {row['bytes'] / 2 ** 30:.2f} GiB "
-          f"(compiled in {row['compile_s']:.0f} s)", flush=True)
+    eta = elapsed / (i + 1) * (len(todo) - i - 1)
+    print(f"[{i + 1}/{len(todo)}, {elapsed:.0f} s, ETA {eta:.0f} s] {path} {dtype} remat {remat} "
+          f"batch {batch}: {row['bytes'] / 2 ** 30:.2f} GiB (compiled in {row['compile_s']:.0f} s)",
+          flush=True)
   print("\n| config | params | GFLOPs / example | dtype | remat | "
         + " | ".join(f"batch {b}" for b in args.batches) + " | "
         + " | ".join(f"largest batch in {g} GB" for g in MEMORY_SIZES_GB)
@@ -164,13 +166,13 @@ def main(argv=None) -> list[dict]:
       for remat in args.remat:
         group = sorted((r for r in rows if (r["config"], r["dtype"], r["remat"]) == (
             path, dtype, remat == "on")), key=lambda r: r["batch"])
-        flops = group[0]["flops_per_example"]
+        flops = group[-1]["flops_per_example"]  # the largest batch's: nearest to 128
         print(f"| {path} | {group[0]['params']:,} | "
               f"{'' if flops is None else f'{flops / 1e9:.1f}'} | {dtype} | {remat} | "
               + " | ".join(f"{r['bytes'] / 2 ** 30:.2f} GiB" for r in group) + " | "
               + " | ".join(str(largest_batch(group, g)) for g in MEMORY_SIZES_GB) + " | "
-              + ("" if flops is None else f"{budget_days(flops, peak[dtype], args.utilization):.1f}")
-              + " |")
+              + ("" if flops is None else
+                 f"{budget_days(flops, peak[dtype], args.utilization):.1f}") + " |")
   return rows
 
 
