@@ -105,8 +105,7 @@ def run_interpolate(config: Any, workdir: str, num_pairs: Optional[int] = None,
               ode_rtol=rtol, ode_atol=atol,
               reconstruction_max_abs_error=float(np.max(np.abs(round_trip))),
               reconstruction_rms_error=float(np.sqrt(np.mean(round_trip ** 2))))
-  tol = (f"tol{outputs.name_value(rtol)}" if rtol == atol
-         else f"rtol{outputs.name_value(rtol)}_atol{outputs.name_value(atol)}")
+  tol = outputs.tolerance_name(rtol, atol)
   return _write_outputs(workdir, f"interpolate_{int(num_points)}points_{tol}_ckpt{trained.step}",
                         strips.reshape((-1,) + strips.shape[2:]), int(num_points),
                         dict(inputs=images, result=strips), config, info)

@@ -55,7 +55,7 @@ _UNNAMED_OPTIONS = {"pc": dict(predictor="reverse_diffusion", corrector="langevi
 _PLAIN_TEXT = re.compile(r"[A-Za-z0-9+-][A-Za-z0-9._+-]{0,31}")
 
 
-def name_value(value: Any) -> str:
+def _name_value(value: Any) -> str:
   """An option value as it appears in a file name: numbers as Python writes them, short plain
   strings as they are, pairs of numbers comma-separated, anything else a digest."""
   if isinstance(value, np.generic):
@@ -68,18 +68,28 @@ def name_value(value: Any) -> str:
     return value
   if (isinstance(value, (list, tuple)) and 0 < len(value) <= 4
       and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-    return ",".join(name_value(v) for v in value)
+    return ",".join(_name_value(v) for v in value)
   return "h" + _digest(settings_json(value))
 
 
-def steps_phrase(sampler: str, num_steps: int, options: dict) -> str:
-  """How a log line says how a sampler stepped: 'in 10 steps', or for the adaptive ODE (which
-  ignores num_steps) 'by dopri5 with adaptive steps (rtol 1e-05, atol 1e-05)'."""
+def _adaptive_ode(sampler: str, options: dict) -> bool:
+  """Whether a sampler is the ODE with an adaptive solver (which ignores num_steps)."""
   from sgm_jax.sampling import ode
-  solver = options.get("solver", "dopri5")
-  if sampler == "ode" and ode.SOLVERS.get(solver, (None, False))[1]:
-    return (f"by {solver} with adaptive steps (rtol {options.get('rtol', 1e-5):g}, "
-            f"atol {options.get('atol', 1e-5):g})")
+  return sampler == "ode" and ode.SOLVERS.get(options.get("solver", "dopri5"), (None, False))[1]
+
+
+def tolerance_name(rtol: float, atol: float) -> str:
+  """ODE tolerances in a file name: tol<r> where rtol = atol, else rtol<r>_atol<a>."""
+  return (f"tol{_name_value(rtol)}" if float(rtol) == float(atol)
+          else f"rtol{_name_value(rtol)}_atol{_name_value(atol)}")
+
+
+def steps_phrase(sampler: str, num_steps: int, options: dict) -> str:
+  """How a log line says how a sampler stepped: 'in 10 steps', or for the adaptive ODE
+  'by dopri5 with adaptive steps (rtol 1e-05, atol 1e-05)'."""
+  if _adaptive_ode(sampler, options):
+    return (f"by {options.get('solver', 'dopri5')} with adaptive steps (rtol "
+            f"{options.get('rtol', 1e-5):g}, atol {options.get('atol', 1e-5):g})")
   return f"in {int(num_steps)} steps"
 
 
@@ -93,20 +103,18 @@ def sample_file_stem(sampler: str, num_steps: int, options: dict, checkpoint_ste
   by its name and steps, ode_heun_10steps. The seed and the number of samples are not in the
   name: `save_samples` keeps a file of other settings (see there).
   """
-  from sgm_jax.sampling import ode
+  adaptive = _adaptive_ode(sampler, options)
   options = dict(options)
   variant = options.pop("variant", "default")
-  name = sampler if variant == "default" else f"{sampler}_{name_value(variant)}"
+  name = sampler if variant == "default" else f"{sampler}_{_name_value(variant)}"
   steps = f"{int(num_steps)}steps"
   if sampler == "ode":
     solver = options.pop("solver", "dopri5")
     rtol, atol = options.pop("rtol", 1e-5), options.pop("atol", 1e-5)
-    if ode.SOLVERS.get(solver, (None, False))[1]:  # adaptive
-      tol = (f"tol{name_value(rtol)}" if float(rtol) == float(atol)
-             else f"rtol{name_value(rtol)}_atol{name_value(atol)}")
-      name, steps = f"{name}_{name_value(solver)}", tol
+    if adaptive:
+      name, steps = f"{name}_{_name_value(solver)}", tolerance_name(rtol, atol)
     else:
-      name = f"{name}_{name_value(solver)}"
+      name = f"{name}_{_name_value(solver)}"
   unnamed = _UNNAMED_OPTIONS.get(name, {})
   parts = [name, steps]
   for key in sorted(options):
@@ -116,7 +124,7 @@ def sample_file_stem(sampler: str, num_steps: int, options: dict, checkpoint_ste
     if isinstance(value, (bool, np.bool_)):
       parts.append(key if value else f"no-{key}")
     else:
-      parts.append(f"{key}-{name_value(value)}")
+      parts.append(f"{key}-{_name_value(value)}")
   return "_".join(parts + [f"ckpt{int(checkpoint_step)}"])
 
 
