@@ -19,8 +19,7 @@ from sgm_jax.datasets import image_ops
 from sgm_jax.errors import UserError
 from sgm_jax.evaluation import features, metrics, statistics_files
 
-# Tiny programs: XLA's optimizations only cost compile time here (with these five files
-# 187 s instead of 202 s of one process).
+# Tiny programs: XLA's optimizations only cost compile time here.
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

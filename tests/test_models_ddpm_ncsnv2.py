@@ -20,8 +20,7 @@ from reference_data import PARAM_TREES
 from sgm_jax import sde_lib
 from sgm_jax.models import ddpm, layers, ncsnv2, wideresnet
 
-# Tiny programs: XLA's optimizations only cost compile time here (with these five files
-# 187 s instead of 202 s of one process).
+# Tiny programs: XLA's optimizations only cost compile time here.
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 MODERN = pathlib.Path(PARAM_TREES) / "modern_flax"

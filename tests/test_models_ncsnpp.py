@@ -30,8 +30,7 @@ from reference_data import PARAM_TREES  # noqa: E402
 from sgm_jax.models import layers, ncsnpp  # noqa: E402
 from sgm_jax.models import up_or_down_sampling as uds  # noqa: E402
 
-# Tiny programs: XLA's optimizations only cost compile time here (with these five files
-# 187 s instead of 202 s of one process).
+# Tiny programs: XLA's optimizations only cost compile time here.
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 REF = PARAM_TREES

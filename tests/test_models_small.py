@@ -11,8 +11,7 @@ import pytest
 from sgm_jax import models, score, sde_lib
 from sgm_jax.models import small
 
-# Tiny programs: XLA's optimizations only cost compile time here (with these five files
-# 187 s instead of 202 s of one process).
+# Tiny programs: XLA's optimizations only cost compile time here.
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 

@@ -9,10 +9,6 @@ from scipy import stats
 
 from sgm_jax import sde_lib
 
-# Tiny programs: XLA's optimizations only cost compile time here (with these five files
-# 187 s instead of 202 s of one process).
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
 ALL_SDES = [
     sde_lib.VESDE(sigma_min=0.01, sigma_max=50.0, N=1000),
     sde_lib.VPSDE(beta_min=0.1, beta_max=20.0, N=1000),
