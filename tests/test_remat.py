@@ -65,11 +65,11 @@ def _parameters(shapes):
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def _loss_and_grads(family: str, remat: bool, params=None):
-  """(params, output, gradients of mean(output^2), jaxpr of the gradient program) of the family's
-  network at `params` (drawn by _parameters when None; the network's parameter shapes from
-  jax.eval_shape either way). The gradient program is traced once, for its jaxpr and its
-  compilation."""
+def _loss_and_grads(family: str, remat: bool):
+  """(parameter shapes, output, gradients of mean(output^2), jaxpr of the gradient program) of the
+  family's network at the parameters _parameters draws for its shapes (jax.eval_shape): networks
+  of the same shapes get the same parameters. The gradient program is traced once, for its jaxpr
+  and its compilation."""
   config = _config(family, remat)
   model = models.create_model(config, setup.sde_from_config(config))
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
@@ -78,8 +78,7 @@ def _loss_and_grads(family: str, remat: bool, params=None):
   shapes = jax.eval_shape(lambda: model.init(
       {"params": jax.random.PRNGKey(1), "dropout": jax.random.PRNGKey(2)}, x, labels,
       train=False))["params"]
-  if params is None:
-    params = _parameters(shapes)
+  params = _parameters(shapes)
 
   def loss(params):
     out = model.apply({"params": params}, x, labels, train=True,
@@ -94,10 +93,9 @@ def _loss_and_grads(family: str, remat: bool, params=None):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_remat_keeps_parameters_values_and_gradients(family):
   shapes, out, grads, jaxpr = _loss_and_grads(family, remat=False)
-  # the remat network at the plain one's parameters
-  shapes_r, out_r, grads_r, jaxpr_r = _loss_and_grads(family, remat=True,
-                                                      params=_parameters(shapes))
-  assert shapes_r == shapes  # the same names and shapes: checkpoints load either way
+  shapes_r, out_r, grads_r, jaxpr_r = _loss_and_grads(family, remat=True)
+  # the same names and shapes (checkpoints load either way), so the same parameters
+  assert shapes_r == shapes
   assert "remat" in jaxpr_r or "checkpoint" in jaxpr_r
   assert "remat" not in jaxpr and "checkpoint" not in jaxpr
   scale = np.abs(np.asarray(out)).max()
