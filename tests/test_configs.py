@@ -5,12 +5,14 @@ score_sde config are compared with ../shared/reference/param_trees/*.json where 
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
 import os
 import sys
 
+import flax.linen as nn
 import jax
 import ml_collections
 import pytest
@@ -27,6 +29,7 @@ from sgm_jax.models import ncsnpp  # noqa: E402
 
 CONFIGS = os.path.join(ROOT, "configs")
 REF = PARAM_TREES
+MODERN = os.path.join(REF, "modern_flax")
 
 SCORE_SDE_DEFAULTS = ["configs/default_cifar10_configs.py", "configs/default_celeba_configs.py",
                       "configs/default_lsun_configs.py"]
@@ -223,9 +226,40 @@ def test_every_experiment_config_has_get_config():
   assert len(WITH_GET_CONFIG) >= len(ORIGINAL) + len(SHORT_NAMES)
 
 
-# (network, example shape, optimizer) -> abstract train state: configs that differ only in their
-# SDE or sampling settings (vp/ and subvp/, the short names) trace their network once.
-_ABSTRACT_STATES = {}
+# Fields of NCSN++ that do not change its parameter tree: configs whose networks differ only in
+# these, in their SDE or in their sampling settings (vp/ and subvp/, the short names) trace one.
+_PARAM_FREE = ("scale_by_sigma", "sigma_min", "sigma_max", "num_scales", "centered", "dropout",
+               "fourier_scale", "nonlinearity")
+_TRACED = {}
+
+
+def _network_key(model) -> object:
+  if not isinstance(model, ncsnpp.NCSNpp):
+    return model
+  return tuple((f.name, getattr(model, f.name)) for f in dataclasses.fields(model)
+               if f.name not in _PARAM_FREE + ("parent", "name"))
+
+
+def _traced(config, model, shape: tuple) -> tuple[object, list]:
+  """The abstract train state of `config` (setup.abstract_initial_state, the checkpoint restore
+  target of run_sample: jax.eval_shape traces model.init, nothing is allocated) and the
+  first-call order of the network's modules in that trace; each network is traced once."""
+  optimizer = setup.optimizer_from_config(config)
+  key = (_network_key(model), shape, optimizer)
+  if key not in _TRACED:
+    order = []
+
+    def record(next_fun, args, kwargs, context):
+      if context.method_name == "__call__":
+        path = "/".join(context.module.path) or "<root>"
+        if path not in order:
+          order.append(path)
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+      state = setup.abstract_initial_state(config, model, shape, optimizer.build())
+    _TRACED[key] = state, order
+  return _TRACED[key]
 
 
 @pytest.mark.parametrize("relpath", WITH_GET_CONFIG)
@@ -247,12 +281,7 @@ def test_config_builds_its_model_and_default_sampler(relpath):
       models.create_model(config, sde)
   else:
     model = models.create_model(config, sde)
-    optimizer = setup.optimizer_from_config(config)
-    key = (model, shape, optimizer)
-    if key not in _ABSTRACT_STATES:  # the checkpoint restore target of run_sample
-      _ABSTRACT_STATES[key] = setup.abstract_initial_state(config, model, shape,
-                                                             optimizer.build())
-    params = _ABSTRACT_STATES[key].params_ema
+    params = _traced(config, model, shape)[0].params_ema
     leaves = jax.tree_util.tree_leaves(params)
     assert leaves and all(isinstance(v, jax.ShapeDtypeStruct) for v in leaves)
     assert sum(math.prod(v.shape) for v in leaves) > 10_000
@@ -263,3 +292,91 @@ def test_config_builds_its_model_and_default_sampler(relpath):
   assert sampler.shape == (2,) + shape
   if method == "pc":
     assert set(options) >= {"predictor", "corrector", "snr", "n_steps_each"}
+
+
+# --- the parameter trees of the NCSN++ / DDPM++ configs -------------------------------------------
+# Traced with jax.eval_shape (no parameters are allocated) and compared with
+# ../shared/reference/param_trees/modern_flax/: same paths, same shapes, same count, and the same
+# first-call order of modules (which auto-numbered `Conv_3` is which layer), so released
+# checkpoints map one-to-one onto our tree.
+
+# num_params of every original `ncsnpp` config (from the reference summary), checked even where
+# the reference files are not available.
+NUM_PARAMS = {
+    "configs/ve/cifar10_ncsnpp.py": 62693251,
+    "configs/ve/cifar10_ncsnpp_continuous.py": 62758915,
+    "configs/ve/cifar10_ncsnpp_deep_continuous.py": 107587075,
+    "configs/ve/celeba_ncsnpp.py": 62693251,
+    "configs/ve/bedroom_ncsnpp_continuous.py": 65574549,
+    "configs/ve/church_ncsnpp_continuous.py": 65574549,
+    "configs/ve/celebahq_256_ncsnpp_continuous.py": 65574549,
+    "configs/ve/ffhq_256_ncsnpp_continuous.py": 65574549,
+    "configs/ve/celebahq_ncsnpp_continuous.py": 105785896,
+    "configs/ve/ffhq_ncsnpp_continuous.py": 105785896,
+    "configs/vp/cifar10_ddpmpp.py": 61804419,
+    "configs/vp/cifar10_ddpmpp_continuous.py": 61804419,
+    "configs/vp/cifar10_ddpmpp_deep_continuous.py": 106632579,
+    "configs/vp/cifar10_ncsnpp.py": 62693251,
+    "configs/vp/cifar10_ncsnpp_continuous.py": 62693251,
+    "configs/vp/cifar10_ncsnpp_deep_continuous.py": 107521411,
+    "configs/subvp/cifar10_ddpmpp_continuous.py": 61804419,
+    "configs/subvp/cifar10_ddpmpp_deep_continuous.py": 106632579,
+    "configs/subvp/cifar10_ncsnpp_continuous.py": 62693251,
+    "configs/subvp/cifar10_ncsnpp_deep_continuous.py": 107521411,
+}
+
+
+def _param_tree(relpath: str) -> tuple[dict, list]:
+  """Param paths -> shapes of the config's NCSN++ network and the first-call order of its
+  modules, from _traced (the same trace as test_config_builds_its_model_and_default_sampler)."""
+  config = load_config(relpath)
+  model = ncsnpp.from_config(config)
+  shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
+  state, order = _traced(config, model, shape)
+  tree = {"params/" + "/".join(p.key for p in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
+  return tree, order
+
+
+@pytest.mark.parametrize("relpath", sorted(NUM_PARAMS))
+def test_param_count_of_every_ncsnpp_config(relpath):
+  tree, _ = _param_tree(relpath)
+  assert sum(math.prod(s) for s in tree.values()) == NUM_PARAMS[relpath]
+
+
+def _reference_files() -> list[str]:
+  if not os.path.isdir(MODERN):
+    return []
+  names = []
+  for name in sorted(os.listdir(MODERN)):
+    with open(os.path.join(MODERN, name)) as f:
+      if json.load(f).get("model_name") == "ncsnpp":
+        names.append(name)
+  return names
+
+
+def test_reference_lists_exactly_the_ncsnpp_configs_above():
+  if not os.path.isdir(MODERN):
+    pytest.skip(f"reference trees not available at {MODERN}")
+  configs = set()
+  for name in _reference_files():
+    with open(os.path.join(MODERN, name)) as f:
+      configs.add(json.load(f)["config"])
+  assert configs == set(NUM_PARAMS)
+
+
+@pytest.mark.parametrize("name", _reference_files() or ["<reference missing>"])
+def test_param_tree_matches_reference(name):
+  if not os.path.isdir(MODERN):
+    pytest.skip(f"reference trees not available at {MODERN}")
+  with open(os.path.join(MODERN, name)) as f:
+    ref = json.load(f)
+  config = load_config(ref["config"])
+  assert [config.data.image_size] * 2 + [config.data.num_channels] == ref["image_shape"]
+  tree, order = _param_tree(ref["config"])
+  expected = {path: tuple(s) for path, s in ref["collections"]["params"]}
+  assert sorted(set(expected) - set(tree)) == [], "paths missing from our tree"
+  assert sorted(set(tree) - set(expected)) == [], "paths not in the reference tree"
+  assert {p: s for p, s in tree.items() if expected[p] != s} == {}, "shape mismatches"
+  assert sum(math.prod(s) for s in tree.values()) == ref["num_params"]
+  assert order == ref["module_call_order"], "modules are created in a different order"

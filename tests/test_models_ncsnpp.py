@@ -1,21 +1,13 @@
-"""NCSN++ / DDPM++ network: parameter trees against the original score_sde ones, tiny forward
-passes, and FIR up/down-sampling against its definition.
-
-The parameter trees of every original `ncsnpp` config are traced with `jax.eval_shape` (no
-parameters are allocated) and compared with ../shared/reference/param_trees/modern_flax/: same
-paths, same shapes, same count, and the same first-call order of modules (which auto-numbered
-`Conv_3` is which layer), so released checkpoints map one-to-one onto our tree.
+"""NCSN++ / DDPM++ network: tiny forward passes of its variants, its layers, and FIR
+up/down-sampling against its definition. The parameter trees of every original `ncsnpp` config
+against score_sde's are in tests/test_configs.py, which traces each config's network once.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import importlib.util
-import json
 import os
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,41 +18,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from reference_data import PARAM_TREES  # noqa: E402
 from sgm_jax.models import layers, ncsnpp  # noqa: E402
 from sgm_jax.models import up_or_down_sampling as uds  # noqa: E402
 
 # Tiny programs: XLA's optimizations only cost compile time here.
 pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-REF = PARAM_TREES
-MODERN = os.path.join(REF, "modern_flax")
-
-# num_params of every original `ncsnpp` config (from the reference summary), checked even where
-# the reference files are not available.
-NUM_PARAMS = {
-    "configs/ve/cifar10_ncsnpp.py": 62693251,
-    "configs/ve/cifar10_ncsnpp_continuous.py": 62758915,
-    "configs/ve/cifar10_ncsnpp_deep_continuous.py": 107587075,
-    "configs/ve/celeba_ncsnpp.py": 62693251,
-    "configs/ve/bedroom_ncsnpp_continuous.py": 65574549,
-    "configs/ve/church_ncsnpp_continuous.py": 65574549,
-    "configs/ve/celebahq_256_ncsnpp_continuous.py": 65574549,
-    "configs/ve/ffhq_256_ncsnpp_continuous.py": 65574549,
-    "configs/ve/celebahq_ncsnpp_continuous.py": 105785896,
-    "configs/ve/ffhq_ncsnpp_continuous.py": 105785896,
-    "configs/vp/cifar10_ddpmpp.py": 61804419,
-    "configs/vp/cifar10_ddpmpp_continuous.py": 61804419,
-    "configs/vp/cifar10_ddpmpp_deep_continuous.py": 106632579,
-    "configs/vp/cifar10_ncsnpp.py": 62693251,
-    "configs/vp/cifar10_ncsnpp_continuous.py": 62693251,
-    "configs/vp/cifar10_ncsnpp_deep_continuous.py": 107521411,
-    "configs/subvp/cifar10_ddpmpp_continuous.py": 61804419,
-    "configs/subvp/cifar10_ddpmpp_deep_continuous.py": 106632579,
-    "configs/subvp/cifar10_ncsnpp_continuous.py": 62693251,
-    "configs/subvp/cifar10_ncsnpp_deep_continuous.py": 107521411,
-}
-
 
 @pytest.fixture(autouse=True, scope="module")
 def _fast_compile():
@@ -76,94 +38,6 @@ def load_config(relpath: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
-
-
-# Fields that do not change the parameter tree: networks equal up to these share one trace.
-_PARAM_FREE = ("scale_by_sigma", "sigma_min", "sigma_max", "num_scales", "centered", "dropout",
-               "fourier_scale", "nonlinearity")
-
-
-def _arch_key(model: ncsnpp.NCSNpp) -> tuple:
-  return tuple((f.name, getattr(model, f.name)) for f in dataclasses.fields(model)
-               if f.name not in _PARAM_FREE + ("parent", "name"))
-
-
-@functools.lru_cache(maxsize=None)
-def _trace(key: tuple, shape: tuple) -> tuple[dict, list]:
-  """Param paths -> shapes and the first-call order of modules, from an abstract init."""
-  model = ncsnpp.NCSNpp(**dict(key))
-  order = []
-
-  def record(next_fun, args, kwargs, context):
-    if context.method_name == "__call__":
-      path = "/".join(context.module.path) or "<root>"
-      if path not in order:
-        order.append(path)
-    return next_fun(*args, **kwargs)
-
-  def init(x, t):
-    with nn.intercept_methods(record):
-      key = jax.random.PRNGKey(0)
-      return model.init({"params": key, "dropout": key}, x, t)
-
-  variables = jax.eval_shape(init, jax.ShapeDtypeStruct((1,) + shape, jnp.float32),
-                             jax.ShapeDtypeStruct((1,), jnp.float32))
-  assert set(variables) == {"params"}, "NCSN++ has no collection other than params"
-  tree = {"params/" + "/".join(p.key for p in path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])}
-  return tree, order
-
-
-def _build(relpath: str) -> tuple[ncsnpp.NCSNpp, tuple]:
-  config = load_config(relpath)
-  model = ncsnpp.from_config(config)
-  shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
-  return model, shape
-
-
-@pytest.mark.parametrize("relpath", sorted(NUM_PARAMS))
-def test_param_count_of_every_ncsnpp_config(relpath):
-  model, shape = _build(relpath)
-  tree, _ = _trace(_arch_key(model), shape)
-  assert sum(int(np.prod(s)) for s in tree.values()) == NUM_PARAMS[relpath]
-
-
-def _reference_files() -> list[str]:
-  if not os.path.isdir(MODERN):
-    return []
-  names = []
-  for name in sorted(os.listdir(MODERN)):
-    with open(os.path.join(MODERN, name)) as f:
-      if json.load(f).get("model_name") == "ncsnpp":
-        names.append(name)
-  return names
-
-
-def test_reference_lists_exactly_the_ncsnpp_configs_above():
-  if not os.path.isdir(MODERN):
-    pytest.skip(f"reference trees not available at {MODERN}")
-  configs = set()
-  for name in _reference_files():
-    with open(os.path.join(MODERN, name)) as f:
-      configs.add(json.load(f)["config"])
-  assert configs == set(NUM_PARAMS)
-
-
-@pytest.mark.parametrize("name", _reference_files() or ["<reference missing>"])
-def test_param_tree_matches_reference(name):
-  if not os.path.isdir(MODERN):
-    pytest.skip(f"reference trees not available at {MODERN}")
-  with open(os.path.join(MODERN, name)) as f:
-    ref = json.load(f)
-  model, shape = _build(ref["config"])
-  assert list(shape) == ref["image_shape"]
-  tree, order = _trace(_arch_key(model), shape)
-  expected = {path: tuple(s) for path, s in ref["collections"]["params"]}
-  assert sorted(set(expected) - set(tree)) == [], "paths missing from our tree"
-  assert sorted(set(tree) - set(expected)) == [], "paths not in the reference tree"
-  assert {p: s for p, s in tree.items() if expected[p] != s} == {}, "shape mismatches"
-  assert sum(int(np.prod(s)) for s in tree.values()) == ref["num_params"]
-  assert order == ref["module_call_order"], "modules are created in a different order"
 
 
 # --- tiny real forward passes ---------------------------------------------------------------------
@@ -224,6 +98,7 @@ def test_tiny_forward(variant):
     t = jnp.array([2.0, 7.0])
   if variant == "ncsnpp_fir_residual_fourier":  # one variant runs the real initializers
     params = jax.jit(model.init)({"params": jax.random.PRNGKey(0)}, x, t)
+    assert set(params) == {"params"}, "NCSN++ has no collection other than params"
   else:
     params = random_params(model, x, t)
   unscaled = model.clone(scale_by_sigma=False)
