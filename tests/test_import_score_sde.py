@@ -7,6 +7,7 @@ through the same code as `sgm_jax.load(workdir).sample`.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -81,6 +82,14 @@ def _ok(result: subprocess.CompletedProcess) -> str:
   return result.stdout
 
 
+# One compile of each network: called eagerly, op by op, the score took 3x the CPU time. The
+# score function is an argument, so a second load of a workdir's network (the preemption
+# snapshot's) reuses the compiled program.
+_score = jax.jit(lambda score_fn, x, t: score_fn(x, t))
+# sgm_jax.load of an imported workdir once per file (2-3 s of CPU each): the tests only read it
+_load = functools.lru_cache(maxsize=None)(sgm_jax.load)
+
+
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
   """{family: workdir} imported from each family's checkpoint_1: the first family through
@@ -116,10 +125,10 @@ def test_imported_workdir_scores_as_the_original_code(imported, family):
   with open(os.path.join(workdir, "train_log.csv")) as f:
     log = f.read()
   assert f"# imported from {os.path.abspath(_checkpoint(family))}" in log
-  model = sgm_jax.load(workdir)
+  model = _load(workdir)
   assert model.step == 1234 and model.config.model.nf == _meta(family)["overrides"]["model.nf"]
   io = np.load(os.path.join(FORWARD, family, "io.npz"))
-  score = model.score_fn(jnp.asarray(io["x"]), jnp.asarray(io["t"]))
+  score = _score(model.score_fn, jnp.asarray(io["x"]), jnp.asarray(io["t"]))
   assert _relative_errors(score, io["score"]).max() < TOLERANCE
   # The EMA parameters, not the live ones: these differ from the reference by about 1.
   live = convert.load_sampling_variables(_checkpoint(family), use_ema=False)["params"]
@@ -128,14 +137,27 @@ def test_imported_workdir_scores_as_the_original_code(imported, family):
              for p in flat_ema)
 
 
+def _pc_steps(family: str) -> int:
+  """pc's steps in main.py: the loop and its NFE count are those of any number; score_sde's
+  discrete VP steps need beta_max / steps < 1."""
+  return 3 if family.startswith("ve") else 21
+
+
+@functools.lru_cache(maxsize=None)
+def _main_pc_samples(family: str, workdir: str) -> str:
+  """The output of --mode sample with the config's sampler settings (pc with score_sde's own
+  loop) on `family`'s imported workdir; run once, checked by two tests."""
+  return _ok(_main("--mode=sample", *_config_flags(family), f"--workdir={workdir}",
+                   "--sampler=pc", f"--num_steps={_pc_steps(family)}", "--num_samples=2"))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_main_samples_an_imported_workdir_with_score_sde_pc(imported, family):
   """--mode sample with the config's sampler settings: pc with score_sde's own loop."""
   workdir = imported[family]
-  out = _ok(_main("--mode=sample", *_config_flags(family), f"--workdir={workdir}",
-                  "--sampler=pc", "--num_steps=25", "--num_samples=2"))
+  out = _main_pc_samples(family, workdir)
   s = _config(family).sampling
-  nfe = 25 * ((s.predictor != "none") + (s.corrector != "none") * s.n_steps_each)
+  nfe = _pc_steps(family) * ((s.predictor != "none") + (s.corrector != "none") * s.n_steps_each)
   assert "from checkpoint 1234" in out and f"({nfe} score evaluations" in out, out
   npz = [f for f in os.listdir(os.path.join(workdir, "samples"))
          if f.startswith("pc") and "score_sde" in f and f.endswith(".npz")]
@@ -145,19 +167,21 @@ def test_main_samples_an_imported_workdir_with_score_sde_pc(imported, family):
 
 
 def test_main_and_python_sample_the_same_way(imported):
-  """--mode sample goes through sgm_jax.load(...).sample: the same samples for the same seed."""
-  family = FAMILIES[0]
-  workdir = imported[family]
-  out = _ok(_main("--mode=sample", *_config_flags(family), f"--workdir={workdir}",
-                  "--sampler=deis", "--num_steps=4", "--num_samples=3"))
+  """--mode sample goes through sgm_jax.load(...).sample: the same samples for the same seed.
+  main.py's run is the pc one above (its noise as well as its starting points must agree), of
+  the smallest network in 3 steps; the test process's first program comes from the run's
+  compilation cache."""
+  family = FAMILIES[3]
+  out = _main_pc_samples(family, imported[family])
   path = out.split(" and ")[-1].split(";")[0].strip()
   assert path.endswith(".npz") and os.path.exists(path), out
   from_main = np.load(path)["samples"]
-  model = sgm_jax.load(workdir)
-  from_python = model.sample(3, sampler="deis", num_steps=4, seed=int(model.config.seed))
+  model = _load(imported[family])
+  steps = _pc_steps(family)
+  from_python = model.sample(2, sampler="pc", num_steps=steps, seed=int(model.config.seed))
   # equal up to float32 rounding (the test process compiles without XLA's optimizations)
   assert _relative_errors(from_python, from_main).max() < 1e-5
-  other_seed = model.sample(3, sampler="deis", num_steps=4, seed=int(model.config.seed) + 1)
+  other_seed = model.sample(2, sampler="pc", num_steps=steps, seed=int(model.config.seed) + 1)
   assert _relative_errors(other_seed, from_main).min() > 1e-2
 
 
@@ -239,7 +263,8 @@ def test_the_preemption_snapshot_imports_at_its_step(tmp_path):
   model = sgm_jax.load(workdir)
   assert model.step == 5000
   io = np.load(os.path.join(FORWARD, family, "io.npz"))
-  assert _relative_errors(model.score_fn(io["x"], io["t"]), io["score"]).max() < TOLERANCE
+  score = _score(model.score_fn, jnp.asarray(io["x"]), jnp.asarray(io["t"]))
+  assert _relative_errors(score, io["score"]).max() < TOLERANCE
 
 
 def _npz_data(directory) -> str:

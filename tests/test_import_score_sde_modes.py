@@ -239,7 +239,10 @@ def small(tmp_path_factory):
   return workdir, _config_flags(SMALL, **data) + [f"--workdir={workdir}"], data
 
 
-ODE_TOLERANCES = ["--config.eval.rtol=1e-2", "--config.eval.atol=1e-2"]  # a few hundred NFE
+# about 70 NFE per solve (1e-2: 130, 20 % more CPU for eval and interpolate); what these tests
+# check (finite, positive bits/dim, a finite round trip) holds at any tolerance
+ODE_TOL = 1e-1
+ODE_TOLERANCES = [f"--config.eval.rtol={ODE_TOL}", f"--config.eval.atol={ODE_TOL}"]
 
 
 def test_eval_of_an_imported_workdir(small):
@@ -323,7 +326,7 @@ def test_interpolate_of_an_imported_workdir(small):
                   *ODE_TOLERANCES))
   summary = _summary(out, "interpolate")
   assert summary["checkpoint_step"] == STEP and summary["num_pairs"] == 1
-  assert summary["ode_rtol"] == summary["ode_atol"] == 1e-2 and summary["nfe_per_pair"] > 0
+  assert summary["ode_rtol"] == summary["ode_atol"] == ODE_TOL and summary["nfe_per_pair"] > 0
   assert np.isfinite(summary["reconstruction_max_abs_error"])
   arrays = _arrays(out.split("summary ")[-1].strip())
   assert arrays["result"].shape == (1, 3, 32, 32, 3) and np.isfinite(arrays["result"]).all()
