@@ -310,9 +310,14 @@ def _expected_end_step(step: int, n_iters: int, steps_per_call: int,
 def train_loop(workdir: str, state: TrainState, step_fn: Callable,
                batches: Callable[[int], Iterator[np.ndarray]], spec: LoopSpec,
                schedule: Optional[optax.Schedule] = None,
-               stats: Optional[dict] = None) -> TrainState:
+               stats: Optional[dict] = None,
+               fresh_state: Optional[Callable[[], TrainState]] = None) -> TrainState:
   """Run (and resume) training in `workdir` on every device of every process; returns the final
   state as host arrays.
+
+  A checkpoint in `workdir` is restored into `state`'s structure, shapes and dtypes; `state` may
+  then be abstract (jax.ShapeDtypeStruct leaves, abstract_train_state) if `fresh_state()` gives
+  the state to start from where there is none: a resumed run never computes a fresh state.
 
   If `stats` is a dict it receives the wall time and number of steps after the first (compiling)
   device call until the last step has run, before the final checkpoint ('steady_seconds',
@@ -332,12 +337,15 @@ def train_loop(workdir: str, state: TrainState, step_fn: Callable,
   first = parallel.is_first_process()
   store = CheckpointStore(workdir, keep=spec.keep_checkpoints, writer=True)
   try:
-    rstate = parallel.replicate(state)  # a new copy: the caller's `state` survives donation
-    del state
     resumed = store.latest_step() is not None
     if resumed:  # the newest readable checkpoint; a damaged newer one is replaced when saved again
-      rstate = store.restore(rstate)  # global arrays of rstate's replicated sharding
+      replicated = parallel.replicated()
+      rstate = store.restore(jax.tree_util.tree_map(  # global arrays of a replicated sharding
+          lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=replicated), state))
       logging.info("resumed from step %d", int(parallel.to_host(rstate.step)))
+    else:  # a new copy: the caller's `state` survives donation
+      rstate = parallel.replicate(state if fresh_state is None else fresh_state())
+    del state
     start = int(parallel.to_host(rstate.step))
     loss_log = _LossLog(os.path.join(workdir, LOSS_LOG), start) if first else None
     writer = _summary_writer(workdir)

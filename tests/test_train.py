@@ -266,3 +266,36 @@ def test_steady_clock_stops_before_the_final_checkpoint(tmp_path, monkeypatch):
   assert int(train.train_loop(str(tmp_path), state, step_fn, batches, spec, stats=stats).step) == 20
   assert stats["steady_steps"] == 19  # after the first (compiling) call
   assert stats["steady_seconds"] < 0.9 and stats["final_checkpoint_seconds"] >= 1.0, stats
+
+
+def test_a_resumed_run_restores_into_an_abstract_state_and_computes_no_fresh_one(tmp_path):
+  """run_train's way: the state's shapes, and fresh_state() called only where there is nothing to
+  resume (once, by the first run); the second run continues the first one's parameters."""
+  import optax
+  tx = optax.sgd(0.1)
+
+  def step_fn(state, batch):
+    params = jax.tree_util.tree_map(lambda w: w + jnp.mean(batch), state.params)
+    return state.replace(step=state.step + 1, params=params), {"loss": jnp.mean(batch)}
+
+  def batches(start):
+    while True:
+      yield np.ones((2, 2), np.float32)
+
+  fresh = []
+
+  def fresh_state():
+    fresh.append(True)
+    return train.create_train_state({"w": jnp.full(3, 5.0)}, tx)
+
+  abstract = jax.eval_shape(lambda: train.create_train_state({"w": jnp.zeros(3)}, tx))
+  spec = train.LoopSpec(n_iters=4, batch_size=2, log_freq=2)
+  first = train.train_loop(str(tmp_path), abstract, step_fn, batches, spec,
+                           fresh_state=fresh_state)
+  assert len(fresh) == 1 and int(first.step) == 4
+  np.testing.assert_array_equal(first.params["w"], np.full(3, 9.0, np.float32))
+  spec = train.LoopSpec(n_iters=6, batch_size=2, log_freq=2)
+  second = train.train_loop(str(tmp_path), abstract, step_fn, batches, spec,
+                            fresh_state=fresh_state)
+  assert len(fresh) == 1 and int(second.step) == 6  # resumed at step 4, nothing fresh computed
+  np.testing.assert_array_equal(second.params["w"], np.full(3, 11.0, np.float32))

@@ -23,7 +23,9 @@ def run_train(config: Any, workdir: str) -> train.TrainState:
     opt = setup.optimizer_from_config(config)
     tx = opt.build()
     example_shape = dataset.train_batch(0)["image"].shape[1:]
-    state = setup.initial_state(config, model, example_shape, tx)
+    # The fresh state is computed only where there is no checkpoint to resume from (its
+    # initializers' compile is seconds for the paper networks); shapes are all the rest needs.
+    state = setup.abstract_initial_state(config, model, example_shape, tx)
     # Recorded only once the config has proven buildable, so a failed first run leaves the
     # workdir free for the corrected config.
     check_or_record_config(workdir, config, record=parallel.is_first_process())
@@ -33,4 +35,6 @@ def run_train(config: Any, workdir: str) -> train.TrainState:
     step_fn = train.make_train_step(setup.loss_fn_from_config(config, sde, model), tx,
                                     float(config.model.ema_rate), int(config.seed),
                                     opt.schedule())
-    return train.train_loop(workdir, state, step_fn, dataset.batches_fn(), spec, opt.schedule())
+    return train.train_loop(
+        workdir, state, step_fn, dataset.batches_fn(), spec, opt.schedule(),
+        fresh_state=lambda: setup.initial_state(config, model, example_shape, tx))
