@@ -1,6 +1,7 @@
 """config.model.remat: each residual and attention block of NCSN++ / DDPM++, DDPM and NCSNv2
 rematerialized (recomputed in the backward pass): the same parameter tree, the same outputs and
-the same gradients in float32, on the four shrunken score_sde networks of tests/data/forward."""
+the same gradients in float32, on the four shrunken score_sde networks of tests/data/forward
+(NCSN++ and DDPM++ at two resolutions, 32 and 16, instead of three)."""
 from __future__ import annotations
 
 import importlib
@@ -35,6 +36,10 @@ def _config(family: str, remat: bool):
     for key, value in meta["overrides"].items():
       section, field = key.split(".")
       config[section][field] = tuple(value) if isinstance(value, list) else value
+    # Two resolutions keep every block kind (plain, down and up residual blocks, attention at 16,
+    # the input pyramid) with a third fewer blocks: the gradient programs compile in 30 % less.
+    if "ch_mult" in config.model:  # NCSNv2's architecture is fixed
+      config.model.ch_mult = config.model.ch_mult[:2]
     config.model.remat = remat
     config.model.dropout = 0.1  # dropout inside rematerialized blocks: the same rng streams
   return config
