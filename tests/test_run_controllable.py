@@ -15,18 +15,16 @@ from sgm_jax.cli.sample import run_sample
 from sgm_jax.cli.train import run_train
 from sgm_jax.checkpoints import CheckpointError, CheckpointStore
 from sgm_jax.errors import UserError
-import prewarmed
+from _run_helpers import ROOT, SMALL_DIGITS_FLAGS, main_py, small_digits
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# Compile-heavy, tiny compute: XLA's optimizations off here and in the main.py runs (env below).
+# Compile-heavy, tiny compute: XLA's optimizations off here and in the main.py runs (main_py).
 pytestmark = pytest.mark.usefixtures("fast_compiles")
-FAST_COMPILES = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}
 
 
 def _config(**data):
-  config = importlib.import_module("configs.digits").get_config()
+  config = small_digits(importlib.import_module("configs.digits").get_config())
   config.training.n_iters = 2
   config.training.batch_size = 8
   config.training.snapshot_freq = 2
@@ -223,28 +221,22 @@ def test_input_file_errors(trained, tmp_path):
     controllable.run_colorize(config, workdir, "deis", 2, 2)
 
 
-def _main(*args):
-  return prewarmed.run([sys.executable, os.path.join(ROOT, "main.py"), *args],
-                       capture_output=True, text=True, cwd=ROOT, timeout=600,
-                       env=dict(os.environ, **FAST_COMPILES))
-
-
 def test_cli_modes(trained, tmp_path):
   _, workdir, _ = trained
   common = ["--config", "configs/digits.py", "--workdir", workdir,
-            "--config.training.batch_size=8", "--num_steps", "2"]
+            "--config.training.batch_size=8", *SMALL_DIGITS_FLAGS, "--num_steps", "2"]
   # The sizes of the tests above (1 image to inpaint, 4 samples), so that main.py finds their
   # programs in the test run's compilation cache.
-  res = _main("--mode", "inpaint", *common, "--num_samples", "1", "--sampler", "ddim",
-              "--mask", "top")
+  res = main_py("--mode", "inpaint", *common, "--num_samples", "1", "--sampler", "ddim",
+                "--mask", "top")
   assert res.returncode == 0, res.stderr[-3000:]
   assert "inpaint_top_ddim_2steps_ckpt2.png" in res.stdout
-  res = _main("--mode", "sample", *common, "--num_samples", "4", "--sampler", "deis",
-              "--class_label", "7")
+  res = main_py("--mode", "sample", *common, "--num_samples", "4", "--sampler", "deis",
+                "--class_label", "7")
   assert res.returncode == 0, res.stderr[-3000:]
   assert "of class 7 (classifier scale 1)" in res.stdout
   # A mode's bad input: exit code 2 and the message (main.py turns a UserError into that)...
-  res = _main("--mode", "colorize", *common, "--num_samples", "2")
+  res = main_py("--mode", "colorize", *common, "--num_samples", "2")
   assert res.returncode == 2 and "colorization needs an RGB model" in res.stderr, res.stderr[-2000:]
 
 

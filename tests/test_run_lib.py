@@ -1,5 +1,7 @@
 """End to end through the config edge: every small config trains a real step on local data and
 samples; main.py gives one clear error and a non-zero exit for bad input."""
+import dataclasses
+import functools
 import importlib
 import os
 import re
@@ -16,16 +18,16 @@ from sgm_jax.cli.evaluate import run_eval
 from sgm_jax.cli.sample import run_sample
 from sgm_jax.cli.train import run_train
 from sgm_jax.errors import UserError
+from sgm_jax.evaluation import domain
 from sgm_jax.sampling import budget
 from sgm_jax.workdir import WorkdirError, WorkdirLock
+from _run_helpers import FAST_COMPILES, ROOT, main_py, small_digits
 import prewarmed
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# Compile-heavy, tiny compute: XLA's optimizations off here and in the main.py runs (env below).
+# Compile-heavy, tiny compute: XLA's optimizations off here and in the main.py runs (main_py).
 pytestmark = pytest.mark.usefixtures("fast_compiles")
-FAST_COMPILES = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}
 
 
 def _config(name, **overrides):
@@ -51,11 +53,19 @@ def _available(name):
     return False
 
 
+# Narrower layers of the same networks: a config's data, network, loss and sampler are what is
+# run; the widths only cost time (test_create_model_contract builds fashion_mnist's at its own).
+NARROW = {"digits": {"model.hidden_size": 16, "model.mix_patch_size": 32,
+                     "model.mix_hidden_size": 32},
+          "fashion_mnist": {"model.channels": (8, 16, 32, 64), "model.embed_dim": 32},
+          "mnist5k": {"model.channels": (8, 16, 32, 64), "model.embed_dim": 32}}
+
+
 @pytest.mark.parametrize("name", ["toy_2d", "digits", "fashion_mnist", "mnist5k"])
 def test_small_config_trains_and_samples(name, tmp_path):
   if not _available(name):
     pytest.skip(f"the local data of configs/{name}.py is not installed (see README)")
-  config = _config(name)
+  config = _config(name, **NARROW.get(name, {}))
   workdir = str(tmp_path)
   state = run_train(config, workdir)
   assert int(state.step) == 2
@@ -109,7 +119,9 @@ def test_second_process_on_the_same_workdir_is_refused(tmp_path):
     code = ("import sys; sys.path.insert(0, %r)\n"
             "from sgm_jax.workdir import WorkdirLock\n"
             "with WorkdirLock(%r): pass\n") % (ROOT, str(tmp_path))
-    res = prewarmed.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # main.py's environment: the warm interpreter of its runs serves this one too
+    res = prewarmed.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        env=dict(os.environ, **FAST_COMPILES))
   assert res.returncode != 0 and "is in use by another process" in res.stderr
   with WorkdirLock(str(tmp_path)):  # released again
     pass
@@ -132,19 +144,13 @@ def test_create_model_contract(config_file):
   assert n > 10_000
 
 
-def _main(*args, cwd=ROOT):
-  return prewarmed.run([sys.executable, os.path.join(ROOT, "main.py"), *args],
-                       capture_output=True, text=True, cwd=cwd, timeout=600,
-                       env=dict(os.environ, **FAST_COMPILES))
-
-
 @pytest.fixture(scope="module")
 def cli_trained(tmp_path_factory):
   """A toy_2d workdir trained for 2 steps by `main.py --mode train`, and that run's result."""
   wd = str(tmp_path_factory.mktemp("cli") / "wd")
-  res = _main("--mode", "train", "--config", "configs/toy_2d.py", "--workdir", wd,
-              "--config.training.n_iters=2", "--config.training.snapshot_freq=2",
-              "--config.training.snapshot_freq_for_preemption=1")
+  res = main_py("--mode", "train", "--config", "configs/toy_2d.py", "--workdir", wd,
+                "--config.training.n_iters=2", "--config.training.snapshot_freq=2",
+                "--config.training.snapshot_freq_for_preemption=1")
   return wd, res
 
 
@@ -153,13 +159,13 @@ def test_cli_train_and_sample(cli_trained):
   common = ["--config", "configs/toy_2d.py", "--workdir", wd]
   assert res.returncode == 0, res.stderr[-3000:]
   assert "trained to step 2" in res.stdout
-  res = _main("--mode", "sample", *common, "--sampler", "ddim", "--num_steps", "3",
-              "--num_samples", "8", "--sampler_option", "eta=0.5")
+  res = main_py("--mode", "sample", *common, "--sampler", "ddim", "--num_steps", "3",
+                "--num_samples", "8", "--sampler_option", "eta=0.5")
   assert res.returncode == 0, res.stderr[-3000:]
   assert "8 samples" in res.stdout and os.path.exists(os.path.join(wd, "samples",
                                                                    "ddim_3steps_eta-0.5_ckpt2.png"))
-  res = _main("--mode", "sample", *common, "--nfe", "7", "--num_samples", "4",  # the table's pick
-              "--config.sampling.tune_warmup=8", "--config.sampling.tune_max_evals=4")
+  res = main_py("--mode", "sample", *common, "--nfe", "7", "--num_samples", "4",  # the table's pick
+                "--config.sampling.tune_warmup=8", "--config.sampling.tune_max_evals=4")
   assert res.returncode == 0, res.stderr[-3000:]
   row = budget.table_row(7)
   assert f"by {row.sampler} in 7 steps (7 score evaluations per batch)" in res.stdout
@@ -178,7 +184,8 @@ def test_cli_train_and_sample(cli_trained):
     (["--config.training.nonsense=1"], "nonsense"),
 ])
 def test_cli_bad_training_input(tmp_path, args, message):
-  res = _main("--mode", "train", "--config", "configs/toy_2d.py", "--workdir", str(tmp_path), *args)
+  res = main_py("--mode", "train", "--config", "configs/toy_2d.py", "--workdir", str(tmp_path),
+                *args)
   assert res.returncode != 0
   assert message in res.stderr, res.stderr[-2000:]
 
@@ -201,8 +208,8 @@ def test_cli_bad_sampling_input(cli_trained):
   wd, res = cli_trained  # a workdir with a checkpoint: the errors are the sampler's, not its
   assert res.returncode == 0, res.stderr[-2000:]
   # --sampler_option parsed by main.py into the sampler's options; a bad one: message, exit code
-  res = _main("--mode", "sample", "--config", "configs/toy_2d.py", "--workdir", wd,
-              "--sampler", "pc", "--sampler_option", "predictor=foo")
+  res = main_py("--mode", "sample", "--config", "configs/toy_2d.py", "--workdir", wd,
+                "--sampler", "pc", "--sampler_option", "predictor=foo")
   assert res.returncode != 0 and "unknown predictor 'foo'" in res.stderr, res.stderr[-2000:]
 
 
@@ -224,8 +231,14 @@ def test_bad_sampling_input_is_a_user_error(cli_trained, args, message):
     run_sample(config, wd, **args)
 
 
-def test_eval_writes_metrics_and_resumes_without_redoing_batches(tmp_path):
-  config = _config("digits")
+def test_eval_writes_metrics_and_resumes_without_redoing_batches(tmp_path, monkeypatch):
+  # Small networks, a loose bits/dim ODE and a domain classifier of one epoch at a third of the
+  # widths: what is checked is which metrics eval writes and that a second run reuses them.
+  config = small_digits(_config("digits"))
+  config.eval.rtol = config.eval.atol = 1e-2
+  small_domain = dataclasses.replace(domain.RECIPE, widths=(8, 16, 16), feature_dim=32, epochs=1)
+  monkeypatch.setattr(domain, "get_domain_extractor",
+                      functools.partial(domain.get_domain_extractor, recipe=small_domain))
   config.eval.num_samples = 8
   config.eval.reference_examples = 16
   config.eval.bpd_num_examples = 8

@@ -1,0 +1,34 @@
+"""What tests/test_run_*.py share: main.py runs and the small networks of their digits configs."""
+import os
+import sys
+
+import prewarmed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Compile-heavy, tiny compute: XLA's optimizations off in the main.py runs, as in the tests.
+FAST_COMPILES = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}
+
+# The digits Mixer at one narrow block and a WRN of 16 / 32 / 64 channels: these tests check what
+# the modes do with a trained network, not what it learns; every program that holds the network
+# (train step, samplers, ODE solves) traces and compiles in about half the time of the config's.
+SMALL_DIGITS = {"model.num_blocks": 1, "model.hidden_size": 16, "model.mix_patch_size": 16,
+                "model.mix_hidden_size": 32, "classifier.channel_multiplier": 1}
+
+
+def small_digits(config):
+  """`config` (configs/digits.py's, or one of its data) with the SMALL_DIGITS networks."""
+  for key, value in SMALL_DIGITS.items():
+    section, field = key.split(".")
+    setattr(getattr(config, section), field, value)
+  return config
+
+
+# The same as main.py flags: its runs restore the checkpoints of the tests' workdirs.
+SMALL_DIGITS_FLAGS = [f"--config.{key}={value}" for key, value in SMALL_DIGITS.items()]
+
+
+def main_py(*args, cwd=ROOT):
+  """`python main.py ARGS` (forked from a warm interpreter), its output captured."""
+  return prewarmed.run([sys.executable, os.path.join(ROOT, "main.py"), *args],
+                       capture_output=True, text=True, cwd=cwd, timeout=600,
+                       env=dict(os.environ, **FAST_COMPILES))
