@@ -38,13 +38,22 @@ def test_exact_trace_likelihood_matches_the_oracle_density(sde):
     np.testing.assert_allclose(logp_prior + gap, logp, atol=1e-6 * gm.dim)
 
 
-@pytest.mark.parametrize("divergence", ["rademacher", "gaussian"])
-def test_hutchinson_estimate_is_unbiased(divergence):
+@pytest.fixture(scope="module")
+def hutchinson_problem():
+  """(sde, oracle, x, score_fn, exact-trace log-likelihood): the reference both probes share, one
+  compiled solve instead of one per probe distribution."""
   sde = sde_lib.VPSDE()
   gm = _oracle(jnp.float32)
   x = gm.sample(jax.random.PRNGKey(0), 4, sde, 1e-3)
   score_fn = gm.score_fn(sde)
-  exact, _, _ = likelihood.get_likelihood_fn(sde, "exact", eps=1e-3)(jax.random.PRNGKey(0), score_fn, x)
+  exact, _, _ = likelihood.get_likelihood_fn(sde, "exact", eps=1e-3)(
+      jax.random.PRNGKey(0), score_fn, x)
+  return sde, gm, x, score_fn, exact
+
+
+@pytest.mark.parametrize("divergence", ["rademacher", "gaussian"])
+def test_hutchinson_estimate_is_unbiased(hutchinson_problem, divergence):
+  sde, gm, x, score_fn, exact = hutchinson_problem
   ll = likelihood.get_likelihood_fn(sde, divergence, num_probes=2, eps=1e-3)
   runs = np.stack([np.asarray(ll(jax.random.PRNGKey(k), score_fn, x)[0]) for k in range(12)])
   se = runs.std(0, ddof=1) / math.sqrt(len(runs))
