@@ -1,5 +1,6 @@
 """Per-step hooks of the samplers (sgm_jax/sampling/base.py): hook(x, t, key) -> x after every
 update, the way inpainting and colorization plug into any sampler (sgm_jax/controllable/)."""
+import functools
 import glob
 import os
 import re
@@ -60,12 +61,27 @@ class Recorder:
     return x.at[:, 0].set(0.0)
 
 
-@pytest.mark.parametrize("name,options,per_step", CASES, ids=IDS)
-def test_hook_runs_after_every_update(name, options, per_step):
+@functools.lru_cache(maxsize=None)
+def _runs(case):
+  """CASES[case]'s sampler without a hook, with the identity hook (both from the same x_T and key)
+  and with a Recorder, each called as users call it, in one jitted program: one XLA compile
+  instead of three for the two tests below (compiling, not running, is their cost)."""
+  name, options, _ = CASES[case]
   sampler = sampling.get_sampler(name, VP, SHAPE, STEPS, **options)
-  recorder = Recorder()
-  x, nfe = sampler(jax.random.PRNGKey(0), GM.score_fn(VP), hook=recorder)
+  score_fn, recorder = GM.score_fn(VP), Recorder()
+  x_T = VP.prior_sampling(jax.random.PRNGKey(1), SHAPE)
+  plain, identity, recorded = jax.jit(lambda: (
+      sampler(jax.random.PRNGKey(2), score_fn, x_T),
+      sampler(jax.random.PRNGKey(2), score_fn, x_T, hook=lambda x, t, key: x),
+      sampler(jax.random.PRNGKey(0), score_fn, hook=recorder)))()
   jax.effects_barrier()
+  return sampler, plain, identity, recorded, recorder
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=IDS)
+def test_hook_runs_after_every_update(case):
+  name, options, per_step = CASES[case]
+  sampler, _, _, (x, nfe), recorder = _runs(case)
   x = np.asarray(x)
   assert int(nfe) == sampler.info["nfe"]
   np.testing.assert_array_equal(x[:, 0], 0.0)  # the hook's projection holds in the output
@@ -80,12 +96,9 @@ def test_hook_runs_after_every_update(name, options, per_step):
     assert np.all((x[:, 1:] >= 0.5) & (x[:, 1:] <= 1.0))
 
 
-@pytest.mark.parametrize("name,options,per_step", CASES, ids=IDS)
-def test_identity_hook_leaves_the_sampler_unchanged(name, options, per_step):
-  sampler = sampling.get_sampler(name, VP, SHAPE, STEPS, **options)
-  x_T = VP.prior_sampling(jax.random.PRNGKey(1), SHAPE)
-  plain, nfe_plain = sampler(jax.random.PRNGKey(2), GM.score_fn(VP), x_T)
-  hooked, nfe = sampler(jax.random.PRNGKey(2), GM.score_fn(VP), x_T, hook=lambda x, t, key: x)
+@pytest.mark.parametrize("case", range(len(CASES)), ids=IDS)
+def test_identity_hook_leaves_the_sampler_unchanged(case):
+  _, (plain, nfe_plain), (hooked, nfe), _, _ = _runs(case)
   assert int(nfe) == int(nfe_plain)
   # Equal up to rounding: heun and rhoRK carry x = alpha y instead of y when hooked.
   np.testing.assert_allclose(np.asarray(hooked), np.asarray(plain), rtol=1e-5, atol=1e-6)
