@@ -94,8 +94,10 @@ def _fresh_error(grid, name="unipc", options=None, seed=11):
 
 @pytest.fixture(scope="module")
 def tuned_unipc():
+  # Every candidate compiles a sampler: 20 of them leave the fresh draws' error at 0.69 of the
+  # default grid's (40: 0.64) in half the time.
   return tuning.tune_time_grid("unipc", VP, score_fn, SHAPE, 4, key=jax.random.PRNGKey(1),
-                               num_warmup=256, max_evals=40)
+                               num_warmup=256, max_evals=20)
 
 
 def test_a_tuned_grid_beats_the_default_on_draws_it_was_not_tuned_on(tuned_unipc):

@@ -15,10 +15,13 @@ import prewarmed
 from xla_flags import with_device_count
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "toy_train_run.py")
+# XLA's optimizations off in the toy runs: compiling the train step is most of a run's time, and
+# the runs a test compares all compile alike (tests/_run_helpers.py does the same for main.py).
+FAST_COMPILES = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}
 
 
 def _run(args, env_extra=None, **kwargs):
-  env = dict(os.environ, **(env_extra or {}))
+  env = dict(os.environ, **FAST_COMPILES, **(env_extra or {}))
   return prewarmed.run([sys.executable, SCRIPT] + [str(a) for a in args], env=env,
                        capture_output=True, text=True, **kwargs)
 
@@ -41,7 +44,7 @@ def _run_counting_batches(args, **kwargs):
   """_run, and the steps whose batches the run asked for."""
   code = _COUNTING_RUN.format(tests=os.path.dirname(SCRIPT))
   res = prewarmed.run([sys.executable, "-c", code] + [str(a) for a in args], capture_output=True,
-                      text=True, **kwargs)
+                      text=True, env=dict(os.environ, **FAST_COMPILES), **kwargs)
   return res, [int(s) for s in re.findall(r"batch for step (\d+)", res.stderr)]
 
 
@@ -104,7 +107,8 @@ def test_killed_and_resumed_training_is_bit_identical(tmp_path):
   # Kill -9 once a snapshot exists, at a point that differs from the checkpoint steps.
   work = tmp_path / "killed"
   proc = prewarmed.Popen([sys.executable, SCRIPT, str(work), str(n_iters)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                         env=dict(os.environ, **FAST_COMPILES), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
     meta = work / "checkpoints-meta"

@@ -15,7 +15,6 @@ from sgm_jax.cli.sample import run_sample
 from sgm_jax.errors import UserError
 from sgm_jax.sampling import budget, tuning
 from test_run_eval import _config as _eval_config, _fake_feature_network
-from test_run_eval import digits_workdir  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 NFE = 5
@@ -28,10 +27,24 @@ def _config():
 
 
 @pytest.fixture(scope="module")
-def workdir(digits_workdir):
-  """test_run_eval's digits workdir (2 training steps): the tune_* fields only matter when
-  sampling."""
-  return digits_workdir
+def workdir(tmp_path_factory):
+  """A checkpoint (step 2) of test_run_eval's digits network, saved directly: a grid is tuned to
+  whatever parameters a checkpoint holds, so no training step is traced or compiled for it (the
+  tune_* fields only matter when sampling)."""
+  from sgm_jax import datasets
+  from sgm_jax.checkpoints import CheckpointStore
+  from sgm_jax.cli import setup
+  path = str(tmp_path_factory.mktemp("digits"))
+  config = _config()
+  _, model, dataset = setup.build(config)
+  state = setup.initial_state(config, model, datasets.example_shape(dataset.spec),
+                              setup.optimizer_from_config(config).build())
+  store = CheckpointStore(path, writer=True)
+  try:
+    store.save(2, state.replace(step=jax.numpy.asarray(2, state.step.dtype)))
+  finally:
+    store.close()
+  return path
 
 
 def _no_tuning(monkeypatch):
