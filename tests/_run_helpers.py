@@ -32,3 +32,27 @@ def main_py(*args, cwd=ROOT):
   return prewarmed.run([sys.executable, os.path.join(ROOT, "main.py"), *args],
                        capture_output=True, text=True, cwd=cwd, timeout=600,
                        env=dict(os.environ, **FAST_COMPILES))
+
+
+def save_untrained_checkpoints(workdir: str, config, steps, ema_scales=None) -> str:
+  """The config's initial train state saved in `workdir` as the checkpoint of each of `steps`
+  (no training step is traced or compiled: a checkpoint's use does not depend on how its
+  parameters came about), its EMA parameters times ema_scales[k] in the k-th if given (so that
+  each checkpoint gives other numbers). Returns `workdir`."""
+  import jax
+  from sgm_jax import datasets
+  from sgm_jax.checkpoints import CheckpointStore
+  from sgm_jax.cli import setup
+  _, model, dataset = setup.build(config)
+  state = setup.initial_state(config, model, datasets.example_shape(dataset.spec),
+                              setup.optimizer_from_config(config).build())
+  store = CheckpointStore(workdir, writer=True)
+  try:
+    for k, step in enumerate(steps):
+      scale = 1.0 if ema_scales is None else ema_scales[k]
+      ema = jax.tree_util.tree_map(lambda p: p * scale, state.params_ema)
+      store.save(step, state.replace(step=jax.numpy.asarray(step, state.step.dtype),
+                                     params_ema=ema))
+  finally:
+    store.close()
+  return workdir

@@ -12,7 +12,6 @@ import math
 import os
 import sys
 
-import flax.linen as nn
 import jax
 import ml_collections
 import pytest
@@ -22,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+from param_trees import assert_matches_reference, module_call_order  # noqa: E402
 from reference_data import PARAM_TREES  # noqa: E402
 from sgm_jax import datasets, models, sampling  # noqa: E402
 from sgm_jax.cli import setup  # noqa: E402
@@ -247,16 +247,7 @@ def _traced(config, model, shape: tuple) -> tuple[object, list]:
   optimizer = setup.optimizer_from_config(config)
   key = (_network_key(model), shape, optimizer)
   if key not in _TRACED:
-    order = []
-
-    def record(next_fun, args, kwargs, context):
-      if context.method_name == "__call__":
-        path = "/".join(context.module.path) or "<root>"
-        if path not in order:
-          order.append(path)
-      return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(record):
+    with module_call_order() as order:
       state = setup.abstract_initial_state(config, model, shape, optimizer.build())
     _TRACED[key] = state, order
   return _TRACED[key]
@@ -374,9 +365,5 @@ def test_param_tree_matches_reference(name):
   config = load_config(ref["config"])
   assert [config.data.image_size] * 2 + [config.data.num_channels] == ref["image_shape"]
   tree, order = _param_tree(ref["config"])
-  expected = {path: tuple(s) for path, s in ref["collections"]["params"]}
-  assert sorted(set(expected) - set(tree)) == [], "paths missing from our tree"
-  assert sorted(set(tree) - set(expected)) == [], "paths not in the reference tree"
-  assert {p: s for p, s in tree.items() if expected[p] != s} == {}, "shape mismatches"
-  assert sum(math.prod(s) for s in tree.values()) == ref["num_params"]
-  assert order == ref["module_call_order"], "modules are created in a different order"
+  assert "module_call_order" in ref
+  assert_matches_reference(ref, tree, order)

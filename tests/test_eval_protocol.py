@@ -18,7 +18,7 @@ from sgm_jax.cli import evaluate
 from sgm_jax.datasets import image_ops
 from sgm_jax.errors import UserError
 from sgm_jax.evaluation import features, metrics, statistics_files
-from _run_helpers import small_digits
+from _run_helpers import save_untrained_checkpoints, small_digits
 
 # Tiny programs: XLA's optimizations only cost compile time here.
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -166,23 +166,8 @@ def workdir(tmp_path_factory):
   """Checkpoints of steps 2, 4 and 6 (score_sde's checkpoints 1, 2 and 3 at snapshot_freq 2) of
   the digits network, saved directly (no training step is compiled): the initial state with its
   EMA parameters scaled by 1, 1.1 and 1.2, so that each checkpoint gives other numbers."""
-  from sgm_jax import datasets
-  from sgm_jax.checkpoints import CheckpointStore
-  from sgm_jax.cli import setup
-  path = str(tmp_path_factory.mktemp("digits_ckpts"))
-  config = _config()
-  sde, model, dataset = setup.build(config)
-  state = setup.initial_state(config, model, datasets.example_shape(dataset.spec),
-                              setup.optimizer_from_config(config).build())
-  store = CheckpointStore(path, writer=True)
-  try:
-    for k, step in enumerate((2, 4, 6)):
-      ema = jax.tree_util.tree_map(lambda p: p * (1.0 + 0.1 * k), state.params_ema)
-      store.save(step, state.replace(step=jax.numpy.asarray(step, state.step.dtype),
-                                     params_ema=ema))
-  finally:
-    store.close()
-  return path
+  return save_untrained_checkpoints(str(tmp_path_factory.mktemp("digits_ckpts")), _config(),
+                                    (2, 4, 6), ema_scales=(1.0, 1.1, 1.2))
 
 
 def _fake_outputs(x, xp=np):

@@ -8,7 +8,6 @@ shapes, finiteness, dropout and the division by the noise level.
 import json
 import pathlib
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
+from param_trees import assert_matches_reference, module_call_order
 from reference_data import PARAM_TREES
 from sgm_jax import sde_lib
 from sgm_jax.models import ddpm, layers, ncsnv2, wideresnet
@@ -62,31 +62,11 @@ def _config(ref):
 
 def _trace(model, shape, time_cond):
   """Parameter shapes {path: shape} and first-call module order of model.init, without compute."""
-  order = []
-
-  def record(next_fun, args, kwargs, context):
-    if context.method_name == "__call__":
-      path = "/".join(context.module.path) or "<root>"
-      if path not in order:
-        order.append(path)
-    return next_fun(*args, **kwargs)
-
   rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
-  with nn.intercept_methods(record):
+  with module_call_order() as order:
     variables = jax.eval_shape(model.init, rngs, jnp.zeros(shape), time_cond)
   shapes = {"/".join(k): tuple(v.shape) for k, v in flatten_dict(variables).items()}
   return shapes, order
-
-
-def _assert_matches(ref, shapes, order):
-  expected = {path: tuple(shape) for path, shape in ref["collections"]["params"]}
-  assert sorted(set(expected) - set(shapes)) == [], "missing parameters"
-  assert sorted(set(shapes) - set(expected)) == [], "unexpected parameters"
-  wrong = {p: (shapes[p], expected[p]) for p in expected if shapes[p] != expected[p]}
-  assert wrong == {}
-  assert sum(int(np.prod(s)) for s in shapes.values()) == ref["num_params"]
-  if "module_call_order" in ref:
-    assert order == ref["module_call_order"]
 
 
 def test_reference_files_are_present():
@@ -101,7 +81,7 @@ def test_score_network_matches_reference_tree(name):
   module = ddpm if ref["model_name"] == "ddpm" else ncsnv2
   model = module.from_config(config)
   shapes, order = _trace(model, (1, *ref["image_shape"]), jnp.zeros((1,), jnp.int32))
-  _assert_matches(ref, shapes, order)
+  assert_matches_reference(ref, shapes, order)
 
 
 def test_classifier_matches_reference_tree():
@@ -109,7 +89,7 @@ def test_classifier_matches_reference_tree():
   default_config = ml_collections.ConfigDict()
   for model in (wideresnet.create_classifier(), wideresnet.from_config(default_config)):
     shapes, order = _trace(model, (1, *ref["image_shape"]), jnp.ones((1,)))
-    _assert_matches(ref, shapes, order)
+    assert_matches_reference(ref, shapes, order)
 
 
 def test_ncsnv2_256_builds_six_stages():

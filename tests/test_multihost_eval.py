@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _run_helpers import save_untrained_checkpoints  # noqa: E402
 from test_multihost import (ROOT, _finish, _gloo_available, _log, _start,  # noqa: E402
                             _tiny_digits_config, digits_npz, tiny_digits)
 
@@ -74,19 +75,7 @@ def _eval(workdir, data_dir, num_processes, devices, log_dir, name, rows=1, **ev
 
 def _save_checkpoint(workdir, data_dir):
   """The untrained tiny digits state as the checkpoint of step STEP (no step compiled)."""
-  import jax
-  from sgm_jax import datasets
-  from sgm_jax.checkpoints import CheckpointStore
-  from sgm_jax.cli import setup
-  config = _tiny_digits_config(data_dir)
-  _, model, dataset = setup.build(config)
-  state = setup.initial_state(config, model, datasets.example_shape(dataset.spec),
-                              setup.optimizer_from_config(config).build())
-  store = CheckpointStore(str(workdir), writer=True)
-  try:
-    store.save(STEP, state.replace(step=jax.numpy.asarray(STEP, state.step.dtype)))
-  finally:
-    store.close()
+  save_untrained_checkpoints(str(workdir), _tiny_digits_config(data_dir), (STEP,))
 
 
 COMPARED = ["loss", "bpd", "bpd_stderr", "FD-EffNet", "IS (effnet)", "nfe", "out_of_range",

@@ -14,6 +14,7 @@ from sgm_jax.cli import evaluate, tuned_grid
 from sgm_jax.cli.sample import run_sample
 from sgm_jax.errors import UserError
 from sgm_jax.sampling import budget, tuning
+from _run_helpers import save_untrained_checkpoints
 from test_run_eval import _config as _eval_config, _fake_feature_network
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -31,20 +32,7 @@ def workdir(tmp_path_factory):
   """A checkpoint (step 2) of test_run_eval's digits network, saved directly: a grid is tuned to
   whatever parameters a checkpoint holds, so no training step is traced or compiled for it (the
   tune_* fields only matter when sampling)."""
-  from sgm_jax import datasets
-  from sgm_jax.checkpoints import CheckpointStore
-  from sgm_jax.cli import setup
-  path = str(tmp_path_factory.mktemp("digits"))
-  config = _config()
-  _, model, dataset = setup.build(config)
-  state = setup.initial_state(config, model, datasets.example_shape(dataset.spec),
-                              setup.optimizer_from_config(config).build())
-  store = CheckpointStore(path, writer=True)
-  try:
-    store.save(2, state.replace(step=jax.numpy.asarray(2, state.step.dtype)))
-  finally:
-    store.close()
-  return path
+  return save_untrained_checkpoints(str(tmp_path_factory.mktemp("digits")), _config(), (2,))
 
 
 def _no_tuning(monkeypatch):
