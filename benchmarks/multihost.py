@@ -65,8 +65,8 @@ def measure_sampling(num_samples: int) -> dict:
   score_fn = setup.score_fn_for(config, sde, model, params)
   per_device = num_samples // parallel.device_count()
   sampler = sampling.get_sampler("ddim", sde, (per_device,) + example_shape, num_steps=10)
-  run = parallel.map_batches(setup.sample_shard_fn(sampler, sde, example_shape, 0))
-  shared = parallel.replicate((score_fn, None))
+  run = parallel.map_batches(setup.sample_shard_fn(sampler, sde, example_shape))
+  shared = parallel.replicate((score_fn, None, setup.sampling_keys(0)))
   labels = parallel.from_global_batch(np.zeros(num_samples, np.int32))
 
   def once(i):

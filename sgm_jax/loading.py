@@ -65,6 +65,21 @@ def recorded_config(workdir: str):
   return ml_collections.ConfigDict(_tuples(recorded))
 
 
+def _hashable(value: Any) -> Any:
+  """A sampler option (a number, string, bool, time grid as a list or array, dict) as a hashable
+  value, equal for equal options (with their types: 2 and 2.0 stay apart): the key of Model's
+  compiled sampling programs."""
+  if isinstance(value, dict):
+    return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+  if isinstance(value, (np.ndarray, jax.Array)):
+    value = np.asarray(value).tolist()
+  if isinstance(value, (list, tuple)):
+    return ("sequence",) + tuple(_hashable(v) for v in value)
+  if isinstance(value, np.generic):
+    value = value.item()
+  return (type(value).__name__, value)
+
+
 class Model:
   """A workdir's trained score model at one checkpoint (its EMA parameters)."""
 
@@ -72,6 +87,7 @@ class Model:
     self.config = config
     self.workdir = workdir
     self._trained = trained
+    self._programs = {}  # _sample_program's compiled sampling programs
 
   sde = property(lambda self: self._trained.sde)
   network = property(lambda self: self._trained.model)
@@ -127,11 +143,9 @@ class Model:
     batch_size = int(batch_size or setup.get_field(self.config.sampling, "batch_size", 64))
     batch = parallel.padded_size(min(batch_size, num_samples))
     shape = (batch // parallel.device_count(),) + self.example_shape
-    sampler_fn = sampling.get_sampler(sampler, self.sde, shape, num_steps=num_steps, **options)
-    sample_batch = parallel.map_batches(
-        setup.sample_shard_fn(sampler_fn, self.sde, self.example_shape, int(seed), conditional))
+    sample_batch = self._sample_program(sampler, num_steps, options, shape, conditional)
     shared = parallel.replicate((self.score_fn, None if conditional is None
-                                 else conditional.log_prob_fn))
+                                 else conditional.log_prob_fn, setup.sampling_keys(int(seed))))
     outs, nfes, labels = [], [], []
     for i in tqdm(range(-(-num_samples // batch)), desc=f"sample {sampler}", unit="batch",
                   disable=not (progress and parallel.is_first_process())):
@@ -148,6 +162,22 @@ class Model:
         samples=np.concatenate(outs)[:num_samples], nfe=float(np.mean(nfes)),
         labels=None if conditional is None else np.concatenate(labels)[:num_samples],
         sampler=sampler, num_steps=num_steps, options=options)
+
+  def _sample_program(self, sampler: str, num_steps: int, options: dict, shape: tuple,
+                      conditional: Any) -> Callable:
+    """The data-parallel program of one sampler and batch shape (setup.sample_shard_fn): built and
+    compiled at its first use, then reused by every call with the same settings, whatever the
+    seed and number of samples (the seed's keys are its arguments). Class-conditional programs
+    are built afresh (their score holds the classifier)."""
+    key = (sampler, num_steps, _hashable(options), shape)
+    program = self._programs.get(key) if conditional is None else None
+    if program is None:
+      sampler_fn = sampling.get_sampler(sampler, self.sde, shape, num_steps=num_steps, **options)
+      program = parallel.map_batches(
+          setup.sample_shard_fn(sampler_fn, self.sde, self.example_shape, conditional))
+      if conditional is None:
+        self._programs[key] = program
+    return program
 
   def __repr__(self):
     return (f"sgm_jax.Model({self.workdir!r}, step {self.step}: {self.config.model.name}, "

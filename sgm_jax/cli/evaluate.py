@@ -629,9 +629,8 @@ def _eval_samples(config: Any, workdir: str, dataset, sde, score_fn, out_dir: st
                                  (batch // parallel.device_count(),) + example_shape,
                                  num_steps=num_steps, **options)
   # Eval's samples are not --mode sample's: their seed is another one.
-  sample_batch = parallel.map_batches(
-      setup.sample_shard_fn(sampler, sde, example_shape, int(config.seed) + 10 ** 6))
-  shared = parallel.replicate((score_fn, None))
+  sample_batch = parallel.map_batches(setup.sample_shard_fn(sampler, sde, example_shape))
+  shared = parallel.replicate((score_fn, None, setup.sampling_keys(int(config.seed) + 10 ** 6)))
   no_labels = parallel.from_global_batch(np.zeros(batch, np.int32))
   scoring = f"{name}_uint8" if protocol.quantize_samples else name
   num_batches = -(-n // batch)

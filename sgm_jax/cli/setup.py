@@ -209,20 +209,26 @@ def resolve_sampler(config: Any, sde: sde_lib.SDE, example_shape: tuple, sampler
                         default_steps)
 
 
-def sample_shard_fn(sampler, sde: sde_lib.SDE, example_shape: tuple, seed: int,
-                    conditional: Any = None):
-  """The samples of one device: fn((score_fn, log_prob_fn, start), labels) -> (x, nfe[None]) for
-  global sample indices start + device_index * per_device + 0 .. per_device - 1.
+def sampling_keys(seed: int) -> jax.Array:
+  """The (prior key, noise key) pair of `sample_shard_fn` for `seed` (an argument of the program,
+  so that one compiled program samples with every seed)."""
+  return jax.random.split(jax.random.PRNGKey(seed + 1))
+
+
+def sample_shard_fn(sampler, sde: sde_lib.SDE, example_shape: tuple, conditional: Any = None):
+  """The samples of one device: fn((score_fn, log_prob_fn, keys, start), labels) -> (x, nfe[None])
+  for global sample indices start + device_index * per_device + 0 .. per_device - 1, with keys =
+  sampling_keys(seed).
 
   Sample j starts from the prior draw of fold_in(prior key, j), so a deterministic sampler gives
   sample j the same value for every batch size and number of devices or processes; stochastic
   samplers draw their noise from fold_in(noise key, the shard's first index). `conditional`, if
   given, turns the score into that of p_t(x | y): conditional.score_fn(score_fn, log_prob_fn, y)
   (cli/sample.py's class-conditional sampling)."""
-  prior_key, noise_key = jax.random.split(jax.random.PRNGKey(seed + 1))
 
   def fn(shared, y):
-    score_fn, log_prob_fn, start = shared
+    score_fn, log_prob_fn, keys, start = shared
+    prior_key, noise_key = keys[0], keys[1]
     index = start + parallel.global_example_index(y.shape[0])
     x_T = jax.vmap(lambda j: sde.prior_sampling(jax.random.fold_in(prior_key, j),
                                                 example_shape))(index)
