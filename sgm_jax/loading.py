@@ -65,21 +65,6 @@ def recorded_config(workdir: str):
   return ml_collections.ConfigDict(_tuples(recorded))
 
 
-def _hashable(value: Any) -> Any:
-  """A sampler option (a number, string, bool, time grid as a list or array, dict) as a hashable
-  value, equal for equal options (with their types: 2 and 2.0 stay apart): the key of Model's
-  compiled sampling programs."""
-  if isinstance(value, dict):
-    return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
-  if isinstance(value, (np.ndarray, jax.Array)):
-    value = np.asarray(value).tolist()
-  if isinstance(value, (list, tuple)):
-    return ("sequence",) + tuple(_hashable(v) for v in value)
-  if isinstance(value, np.generic):
-    value = value.item()
-  return (type(value).__name__, value)
-
-
 class Model:
   """A workdir's trained score model at one checkpoint (its EMA parameters)."""
 
@@ -169,7 +154,7 @@ class Model:
     compiled at its first use, then reused by every call with the same settings, whatever the
     seed and number of samples (the seed's keys are its arguments). Class-conditional programs
     are built afresh (their score holds the classifier)."""
-    key = (sampler, num_steps, _hashable(options), shape)
+    key = (sampler, num_steps, setup.hashable(options), shape)
     program = self._programs.get(key) if conditional is None else None
     if program is None:
       sampler_fn = sampling.get_sampler(sampler, self.sde, shape, num_steps=num_steps, **options)

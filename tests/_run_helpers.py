@@ -56,3 +56,25 @@ def save_untrained_checkpoints(workdir: str, config, steps, ema_scales=None) -> 
   finally:
     store.close()
   return workdir
+
+
+# Every XLA compile of this process since the first compiles_so_far() (jax.monitoring events).
+_BACKEND_COMPILES = []
+_LISTENING = False
+
+
+def _record_compile(event, duration, **_):
+  if event == "/jax/core/compile/backend_compile_duration":
+    _BACKEND_COMPILES.append(duration)
+
+
+def compiles_so_far() -> int:
+  """The number of XLA compiles in this process since the first call: to check that a call
+  compiled nothing."""
+  global _LISTENING
+  if not _LISTENING:
+    import jax.monitoring
+    jax.monitoring.register_event_duration_secs_listener(_record_compile)
+    _LISTENING = True
+  return len(_BACKEND_COMPILES)
+

@@ -18,7 +18,7 @@ from sgm_jax.cli import evaluate
 from sgm_jax.datasets import image_ops
 from sgm_jax.errors import UserError
 from sgm_jax.evaluation import features, metrics, statistics_files
-from _run_helpers import save_untrained_checkpoints, small_digits
+from _run_helpers import compiles_so_far, save_untrained_checkpoints, small_digits
 
 # Tiny programs: XLA's optimizations only cost compile time here.
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -357,7 +357,8 @@ def test_a_summary_of_an_earlier_format_is_made_again(tmp_path):
 
 
 def _loop_config():
-  config = _config()
+  config = _sampling_config("sgm_jax")
+  config.eval.num_samples = 4
   config.training.snapshot_freq = 2
   config.eval.enable_loss = True
   config.eval.loss_num_examples = 8
@@ -366,9 +367,23 @@ def _loop_config():
 
 
 def test_the_checkpoint_loop_evaluates_each_existing_checkpoint_once(workdir, monkeypatch):
+  compiles, evaluate_checkpoint = [], evaluate.evaluate_checkpoint
+
+  def counted(*args, **kwargs):  # the XLA compiles of each checkpoint's evaluation
+    before = compiles_so_far()
+    summary = evaluate_checkpoint(*args, **kwargs)
+    compiles.append(compiles_so_far() - before)
+    return summary
+  monkeypatch.setattr(evaluate, "evaluate_checkpoint", counted)
+  monkeypatch.setattr(features, "get_feature_extractor", _Recorder().extractor)
+  monkeypatch.setattr(features, "resolve_weights", lambda name, path=None: "fake")
   result = evaluate.run_eval(_loop_config(), workdir)
   steps = [r["checkpoint_step"] for r in result["checkpoints"]]
   assert steps == [2, 4, 6] and result["checkpoint_step"] == 6
+  # checkpoints 4 and 6 run the programs compiled for checkpoint 2 (the loss and the sampler)
+  assert compiles[0] > 0 and compiles[1:] == [0, 0], compiles
+  fds = [r["FD-EffNet"] for r in result["checkpoints"]]  # the fake features
+  assert len(set(fds)) == 3 and all(np.isfinite(fds))  # samples of three parameter sets
   losses = [r["loss"] for r in result["checkpoints"]]
   assert len(set(losses)) == 3 and all(np.isfinite(losses))  # three different parameter sets
   results_file = os.path.join(workdir, "eval", "results.jsonl")

@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -233,6 +233,7 @@ def run_eval(config: Any, workdir: str, checkpoint_step: Any = None,
   if checkpoint_step is not None or checkpoint_range(config) is None:
     return evaluate_checkpoint(config, workdir, checkpoint_step, *args, **sampler_options)
   summaries = []
+  programs = EvalPrograms()  # built for the first checkpoint evaluated, run for the others
   for step in checkpoint_steps(config, workdir):
     done = _finished_summary(workdir, step, _settings(config, *args, sampler_options))
     if parallel.any_process(done is None):  # one decision for every process
@@ -241,8 +242,21 @@ def run_eval(config: Any, workdir: str, checkpoint_step: Any = None,
       logging.info("checkpoint %d was evaluated with these settings already; skipped", step)
       summaries.append(done)
     else:
-      summaries.append(evaluate_checkpoint(config, workdir, step, *args, **sampler_options))
+      summaries.append(evaluate_checkpoint(config, workdir, step, *args, programs=programs,
+                                           **sampler_options))
   return dict(summaries[-1], checkpoints=summaries)
+
+
+class EvalPrograms(dict):
+  """What evaluate_checkpoint builds from the config alone (the network, the abstract train state,
+  the compiled loss, bits/dim and sampling programs, which take the parameters as arguments, and
+  the feature network), kept for the next checkpoint of the same evaluation: a range of
+  checkpoints loads, traces and compiles each of them once."""
+
+  def get_or_build(self, key: Any, build: Callable[[], Any]) -> Any:
+    if key not in self:
+      self[key] = build()
+    return self[key]
 
 
 # config.training fields of the training loop alone (no effect on the loss or the score)
@@ -303,7 +317,8 @@ def _finished_summary(workdir: str, step: int, settings: dict) -> Optional[dict]
 
 def evaluate_checkpoint(config: Any, workdir: str, checkpoint_step: Any = None,
                         sampler_name: str | None = None, num_steps: int | None = None,
-                        num_samples: int | None = None, **sampler_options) -> dict:
+                        num_samples: int | None = None, *, programs: EvalPrograms | None = None,
+                        **sampler_options) -> dict:
   """Evaluate the EMA parameters of the latest (or the given) checkpoint.
 
   Computes what config.eval enables of the test loss, test-set bits/dim, the denoising error per
@@ -311,14 +326,19 @@ def evaluate_checkpoint(config: Any, workdir: str, checkpoint_step: Any = None,
   out-of-range share of samples, scored as eval.protocol says (`sample_protocol`). The sampler is
   the protocol's (eval.sampler) with the config's options (as --mode sample); `sampler_options`
   replace single ones. The summary is appended to workdir/eval/results.jsonl and written, with
-  the settings, to workdir/eval/ckpt_<step>/result.json.
+  the settings, to workdir/eval/ckpt_<step>/result.json. `programs`: those of an earlier
+  checkpoint of the same config (run_eval's range), reused.
   """
   settings = _settings(config, sampler_name, num_steps, num_samples, sampler_options)
-  sde, model, dataset = setup.build(config)
+  programs = EvalPrograms() if programs is None else programs
+  sde, model, dataset = programs.get_or_build("build", lambda: setup.build(config))
   example_shape = datasets.example_shape(dataset.spec)
   parts = eval_parts(config, images=len(example_shape) == 3)
   check_eval_sizes(config, dataset, parts)
-  params, step = setup.restore_ema_params(config, workdir, model, example_shape, checkpoint_step)
+  target = programs.get_or_build("target", lambda: setup.abstract_initial_state(
+      config, model, example_shape, setup.optimizer_from_config(config).build()))
+  params, step = setup.restore_ema_params(config, workdir, model, example_shape, checkpoint_step,
+                                          target)
   score_fn = setup.score_fn_for(config, sde, model, params)
   out_dir = os.path.join(workdir, "eval", f"ckpt_{step}")
   if parallel.is_first_process():
@@ -327,15 +347,15 @@ def evaluate_checkpoint(config: Any, workdir: str, checkpoint_step: Any = None,
                                 time=time.strftime("%Y-%m-%d %H:%M:%S"))
   key = jax.random.PRNGKey(int(config.seed) + 2)
   if "loss" in parts:
-    result.update(_eval_loss(config, dataset, sde, model, params, out_dir, key))
+    result.update(_eval_loss(config, dataset, sde, model, params, out_dir, key, programs))
   if "bpd" in parts:
-    result.update(_eval_bpd(config, dataset, sde, score_fn, out_dir, key))
+    result.update(_eval_bpd(config, dataset, sde, score_fn, out_dir, key, programs))
   if "denoising_error" in parts:
     result["denoising_error"] = _denoising_error(config, dataset, sde, score_fn, out_dir, key)
   if "sampling" in parts:
     result.update(_eval_samples(config, workdir, dataset, sde, score_fn, out_dir, key,
                                 sampler_name, num_steps, num_samples, sampler_options,
-                                (step, params)))
+                                (step, params), programs))
   path = os.path.join(workdir, "eval", "results.jsonl")
   if parallel.is_first_process():
     io_utils.append_line(path, json.dumps(result))
@@ -389,12 +409,14 @@ def _first_images(batches, count: int) -> np.ndarray:
   return np.concatenate(out)
 
 
-def _eval_loss(config: Any, dataset, sde, model, params, out_dir: str, key) -> dict:
+def _eval_loss(config: Any, dataset, sde, model, params, out_dir: str, key,
+               programs: EvalPrograms) -> dict:
   """The training loss (without dropout) on the test split, as score_sde's evaluation reports:
   the mean over every test example, padding excluded."""
   from tqdm import tqdm
   ev = config.eval
-  loss_fn = jax.jit(setup.loss_fn_from_config(config, sde, model, train=False))
+  loss_fn = programs.get_or_build(
+      "loss", lambda: jax.jit(setup.loss_fn_from_config(config, sde, model, train=False)))
   limit = int(setup.get_field(ev, "loss_num_examples", 10 ** 9))
   total = min(limit, dataset.num_examples("test"))
   # Every process computes the loss itself (on one device): small next to sampling.
@@ -441,7 +463,8 @@ def bpd_batch_fn(config: Any, sde) -> Any:
   return parallel.map_batches(shard_bpd)
 
 
-def _eval_bpd(config: Any, dataset, sde, score_fn, out_dir: str, key) -> dict:
+def _eval_bpd(config: Any, dataset, sde, score_fn, out_dir: str, key,
+              programs: EvalPrograms) -> dict:
   """Bits/dim of the split eval.bpd_dataset through the probability-flow ODE.
 
   Each batch (padded to a multiple of the number of devices) is split over every device of every
@@ -460,7 +483,7 @@ def _eval_bpd(config: Any, dataset, sde, score_fn, out_dir: str, key) -> dict:
                             ode={k: setup.get_field(ev, k, None) for k in (
                                 "divergence", "num_probes", "rtol", "atol", "likelihood_eps")})
   progress = JobProgress(os.path.join(out_dir, f"bpd_{split}"), total, settings)
-  bpd_batch = bpd_batch_fn(config, sde)
+  bpd_batch = programs.get_or_build("bpd", lambda: bpd_batch_fn(config, sde))
   shared_score_fn = parallel.replicate(score_fn)
   bar = tqdm(total=total, desc=f"bits/dim ({split})", unit="img", dynamic_ncols=True,
              disable=not parallel.is_first_process())
@@ -585,7 +608,7 @@ def _precision_recall(name: str, ref, sample_features: np.ndarray) -> dict:
 
 def _eval_samples(config: Any, workdir: str, dataset, sde, score_fn, out_dir: str, key,
                   sampler_name: str | None, num_steps: int | None, num_samples: int | None,
-                  overrides: dict, checkpoint: tuple) -> dict:
+                  overrides: dict, checkpoint: tuple, programs: EvalPrograms) -> dict:
   """FD (FD-EffNet, or FID with Inception weights), IS, KID and the out-of-range share of
   samples, scored as eval.protocol says; the reference statistics are ready before any sample is
   drawn. KID is computed from the reference's features (the first features.REFERENCE_FEATURES
@@ -610,10 +633,11 @@ def _eval_samples(config: Any, workdir: str, dataset, sde, score_fn, out_dir: st
   if first_process:  # features of the samples and the reference: process 0 alone
     if name == "domain":
       from sgm_jax.evaluation import domain
-      extractor = domain.get_domain_extractor(str(config.data.dataset), dataset)
+      build = lambda: domain.get_domain_extractor(str(config.data.dataset), dataset)
     else:
-      extractor = features.get_feature_extractor(
+      build = lambda: features.get_feature_extractor(
           name, setup.get_field(ev, "inception_weights", None) or None)
+    extractor = programs.get_or_build(("features", name), build)
     ref, reference = _reference_statistics(config, workdir, dataset, extractor, protocol)
   sampler_name = sampler_name or protocol.sampler
   num_steps = int(num_steps or protocol.num_steps)
@@ -625,11 +649,13 @@ def _eval_samples(config: Any, workdir: str, dataset, sde, score_fn, out_dir: st
   options = tuned_grid.resolve(config, workdir, options, sampler_name, num_steps, sde, score_fn,
                                example_shape, *checkpoint)
   batch = parallel.padded_size(min(int(setup.get_field(config.sampling, "batch_size", 64)), n))
-  sampler = sampling.get_sampler(sampler_name, sde,
-                                 (batch // parallel.device_count(),) + example_shape,
-                                 num_steps=num_steps, **options)
+  sample_batch = programs.get_or_build(
+      ("samples", sampler_name, num_steps, setup.hashable(options), batch),
+      lambda: parallel.map_batches(setup.sample_shard_fn(
+          sampling.get_sampler(sampler_name, sde,
+                               (batch // parallel.device_count(),) + example_shape,
+                               num_steps=num_steps, **options), sde, example_shape)))
   # Eval's samples are not --mode sample's: their seed is another one.
-  sample_batch = parallel.map_batches(setup.sample_shard_fn(sampler, sde, example_shape))
   shared = parallel.replicate((score_fn, None, setup.sampling_keys(int(config.seed) + 10 ** 6)))
   no_labels = parallel.from_global_batch(np.zeros(batch, np.int32))
   scoring = f"{name}_uint8" if protocol.quantize_samples else name

@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sgm_jax import datasets, losses, models, parallel, sampling, score, sde_lib, train
 from sgm_jax.checkpoints import CheckpointError, CheckpointStore, has_checkpoints
@@ -124,12 +125,14 @@ def abstract_initial_state(config: Any, model, example_shape: tuple, tx) -> trai
 
 
 def restore_ema_params(config: Any, workdir: str, model, example_shape: tuple,
-                       step: Any = None) -> tuple[Any, int]:
-  """EMA parameters of the latest (or the given) checkpoint in `workdir`, and its step."""
+                       step: Any = None, target: Any = None) -> tuple[Any, int]:
+  """EMA parameters of the latest (or the given) checkpoint in `workdir`, and its step. `target`:
+  the config's abstract train state (`abstract_initial_state`), traced here if not given."""
   if not has_checkpoints(workdir):
     raise CheckpointError(f"no checkpoint in {workdir}; train first with --mode train")
-  opt = optimizer_from_config(config)
-  target = abstract_initial_state(config, model, example_shape, opt.build())
+  if target is None:
+    target = abstract_initial_state(config, model, example_shape,
+                                    optimizer_from_config(config).build())
   store = CheckpointStore(workdir, keep=int(get_field(config.training, "keep_checkpoints", 5)))
   try:
     if store.latest_step() is None:
@@ -207,6 +210,21 @@ def resolve_sampler(config: Any, sde: sde_lib.SDE, example_shape: tuple, sampler
     return built.info.get("nfe")
   return budget.resolve(nfe, sampler_name, num_steps, overrides, nfe_of_steps, default_sampler,
                         default_steps)
+
+
+def hashable(value: Any) -> Any:
+  """Sampler options (numbers, strings, bools, time grids as lists or arrays, dicts of them) as a
+  hashable value, equal for equal options (with their types: 2 and 2.0 stay apart): the key of
+  compiled sampling programs that are reused (loading.Model, cli.evaluate)."""
+  if isinstance(value, dict):
+    return tuple(sorted((k, hashable(v)) for k, v in value.items()))
+  if isinstance(value, (np.ndarray, jax.Array)):
+    value = np.asarray(value).tolist()
+  if isinstance(value, (list, tuple)):
+    return ("sequence",) + tuple(hashable(v) for v in value)
+  if isinstance(value, np.generic):
+    value = value.item()
+  return (type(value).__name__, value)
 
 
 def sampling_keys(seed: int) -> jax.Array:
