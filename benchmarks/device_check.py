@@ -34,8 +34,11 @@ from sgm_jax.cli import setup  # noqa: E402
 CONFIG = "configs/vp/cifar10_ddpmpp_continuous.py"
 DTYPES = ("float32", "bfloat16")
 # --small: DDPM++ with every layer type (residual blocks, attention at 16x16, the time embedding)
-# at one resolution of 16x16 images and 8 channels: seconds on a CPU
-SMALL_MODEL = {"nf": 8, "ch_mult": (1,), "num_res_blocks": 1}
+# at one resolution of 16x16 images and 8 channels: seconds on a CPU. No residual block of its
+# own on the way down (num_res_blocks 0): the bottleneck's two (attention between them) and the
+# way up's one (attention after it) remain, and a training step compiles in ~35% less time than
+# with one (CPU, XLA's optimizations off: 4.9 -> 3.2 s float32, 8.7 -> 5.3 s bfloat16 on 2 devices)
+SMALL_MODEL = {"nf": 8, "ch_mult": (1,), "num_res_blocks": 0}
 SMALL_IMAGE_SIZE = 16
 
 

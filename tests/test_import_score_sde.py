@@ -2,8 +2,9 @@
 (tests/data/forward: shrunken score_sde networks with the original code's outputs).
 
 An imported workdir must behave as if it had trained there: every mode reads it, its score is
-the original code's, training continues the original's Adam state, and --mode sample samples
-through the same code as `sgm_jax.load(workdir).sample`.
+the original code's, and --mode sample samples through the same code as
+`sgm_jax.load(workdir).sample`. (That training continues the original's Adam state is
+test_import_score_sde_modes.py's, on its --mode train run.)
 """
 from __future__ import annotations
 
@@ -273,95 +274,3 @@ def test_the_preemption_snapshot_imports_at_its_step(tmp_path):
   io = np.load(os.path.join(FORWARD, family, "io.npz"))
   score = _score(model.score_fn, jnp.asarray(io["x"]), jnp.asarray(io["t"]))
   assert _relative_errors(score, io["score"]).max() < TOLERANCE
-
-
-def _npz_data(directory) -> str:
-  """A folder of train.npz / test.npz with a few uint8 32x32 RGB images."""
-  rng = np.random.RandomState(0)
-  os.makedirs(directory, exist_ok=True)
-  for split, n in (("train", 8), ("test", 4)):
-    np.savez(os.path.join(directory, f"{split}.npz"),
-             images=rng.randint(0, 256, (n, 32, 32, 3)).astype(np.uint8))
-  return str(directory)
-
-
-def _adam_steps(params, mu, nu, count, step, grads_at, lr, warmup, clip, ema, ema_rate,
-                b1=0.9, b2=0.999, eps=1e-8, n=2):
-  """n training steps written out in float64: gradients clipped to global norm `clip`,
-  flax.optim.Adam / optax.adam with moments mu, nu at `count`, learning rate
-  lr * min(step / warmup, 1) (score_sde's optimize_fn), then the EMA."""
-  f64 = lambda tree: {k: np.asarray(v, np.float64) for k, v in tree.items()}
-  params, mu, nu, ema = f64(params), f64(mu), f64(nu), f64(ema)
-  for _ in range(n):
-    grads = f64(grads_at(params, step))
-    norm = np.sqrt(sum(np.sum(g ** 2) for g in grads.values()))
-    scale = min(1.0, clip / norm)
-    count += 1
-    rate = lr * min(step / warmup, 1.0)
-    for k, g in grads.items():
-      g = g * scale
-      mu[k] = b1 * mu[k] + (1 - b1) * g
-      nu[k] = b2 * nu[k] + (1 - b2) * g ** 2
-      params[k] = params[k] - rate * (mu[k] / (1 - b1 ** count)) / (
-          np.sqrt(nu[k] / (1 - b2 ** count)) + eps)
-      ema[k] = ema_rate * ema[k] + (1 - ema_rate) * params[k]
-    step += 1
-  return params, ema
-
-
-def test_training_continues_the_original_adam_state(tmp_path):
-  """Two steps of --mode train after the import equal Adam written out from the checkpoint's
-  own moments and step count (warm-up and clipping as the config sets them)."""
-  from sgm_jax.cli import setup
-  from sgm_jax.cli.train import run_train
-  family = FAMILIES[2]  # DDPM VP: warm-up 5000 steps, gradient clipping at 1
-  config = _config(family, **{"data.dataset": "npz", "data.data_dir": _npz_data(tmp_path / "data"),
-                              "training.batch_size": 2, "training.n_iters": 1236,
-                              "training.n_jitted_steps": 1})
-  workdir = str(tmp_path / "workdir")
-  import_checkpoint.run_import(config, workdir, _checkpoint(family))
-  state = run_train(config, workdir)
-  assert int(state.step) == 1236
-  with open(os.path.join(workdir, "train_log.csv")) as f:
-    assert f.readline() == "step,loss,lr\n" and f.readline().startswith("# imported from ")
-
-  sde, model, dataset = setup.build(config)
-  loss_fn = setup.loss_fn_from_config(config, sde, model)
-  batches = dataset.batches_fn()(1234)
-  batch = {1234: next(batches), 1235: next(batches)}
-  paths = sorted(convert.flatten(state.params))
-  tree = lambda flat: convert.unflatten({p: jnp.asarray(flat["/".join(p)], jnp.float32)
-                                         for p in paths})
-
-  @jax.jit
-  def grads(params, x, step):
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(
-        jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), step), jnp.arange(x.shape[0]))
-    mean = lambda p: jnp.mean(jax.vmap(lambda xi, k: loss_fn(p, xi[None], k))(x, keys))
-    return jax.grad(mean)(params)
-
-  def grads_at(flat_params, step):
-    g = convert.flatten(grads(tree(flat_params), batch[step], step))
-    return {"/".join(p): np.asarray(v) for p, v in g.items()}
-
-  original = convert.load_training_dict(_checkpoint(family))
-  named = lambda t: {"/".join(p): np.reshape(v, convert.flatten(state.params)[p].shape)
-                     for p, v in convert.flatten(t).items()}
-  o = config.optim
-  common = dict(mu=named(original["mu"]), nu=named(original["nu"]), step=1234,
-                grads_at=grads_at, lr=o.lr, warmup=o.warmup, clip=o.grad_clip,
-                ema=named(original["params_ema"]), ema_rate=config.model.ema_rate)
-  want, want_ema = _adam_steps(named(original["params"]), count=original["adam_count"], **common)
-  got, got_ema = named(state.params), named(state.params_ema)
-  start = named(original["params"])
-  moved = lambda a: np.concatenate([np.ravel(a[k] - start[k]) for k in sorted(start)])
-  error = np.abs(moved(got) - moved(want)).max() / np.abs(moved(want)).max()
-  assert error < 1e-3, error
-  ema_start = named(original["params_ema"])
-  ema_error = max(np.abs(got_ema[k] - want_ema[k]).max() for k in want_ema)
-  ema_size = max(np.abs(want_ema[k]).max() for k in want_ema)
-  ema_move = max(np.abs(want_ema[k] - ema_start[k]).max() for k in want_ema)
-  assert ema_error < 1e-6 * ema_size and ema_move > 10 * ema_error, (ema_error, ema_move)
-  # Discriminating: Adam restarted (count 0: bias correction of a first step) moves elsewhere.
-  fresh, _ = _adam_steps(named(original["params"]), count=0, **common)
-  assert np.abs(moved(fresh) - moved(want)).max() / np.abs(moved(want)).max() > 10 * error

@@ -1,6 +1,7 @@
 """Imported score_sde workdirs (`main.py --mode import`) in the modes tests/test_import_score_sde.py
 does not run: class-conditional sampling through an imported score_sde classifier, and --mode
-eval, inpaint, colorize, interpolate and train (continuing at the original's step).
+eval, inpaint, colorize, interpolate and train (continuing at the original's step and Adam
+state).
 
 The score models are the shrunken reference networks of tests/data/forward (original checkpoint
 format, step 1234); the classifier is a tiny noise-conditional WRN written in score_sde's layout
@@ -112,6 +113,24 @@ def _tiny_wrn(channel_multiplier: int = 1):
                            channel_multiplier=channel_multiplier)
 
 
+def _drawn_params(network, seed: int) -> dict:
+  """Parameters for `network`, drawn on the host (its initializers' compile was 3 s of CPU):
+  kernels as the WRN initializes them (convolutions N(0, 2 / fan_out), dense layers
+  N(0, 1 / fan_in)), GroupNorm scales 1 + N(0, 0.1^2) and biases N(0, 0.1^2) (not flax's ones and
+  zeros: a mixed-up scale, bias or GroupNorm layout changes the outputs)."""
+  shapes = jax.eval_shape(network.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
+                          jnp.ones((1,)))["params"]
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name, shape = path[-1].key, leaf.shape
+    if name == "kernel":
+      var = 2 / np.prod(shape[:-2] + shape[-1:]) if len(shape) == 4 else 1 / shape[0]
+      return (np.sqrt(var) * rng.standard_normal(shape)).astype(np.float32)
+    return ((name == "scale") + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
 @pytest.fixture(scope="module")
 def guided(tmp_path_factory):
   """The VE reference model imported into a workdir, a tiny score_sde classifier imported there
@@ -120,9 +139,8 @@ def guided(tmp_path_factory):
   workdir = str(root / "ve")
   import_checkpoint.run_import(_config(VE, **TINY_WRN), workdir, _checkpoint(VE))
   network = _tiny_wrn()
-  params = jax.jit(network.init)(jax.random.PRNGKey(5), jnp.zeros((1, 32, 32, 3)),
-                                 jnp.ones((1,)))["params"]
-  # ten times the initial output layer: log-probabilities far from uniform, a clear guidance term
+  params = _drawn_params(network, 6)
+  # ten times the drawn output layer: log-probabilities far from uniform, a clear guidance term
   params = dict(params, Dense_2=jax.tree_util.tree_map(lambda v: 10.0 * v, params["Dense_2"]))
   source = str(root / "classifier_checkpoint")
   _write_score_sde_classifier(source, params)
@@ -160,8 +178,9 @@ def test_the_imported_classifier_is_score_sde_s_with_its_input_normalization(gui
     return jax.nn.log_softmax(logits, axis=-1)[jnp.arange(x.shape[0]), y]
 
   unnormalized = controllable.wrn_log_prob_fn(network, params, sde, input_normalization=None)
-  got, want, plain = (np.asarray(jax.jit(f)(x, t, y))
-                      for f in (log_prob_fn, score_sde_log_prob, unnormalized))
+  # one program for the three (compiled one by one: 1.8 times the CPU)
+  got, want, plain = (np.asarray(v) for v in jax.jit(lambda x, t, y: [
+      f(x, t, y) for f in (log_prob_fn, score_sde_log_prob, unnormalized)])(x, t, y))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   assert np.all(got < 0) and np.all(np.isfinite(got))
   assert np.abs(got - plain).min() > 1e-2  # the normalization matters for this classifier
@@ -332,14 +351,26 @@ def test_interpolate_of_an_imported_workdir(small):
   assert arrays["result"].shape == (1, 3, 32, 32, 3) and np.isfinite(arrays["result"]).all()
 
 
-def test_train_continues_an_imported_workdir_at_its_step(small, tmp_path):
+# main.py --mode train's run: two steps, one per call, from the imported step, both kept
+TRAIN = {"training.n_iters": STEP + 2, "training.batch_size": 2, "training.snapshot_freq": 2,
+         "training.n_jitted_steps": 1, "training.snapshot_sampling": False}
+
+
+@pytest.fixture(scope="module")
+def trained(small, tmp_path_factory):
+  """main.py --mode train (TRAIN) on a copy of the imported workdir: (the copy, the run's
+  result); checked by the next two tests."""
   workdir, flags, _ = small
-  copy = str(tmp_path / "workdir")
+  copy = str(tmp_path_factory.mktemp("trained") / "workdir")
   shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("eval", "controllable"))
   flags = [f for f in flags if not f.startswith("--workdir=")] + [f"--workdir={copy}"]
-  result = _main("--mode=train", *flags, "--verbosity=0", "--config.training.n_iters=1236",
-                 "--config.training.batch_size=2", "--config.training.snapshot_freq=2",
-                 "--config.training.n_jitted_steps=1", "--config.training.snapshot_sampling=False")
+  result = _main("--mode=train", *flags, "--verbosity=0",
+                 *(f"--config.{k}={v}" for k, v in TRAIN.items()))
+  return copy, result
+
+
+def test_train_continues_an_imported_workdir_at_its_step(trained):
+  copy, result = trained
   out = _ok(result)
   assert f"resumed from step {STEP}" in result.stderr, result.stderr[-3000:]
   assert "trained to step 1236" in out, out
@@ -364,3 +395,85 @@ def test_train_continues_an_imported_workdir_at_its_step(small, tmp_path):
   # warm-up of the learning rate): most leaves move by 1e-3 or more in two steps. Counts restarted
   # at 0 would make the two rates 0 and 4e-8 (a median change of about 1e-6).
   assert np.median(deltas) > 1e-4, sorted(deltas)
+
+
+def _adam_steps(params, mu, nu, count, step, grads_at, lr, warmup, clip, ema, ema_rate,
+                b1=0.9, b2=0.999, eps=1e-8, n=2):
+  """n training steps written out in float64: gradients clipped to global norm `clip`,
+  flax.optim.Adam / optax.adam with moments mu, nu at `count`, learning rate
+  lr * min(step / warmup, 1) (score_sde's optimize_fn), then the EMA."""
+  f64 = lambda tree: {k: np.asarray(v, np.float64) for k, v in tree.items()}
+  params, mu, nu, ema = f64(params), f64(mu), f64(nu), f64(ema)
+  for _ in range(n):
+    grads = f64(grads_at(params, step))
+    norm = np.sqrt(sum(np.sum(g ** 2) for g in grads.values()))
+    scale = min(1.0, clip / norm)
+    count += 1
+    rate = lr * min(step / warmup, 1.0)
+    for k, g in grads.items():
+      g = g * scale
+      mu[k] = b1 * mu[k] + (1 - b1) * g
+      nu[k] = b2 * nu[k] + (1 - b2) * g ** 2
+      params[k] = params[k] - rate * (mu[k] / (1 - b1 ** count)) / (
+          np.sqrt(nu[k] / (1 - b2 ** count)) + eps)
+      ema[k] = ema_rate * ema[k] + (1 - ema_rate) * params[k]
+    step += 1
+  return params, ema
+
+
+def test_training_continues_the_original_adam_state(small, trained):
+  """The two steps of --mode train after the import (the `trained` run) equal Adam written out
+  from the checkpoint's own moments and step count (warm-up and clipping as the config sets them:
+  DDPM VP warms up over 5000 steps and clips gradients at 1)."""
+  copy, result = trained
+  _ok(result)
+  with open(os.path.join(copy, "train_log.csv")) as f:
+    assert f.readline() == "step,loss,lr\n" and f.readline().startswith("# imported from ")
+  store = CheckpointStore(copy)
+  try:
+    state = store.periodic.restore(STEP + 2)
+  finally:
+    store.close()
+  assert int(state["step"]) == STEP + 2
+  config = _config(SMALL, **small[2], **TRAIN)  # what main.py trained with
+
+  sde, model, dataset = setup.build(config)
+  loss_fn = setup.loss_fn_from_config(config, sde, model)
+  batches = dataset.batches_fn()(STEP)
+  batch = {STEP: next(batches), STEP + 1: next(batches)}
+  paths = sorted(convert.flatten(state["params"]))
+  tree = lambda flat: convert.unflatten({p: jnp.asarray(flat["/".join(p)], jnp.float32)
+                                         for p in paths})
+
+  @jax.jit
+  def grads(params, x, step):
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(
+        jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), step), jnp.arange(x.shape[0]))
+    mean = lambda p: jnp.mean(jax.vmap(lambda xi, k: loss_fn(p, xi[None], k))(x, keys))
+    return jax.grad(mean)(params)
+
+  def grads_at(flat_params, step):
+    g = convert.flatten(grads(tree(flat_params), batch[step], step))
+    return {"/".join(p): np.asarray(v) for p, v in g.items()}
+
+  original = convert.load_training_dict(_checkpoint(SMALL))
+  shapes = {p: np.shape(v) for p, v in convert.flatten(state["params"]).items()}
+  named = lambda t: {"/".join(p): np.reshape(v, shapes[p]) for p, v in convert.flatten(t).items()}
+  o = config.optim
+  common = dict(mu=named(original["mu"]), nu=named(original["nu"]), step=STEP,
+                grads_at=grads_at, lr=o.lr, warmup=o.warmup, clip=o.grad_clip,
+                ema=named(original["params_ema"]), ema_rate=config.model.ema_rate)
+  want, want_ema = _adam_steps(named(original["params"]), count=original["adam_count"], **common)
+  got, got_ema = named(state["params"]), named(state["params_ema"])
+  start = named(original["params"])
+  moved = lambda a: np.concatenate([np.ravel(a[k] - start[k]) for k in sorted(start)])
+  error = np.abs(moved(got) - moved(want)).max() / np.abs(moved(want)).max()
+  assert error < 1e-3, error
+  ema_start = named(original["params_ema"])
+  ema_error = max(np.abs(got_ema[k] - want_ema[k]).max() for k in want_ema)
+  ema_size = max(np.abs(want_ema[k]).max() for k in want_ema)
+  ema_move = max(np.abs(want_ema[k] - ema_start[k]).max() for k in want_ema)
+  assert ema_error < 1e-6 * ema_size and ema_move > 10 * ema_error, (ema_error, ema_move)
+  # Discriminating: Adam restarted (count 0: bias correction of a first step) moves elsewhere.
+  fresh, _ = _adam_steps(named(original["params"]), count=0, **common)
+  assert np.abs(moved(fresh) - moved(want)).max() / np.abs(moved(want)).max() > 10 * error

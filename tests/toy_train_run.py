@@ -45,7 +45,10 @@ def main(argv=None):
   model = TinyScoreNet()
   opt = train.OptimizerSpec(warmup=5)
   tx = opt.build()
-  state = train.create_train_state(train.init_params(model, jax.random.PRNGKey(0), (8, 2)), tx)
+  # One compiled program: op by op, the initializers and the optimizer's state compiled some thirty
+  # tiny programs in every run.
+  state = jax.jit(lambda key: train.create_train_state(train.init_params(model, key, (8, 2)), tx))(
+      jax.random.PRNGKey(0))
   step = train.make_train_step(losses.get_loss_fn(sde, model), tx, 0.99, seed=1,
                                schedule=opt.schedule())
   spec = train.LoopSpec(n_iters=args.n_iters, batch_size=8, n_jitted_steps=args.n_jitted_steps,
