@@ -85,21 +85,22 @@ def optimized_compiles():
 
 
 # The 30 longest test files, longest first (summed test seconds of a --junitxml run of the whole
-# suite at 4193599, 2 workers), are handed out first (longest processing time first): `pytest -n 2
+# suite at 553be79, 2 workers), are handed out first (longest processing time first): `pytest -n 2
 # --dist loadfile` gives whole files to the workers in queue order, and a long file handed out
 # last keeps one worker busy while the other idles. The queue is the collection order:
 # pytest_configure turns off xdist's own reordering (by number of tests in a file), which put
 # one-test files like test_few_step_model.py last.
 LONGEST_FILES_FIRST = (
-    "test_import_score_sde.py", "test_import_score_sde_modes.py", "test_run_lib.py",
-    "test_run_controllable.py", "test_mixed_precision.py", "test_multihost.py",
-    "test_few_step_model.py", "test_controllable.py", "test_remat.py", "test_device_check.py",
-    "test_reliability.py", "test_discrete_schedule.py", "test_configs.py", "test_multihost_eval.py",
-    "test_evaluation_fd.py", "test_models_ncsnpp.py", "test_sampler_hooks.py", "test_train.py",
-    "test_sampling_stochastic.py", "test_sampling_tuning.py", "test_sde_lib.py", "test_run_eval.py",
-    "test_sampling_data_prediction.py", "test_sampling_unipc.py", "test_models_small.py",
-    "test_sampling_pc_score_sde.py", "test_likelihood.py", "test_models_ddpm_ncsnv2.py",
-    "test_losses.py", "test_sampling_deis.py")
+    "test_import_score_sde_modes.py", "test_run_lib.py", "test_mixed_precision.py",
+    "test_import_score_sde.py", "test_run_controllable.py", "test_multihost.py",
+    "test_few_step_model.py", "test_controllable.py", "test_reliability.py", "test_remat.py",
+    "test_configs.py", "test_discrete_schedule.py", "test_multihost_eval.py", "test_toy.py",
+    "test_device_check.py", "test_evaluation_fd.py", "test_models_ncsnpp.py",
+    "test_sampler_hooks.py", "test_losses.py", "test_sampling_data_prediction.py",
+    "test_run_eval.py", "test_sde_lib.py", "test_sampling_tuning.py",
+    "test_sampling_stochastic.py", "test_sampling_ode.py", "test_models_small.py",
+    "test_likelihood.py", "test_models_ddpm_ncsnv2.py", "test_sampling_unipc.py",
+    "test_score_parameterization.py")
 
 
 def pytest_configure(config):

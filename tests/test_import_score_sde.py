@@ -31,6 +31,7 @@ from sgm_jax import convert  # noqa: E402
 from sgm_jax.cli import import_checkpoint  # noqa: E402
 from sgm_jax.errors import InputError  # noqa: E402
 import prewarmed
+from _run_helpers import compiles_so_far
 
 FAMILIES = ["ve_cifar10_ncsnpp_continuous", "vp_cifar10_ddpmpp_continuous", "vp_ddpm_cifar10",
             "ve_ncsnv2_cifar10"]
@@ -87,11 +88,6 @@ def _ok(result: subprocess.CompletedProcess) -> str:
 # score function is an argument, so a second load of a workdir's network (the preemption
 # snapshot's) reuses the compiled program.
 _score = jax.jit(lambda score_fn, x, t: score_fn(x, t))
-# Every XLA compile of this process (jax.monitoring events), to check that a call compiled nothing.
-_BACKEND_COMPILES = []
-jax.monitoring.register_event_duration_secs_listener(
-    lambda event, duration, **_: _BACKEND_COMPILES.append(duration)
-    if event == "/jax/core/compile/backend_compile_duration" else None)
 # sgm_jax.load of an imported workdir once per file (2-3 s of CPU each): the tests only read it
 _load = functools.lru_cache(maxsize=None)(sgm_jax.load)
 
@@ -188,9 +184,9 @@ def test_main_and_python_sample_the_same_way(imported):
   # equal up to float32 rounding (the test process compiles without XLA's optimizations)
   assert _relative_errors(from_python, from_main).max() < 1e-5
   # another seed runs the first call's compiled program (the keys are its arguments)
-  compiles = len(_BACKEND_COMPILES)
+  compiles = compiles_so_far()
   other_seed = model.sample(2, sampler="pc", num_steps=steps, seed=int(model.config.seed) + 1)
-  assert len(_BACKEND_COMPILES) == compiles
+  assert compiles_so_far() == compiles
   assert _relative_errors(other_seed, from_main).min() > 1e-2
 
 
