@@ -262,6 +262,14 @@ def test_class_conditional_sampling(labelled_mixture, name, steps, options):
   assert abs(r[1] / (r[1] + r[3]) - 0.75) < 0.05
 
 
+class _PixelLogits(nn.Module):
+  """Logits linear in the pixels and the noise level."""
+
+  @nn.compact
+  def __call__(self, x, noise):
+    return nn.Dense(3)(jnp.concatenate([x.reshape(x.shape[0], -1), noise[:, None]], axis=-1))
+
+
 def test_noise_conditional_wrn_mapping():
   """The WRN sees x / alpha(t) at the VE-equivalent noise level rho(t) = sigma(t) / alpha(t)."""
   from sgm_jax.models.wideresnet import create_classifier
@@ -274,11 +282,16 @@ def test_noise_conditional_wrn_mapping():
   # checks below hold at any parameters, and the initializers compiled into the program cost
   # more than the rest of it.
   rng = np.random.default_rng(1)
-  params = jax.tree_util.tree_map(
+  drawn = lambda network: jax.tree_util.tree_map(
       lambda leaf: (rng.normal(0, 1, leaf.shape)
                     / np.sqrt(np.prod(leaf.shape[:-1]) if len(leaf.shape) >= 2 else 10.0)
                     ).astype(leaf.dtype),
-      jax.eval_shape(lambda: model.init(jax.random.PRNGKey(1), x, jnp.ones((2,))))["params"])
+      jax.eval_shape(lambda: network.init(jax.random.PRNGKey(1), x, jnp.ones((2,))))["params"])
+  params = drawn(model)
+  # The WRN's normalization layers nearly hide its input's scale: logits linear in the pixels
+  # show x / alpha(t) too.
+  linear = _PixelLogits()
+  linear_params = drawn(linear)
 
   @jax.jit
   def compute(params, x, t):
@@ -287,6 +300,9 @@ def test_noise_conditional_wrn_mapping():
         "ve": (ctl.NoiseConditionalLogits(model, ve)(params, x, t), apply(x, ve.sigma(t))),
         "vp": (ctl.NoiseConditionalLogits(model, VP)(params, x, t),
                apply(x / VP.alpha(t)[:, None, None, None], VP.rho(t))),
+        "vp_linear": (ctl.NoiseConditionalLogits(linear, VP)(linear_params, x, t),
+                      linear.apply({"params": linear_params}, x / VP.alpha(t)[:, None, None, None],
+                                   VP.rho(t))),
     }
     log_prob_fn = ctl.wrn_log_prob_fn(model, params, VP, input_normalization=None)
     out["log_prob"] = log_prob_fn(x, t, jnp.array([0, 2]))
@@ -299,7 +315,7 @@ def test_noise_conditional_wrn_mapping():
     out = compute(params, x, t)
   finally:
     jax.config.update("jax_disable_most_optimizations", previous)
-  for name in ("ve", "vp"):
+  for name in ("ve", "vp", "vp_linear"):
     np.testing.assert_allclose(out[name][0], out[name][1], rtol=1e-5, atol=1e-5)
   assert out["log_prob"].shape == (2,) and np.all(np.asarray(out["log_prob"]) <= 0)
   assert out["score"].shape == x.shape and np.all(np.isfinite(np.asarray(out["score"])))
