@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+from param_trees import module_call_order  # noqa: E402
 from reference_data import FORWARD  # noqa: E402
 from sgm_jax import models  # noqa: E402
 from sgm_jax.cli import setup  # noqa: E402
@@ -51,6 +52,9 @@ def _config(family: str, remat: bool):
   return config
 
 
+# The blocks that config.model.remat wraps (top-level modules of these classes)
+BLOCK_KINDS = ("ResnetBlock", "AttnBlock", "ResidualBlock", "RefineBlock")
+
 # Multiplicative normalization parameters (GroupNorm's scale, InstanceNorm++'s alpha and gamma):
 # near 1, as their initializers set them.
 _NEAR_ONE = ("scale", "alpha", "gamma")
@@ -77,7 +81,8 @@ def _parameters(shapes):
 
 
 def _loss_and_grads(family: str, remat: bool):
-  """(parameter shapes, output, gradients of mean(output^2), jaxpr of the gradient program) of the
+  """(parameter shapes, output, gradients of mean(output^2), jaxpr of the gradient program, number
+  of the network's blocks of BLOCK_KINDS) of the
   family's network at the parameters _parameters draws for its shapes (jax.eval_shape): networks
   of the same shapes get the same parameters. The gradient program is traced once, for its jaxpr
   and its compilation."""
@@ -96,18 +101,21 @@ def _loss_and_grads(family: str, remat: bool):
                       rngs={"dropout": jax.random.PRNGKey(3)})
     return jnp.mean(out ** 2), out
 
-  traced = jax.jit(jax.value_and_grad(loss, has_aux=True)).trace(params)
+  with module_call_order() as order:
+    traced = jax.jit(jax.value_and_grad(loss, has_aux=True)).trace(params)
   (_, out), grads = traced.lower().compile()(params)
-  return shapes, out, grads, str(traced.jaxpr)
+  blocks = sum(1 for path in order if "/" not in path and path.startswith(BLOCK_KINDS))
+  return shapes, out, grads, str(traced.jaxpr), blocks
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_remat_keeps_parameters_values_and_gradients(family):
-  shapes, out, grads, jaxpr = _loss_and_grads(family, remat=False)
-  shapes_r, out_r, grads_r, jaxpr_r = _loss_and_grads(family, remat=True)
+  shapes, out, grads, jaxpr, blocks = _loss_and_grads(family, remat=False)
+  shapes_r, out_r, grads_r, jaxpr_r, blocks_r = _loss_and_grads(family, remat=True)
   # the same names and shapes (checkpoints load either way), so the same parameters
-  assert shapes_r == shapes
-  assert "remat" in jaxpr_r or "checkpoint" in jaxpr_r
+  assert shapes_r == shapes and blocks_r == blocks > 0
+  # one rematerialized call per residual, attention and refine block: every block is wrapped
+  assert jaxpr_r.count("remat") == blocks, (jaxpr_r.count("remat"), blocks)
   assert "remat" not in jaxpr and "checkpoint" not in jaxpr
   scale = np.abs(np.asarray(out)).max()
   assert np.abs(np.asarray(out_r) - np.asarray(out)).max() <= 1e-6 * scale
