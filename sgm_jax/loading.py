@@ -72,7 +72,7 @@ class Model:
     self.config = config
     self.workdir = workdir
     self._trained = trained
-    self._programs = {}  # _sample_program's compiled sampling programs
+    self._programs = setup.ProgramCache()  # the compiled sampling programs (_sample_program)
 
   sde = property(lambda self: self._trained.sde)
   network = property(lambda self: self._trained.model)
@@ -154,15 +154,12 @@ class Model:
     compiled at its first use, then reused by every call with the same settings, whatever the
     seed and number of samples (the seed's keys are its arguments). Class-conditional programs
     are built afresh (their score holds the classifier)."""
-    key = (sampler, num_steps, setup.hashable(options), shape)
-    program = self._programs.get(key) if conditional is None else None
-    if program is None:
-      sampler_fn = sampling.get_sampler(sampler, self.sde, shape, num_steps=num_steps, **options)
-      program = parallel.map_batches(
-          setup.sample_shard_fn(sampler_fn, self.sde, self.example_shape, conditional))
-      if conditional is None:
-        self._programs[key] = program
-    return program
+    build = lambda: parallel.map_batches(setup.sample_shard_fn(
+        sampling.get_sampler(sampler, self.sde, shape, num_steps=num_steps, **options),
+        self.sde, self.example_shape, conditional))
+    if conditional is not None:
+      return build()
+    return self._programs.get_or_build((sampler, num_steps, setup.hashable(options), shape), build)
 
   def __repr__(self):
     return (f"sgm_jax.Model({self.workdir!r}, step {self.step}: {self.config.model.name}, "

@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -233,7 +233,10 @@ def run_eval(config: Any, workdir: str, checkpoint_step: Any = None,
   if checkpoint_step is not None or checkpoint_range(config) is None:
     return evaluate_checkpoint(config, workdir, checkpoint_step, *args, **sampler_options)
   summaries = []
-  programs = EvalPrograms()  # built for the first checkpoint evaluated, run for the others
+  # what evaluate_checkpoint builds from the config alone (the network, the abstract train state,
+  # the loss, bits/dim and sampling programs, which take the parameters as arguments, and the
+  # feature network): built for the first checkpoint evaluated, run again for the others
+  programs = setup.ProgramCache()
   for step in checkpoint_steps(config, workdir):
     done = _finished_summary(workdir, step, _settings(config, *args, sampler_options))
     if parallel.any_process(done is None):  # one decision for every process
@@ -245,18 +248,6 @@ def run_eval(config: Any, workdir: str, checkpoint_step: Any = None,
       summaries.append(evaluate_checkpoint(config, workdir, step, *args, programs=programs,
                                            **sampler_options))
   return dict(summaries[-1], checkpoints=summaries)
-
-
-class EvalPrograms(dict):
-  """What evaluate_checkpoint builds from the config alone (the network, the abstract train state,
-  the compiled loss, bits/dim and sampling programs, which take the parameters as arguments, and
-  the feature network), kept for the next checkpoint of the same evaluation: a range of
-  checkpoints loads, traces and compiles each of them once."""
-
-  def get_or_build(self, key: Any, build: Callable[[], Any]) -> Any:
-    if key not in self:
-      self[key] = build()
-    return self[key]
 
 
 # config.training fields of the training loop alone (no effect on the loss or the score)
@@ -317,7 +308,8 @@ def _finished_summary(workdir: str, step: int, settings: dict) -> Optional[dict]
 
 def evaluate_checkpoint(config: Any, workdir: str, checkpoint_step: Any = None,
                         sampler_name: str | None = None, num_steps: int | None = None,
-                        num_samples: int | None = None, *, programs: EvalPrograms | None = None,
+                        num_samples: int | None = None, *,
+                        programs: setup.ProgramCache | None = None,
                         **sampler_options) -> dict:
   """Evaluate the EMA parameters of the latest (or the given) checkpoint.
 
@@ -330,7 +322,7 @@ def evaluate_checkpoint(config: Any, workdir: str, checkpoint_step: Any = None,
   checkpoint of the same config (run_eval's range), reused.
   """
   settings = _settings(config, sampler_name, num_steps, num_samples, sampler_options)
-  programs = EvalPrograms() if programs is None else programs
+  programs = setup.ProgramCache() if programs is None else programs
   sde, model, dataset = programs.get_or_build("build", lambda: setup.build(config))
   example_shape = datasets.example_shape(dataset.spec)
   parts = eval_parts(config, images=len(example_shape) == 3)
@@ -410,7 +402,7 @@ def _first_images(batches, count: int) -> np.ndarray:
 
 
 def _eval_loss(config: Any, dataset, sde, model, params, out_dir: str, key,
-               programs: EvalPrograms) -> dict:
+               programs: setup.ProgramCache) -> dict:
   """The training loss (without dropout) on the test split, as score_sde's evaluation reports:
   the mean over every test example, padding excluded."""
   from tqdm import tqdm
@@ -464,7 +456,7 @@ def bpd_batch_fn(config: Any, sde) -> Any:
 
 
 def _eval_bpd(config: Any, dataset, sde, score_fn, out_dir: str, key,
-              programs: EvalPrograms) -> dict:
+              programs: setup.ProgramCache) -> dict:
   """Bits/dim of the split eval.bpd_dataset through the probability-flow ODE.
 
   Each batch (padded to a multiple of the number of devices) is split over every device of every
@@ -608,7 +600,7 @@ def _precision_recall(name: str, ref, sample_features: np.ndarray) -> dict:
 
 def _eval_samples(config: Any, workdir: str, dataset, sde, score_fn, out_dir: str, key,
                   sampler_name: str | None, num_steps: int | None, num_samples: int | None,
-                  overrides: dict, checkpoint: tuple, programs: EvalPrograms) -> dict:
+                  overrides: dict, checkpoint: tuple, programs: setup.ProgramCache) -> dict:
   """FD (FD-EffNet, or FID with Inception weights), IS, KID and the out-of-range share of
   samples, scored as eval.protocol says; the reference statistics are ready before any sample is
   drawn. KID is computed from the reference's features (the first features.REFERENCE_FEATURES

@@ -227,6 +227,17 @@ def hashable(value: Any) -> Any:
   return (type(value).__name__, value)
 
 
+class ProgramCache(dict):
+  """Compiled programs (and what they need: networks, restore targets, feature networks) kept by
+  a key of the settings that change them, to be run again rather than traced and compiled anew:
+  loading.Model's sampling programs, cli.evaluate's over a range of checkpoints."""
+
+  def get_or_build(self, key: Any, build: Callable[[], Any]) -> Any:
+    if key not in self:
+      self[key] = build()
+    return self[key]
+
+
 def sampling_keys(seed: int) -> jax.Array:
   """The (prior key, noise key) pair of `sample_shard_fn` for `seed` (an argument of the program,
   so that one compiled program samples with every seed)."""
