@@ -3,6 +3,10 @@
 `sgm_jax.load(workdir)` opens a trained (or imported) workdir: `.score_fn(x, t)`, `.sample(...)`
 (see sgm_jax/loading.py).
 """
+from sgm_jax import xla_workarounds
+
+xla_workarounds.apply()  # before anything starts JAX's backend
+
 __version__ = "0.1.0"
 
 

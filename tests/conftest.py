@@ -51,6 +51,9 @@ _USER_CACHE_OWNER = "SGM_JAX_CACHE_DIR" not in os.environ
 if _USER_CACHE_OWNER:
   os.environ["SGM_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="sgm-jax-test-cache-")
 
+# sgm_jax's XLA workarounds (sgm_jax/xla_workarounds.py: XLA's CPU YNNPACK fusion off) go into
+# XLA_FLAGS before anything starts JAX's backend; the workers and subprocesses inherit them.
+import sgm_jax  # noqa: E402,F401
 import jax  # noqa: E402
 
 if "SGM_JAX_TEST_XLA_CACHE" in os.environ:  # also when a plugin imported jax before this file
