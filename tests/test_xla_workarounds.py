@@ -18,7 +18,6 @@ needs_the_flag = pytest.mark.skipif(not APPLIES, reason="this jaxlib does not ge
 # Two expm1 of different arguments and a reduction in one fusion (4,096 elements), and the sub-VP
 # likelihood-weighted DSM loss vmapped over 64 keys: jitted against op-by-op, relative differences.
 PROGRAMS = """
-import sys
 import jax, jax.numpy as jnp, numpy as np
 from sgm_jax import losses, sde_lib, toy
 rs = np.random.RandomState(0)
