@@ -12,6 +12,9 @@ from sgm_jax.cli.train import run_train
 from sgm_jax.checkpoints import CheckpointStore
 from test_run_lib import _available, _config
 
+# a toy MLP: XLA's optimizations only cost compile time here (64 -> 23 s of CPU)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 # XLA compilations seen while `_COMPILES` is a list (a listener cannot be unregistered).
 _COMPILES = None
 
