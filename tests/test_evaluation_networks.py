@@ -378,6 +378,23 @@ def effnet():
   return features.get_feature_extractor("effnet", batch_size=2)
 
 
+@pytest.mark.parametrize("kernel,stride,size", [(3, 1, 9), (3, 2, 9), (5, 2, 8), (5, 1, 6)])
+def test_depthwise_conv_equals_the_grouped_convolution(kernel, stride, size):
+  """EfficientNet's depthwise layer (shifted copies, for XLA's CPU speed) against flax's grouped
+  convolution with the same kernel: TensorFlow's SAME padding at odd and even sizes, strides 1
+  and 2."""
+  import flax.linen as nn
+  rng = np.random.default_rng(kernel * 10 + stride + size)
+  x = rng.standard_normal((2, size, size + 1, 4)).astype(np.float32)
+  w = rng.standard_normal((kernel, kernel, 1, 4)).astype(np.float32)
+  grouped = nn.Conv(4, (kernel, kernel), strides=stride, padding="SAME", feature_group_count=4,
+                    use_bias=False, precision=jax.lax.Precision.HIGHEST)
+  expected = grouped.apply({"params": {"kernel": w}}, x)
+  out = efficientnet.DepthwiseConv(kernel, stride).apply({"params": {"kernel": w}}, x)
+  assert out.shape == expected.shape == (2, -(-size // stride), -(-(size + 1) // stride), 4)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
 @needs_effnet
 def test_effnet_classifies_photos_like_the_reference(effnet):
   assert (effnet.metric_name, effnet.feature_dim, effnet.input_size) == ("FD-EffNet", 1280, 224)

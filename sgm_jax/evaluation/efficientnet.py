@@ -56,6 +56,31 @@ def _bn(name: str) -> nn.BatchNorm:
   return nn.BatchNorm(use_running_average=True, epsilon=1e-3, name=name)
 
 
+class DepthwiseConv(nn.Module):
+  """kxk depthwise convolution (one filter per channel, no bias) with TensorFlow's SAME padding,
+  as the sum of k^2 shifted copies of the input, each scaled per channel. The same numbers as
+  nn.Conv(C, (k, k), feature_group_count=C) to float32 rounding (parameter 'kernel' (k, k, 1, C)
+  as there), and XLA's CPU backend runs it about 10x faster than the grouped convolution (one
+  48x112x112x96 layer, k = 3: 0.4 s against 4.6 s)."""
+
+  kernel: int
+  stride: int
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    k, s = self.kernel, self.stride
+    w = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, x.shape[-1]))
+    pads = jax.lax.padtype_to_pads(x.shape[1:3], (k, k), (s, s), "SAME")
+    padded = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    out_h, out_w = -(-x.shape[1] // s), -(-x.shape[2] // s)
+    out = 0.0
+    for i in range(k):
+      for j in range(k):
+        tap = padded[:, i:i + s * (out_h - 1) + 1:s, j:j + s * (out_w - 1) + 1:s]
+        out = out + tap * w[i, j, 0][None, None, None]
+    return out
+
+
 class MBConv(nn.Module):
   """Inverted residual block without squeeze-and-excitation (EfficientNet-Lite)."""
 
@@ -70,9 +95,7 @@ class MBConv(nn.Module):
     if self.expansion != 1:
       x = nn.Conv(channels, (1, 1), use_bias=False, precision=HIGHEST, name="expand_conv")(x)
       x = nn.relu6(_bn("bn0")(x))
-    x = nn.Conv(channels, (self.kernel, self.kernel), strides=self.stride, padding="SAME",
-                feature_group_count=channels, use_bias=False, precision=HIGHEST,
-                name="depthwise_conv")(x)
+    x = DepthwiseConv(self.kernel, self.stride, name="depthwise_conv")(x)
     x = nn.relu6(_bn("bn1")(x))
     x = nn.Conv(self.out_channels, (1, 1), use_bias=False, precision=HIGHEST,
                 name="project_conv")(x)
