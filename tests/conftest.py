@@ -123,7 +123,7 @@ def pytest_collection_modifyitems(session, config, items):
 def pytest_collection_finish(session):
   """Python's cycle collector skips what is alive once the tests are collected (JAX, Flax, the
   test modules: never garbage) and runs a full pass less often: tests make many short-lived
-  objects, and each full pass walked every long-lived one (2-3 % of the CPU of
+  objects, and each full pass walked every long-lived one (1-3 % of the CPU of
   tests/test_mixed_precision.py, test_sampling_unipc.py, test_losses.py and
   test_sampling_deis.py). Cycles are still collected."""
   gc.collect()
