@@ -15,7 +15,7 @@ Config fields can be overridden on the command line, e.g. --config.training.batc
 Several processes (train, sample): the same command in each with --coordinator_address HOST:PORT
 --num_processes N --process_id I, or --distributed auto where JAX finds the cluster (TPU pods).
 Sampler options: --sampler deis --num_steps 10 --sampler_option order=2 ..., or --nfe 5 (the best
-sampler for 5 score evaluations per sample; for 3-9 on a time grid fitted to the checkpoint, tuned
+sampler for 5 score evaluations per sample; for 3-26 on a time grid fitted to the checkpoint, tuned
 on first use and kept in the workdir: --sampler_option time_grid=tuned does that for any
 fixed-grid sampler).
 Log lines: --verbosity=-1 (warnings only), 0 (default: sgm-jax's progress), 1 (libraries' too).
@@ -41,7 +41,7 @@ flags.DEFINE_enum("mode", None, list(MODES), "What to run.")
 flags.DEFINE_string("sampler", None, "sample/eval: sampler name (default: from the config).")
 flags.DEFINE_integer("num_steps", None, "sample/eval: number of sampler steps.")
 flags.DEFINE_integer("nfe", None, "sample/eval: a budget of score evaluations per sample: without "
-                     "--sampler the best sampler for it (README, 'Samplers by budget'; 3-9 tune "
+                     "--sampler the best sampler for it (README, 'Samplers by budget'; 3-26 tune "
                      "a time grid for the checkpoint on first use, minutes), with one its most "
                      "steps that fit; instead of --num_steps.")
 flags.DEFINE_integer("num_samples", None, "sample/eval: number of samples; inpaint/colorize: "

@@ -42,7 +42,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   sampling.batch_size = 64
   sampling.num_samples = 64
   sampling.pc_num_steps = 500  # the PC run of main.py --mode all
-  # time_grid=tuned (what --nfe 3-9 uses): the grid fitted to the checkpoint, by Nelder-Mead
+  # time_grid=tuned (what --nfe 3-26 uses): the grid fitted to the checkpoint, by Nelder-Mead
   # over tune_max_evals candidates on tune_warmup prior draws of key tune_seed
   # (sgm_jax/cli/tuned_grid.py)
   sampling.tune_warmup = 128

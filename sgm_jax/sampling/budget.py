@@ -38,21 +38,24 @@ class BudgetRow:
 
 # Budgets from 3 evaluations on, in increasing min_nfe. Measured with FD-Domain on three
 # independently trained main-job checkpoints (benchmarks/nfe_frontier.py; README, "Samplers by
-# budget"). A row's options sit above the config's (score_scale=1 turns the config's scale off).
+# budget"); a row changes only for a sampler better on every one of them. A row's options sit
+# above the config's (score_scale=1 turns a config's scale off).
 NFE_TABLE = (
     BudgetRow(3, "unipc", (("score_scale", 1.0), ("time_grid", TUNED_GRID)),
-              why="5 NFE: the lowest FD-Domain of the deterministic samplers, lower unscaled; on a "
-              "grid tuned for the checkpoint (cli/tuned_grid.py) 0.78x the default grid's FD, "
-              "within 1.15x of DEIS-10's"),
-    BudgetRow(10, "unipc", why="10 NFE: the lowest FD-Domain of the deterministic samplers; the "
-              "stochastic ones at 19-20 NFE are no better or leave 1.5 % of pixels out of range"),
-    BudgetRow(27, "restart", (("score_scale", 1.0),), max_steps=10,
-              why="27 NFE (10 main steps, 2 restarts; measured unscaled): below UniPC-10 and "
-              "edm_sde at 29 NFE; restart at 43 NFE is worse"),
+              why="5 and 10 NFE: on a grid tuned for the checkpoint (cli/tuned_grid.py) UniPC-10 "
+              "is below UniPC-10 on the default grid on every checkpoint (36.4 against 38.5) and "
+              "UniPC-5 below DEIS-10 (35.2 against 38.1); the stochastic samplers at 19-20 NFE "
+              "are not better on every checkpoint or leave 0.9 % of pixels out of range; a score "
+              "scale of 1.02 raised UniPC-5's FD by a sixth"),
+    BudgetRow(27, "restart", max_steps=10,
+              why="27 NFE (10 main steps, 2 restarts): PC-500's FD-Domain on average (1.00x; "
+              "0.86-1.09x), below edm_sde and dpm_solver_sde at 29-30 NFE on average; restart "
+              "at 43 NFE is worse"),
     BudgetRow(49, "edm_sde", max_steps=25,
-              why="49 NFE: the lowest FD-Domain below PC-500; edm_sde at 99 and 199 NFE and PC at "
-              "201 NFE are worse"),
-    BudgetRow(1001, "pc", why="PC-500: the lowest FD-Domain measured"),
+              why="49 NFE: 0.96x PC-500's FD-Domain on average, below dpm_solver_sde at 50 NFE "
+              "on every checkpoint; edm_sde at 99 NFE and PC at 201 NFE are worse on average"),
+    BudgetRow(1001, "pc", why="PC-500: the highest precision; FD-Domain below edm_sde-25's on one "
+              "checkpoint of three"),
 )
 
 
