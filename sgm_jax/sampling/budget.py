@@ -41,12 +41,12 @@ class BudgetRow:
 # budget"); a row changes only for a sampler better on every one of them. A row's options sit
 # above the config's (score_scale=1 turns a config's scale off).
 NFE_TABLE = (
-    BudgetRow(3, "unipc", (("score_scale", 1.0), ("time_grid", TUNED_GRID)),
-              why="5 and 10 NFE: on a grid tuned for the checkpoint (cli/tuned_grid.py) UniPC-10 "
-              "is below UniPC-10 on the default grid on every checkpoint (36.4 against 38.5) and "
-              "UniPC-5 below DEIS-10 (35.2 against 38.1); the stochastic samplers at 19-20 NFE "
-              "are not better on every checkpoint or leave 0.9 % of pixels out of range; a score "
-              "scale of 1.02 raised UniPC-5's FD by a sixth"),
+    BudgetRow(3, "unipc", (("score_scale", 1.0), ("time_grid", TUNED_GRID)), max_steps=7,
+              why="5, 7 and 10 NFE on a grid tuned for the checkpoint (cli/tuned_grid.py): 7 steps "
+              "below 5 and 10 on every checkpoint (33.9 against 35.2 and 36.4), 5 below DEIS-10 "
+              "(38.1), 10 below UniPC-10 on the default grid (38.5); the stochastic samplers at "
+              "19-20 NFE are not better on every checkpoint or leave 0.9 % of pixels out of range; "
+              "a score scale of 1.02 raised UniPC-5's FD by a sixth"),
     BudgetRow(27, "restart", max_steps=10,
               why="27 NFE (10 main steps, 2 restarts): PC-500's FD-Domain on average (1.00x; "
               "0.86-1.09x), below edm_sde and dpm_solver_sde at 29-30 NFE on average; restart "
