@@ -117,13 +117,17 @@ def test_remat_keeps_parameters_values_and_gradients(family):
   # one rematerialized call per residual, attention and refine block: every block is wrapped
   assert jaxpr_r.count("remat") == blocks, (jaxpr_r.count("remat"), blocks)
   assert "remat" not in jaxpr and "checkpoint" not in jaxpr
+  # Outputs and gradients to 1e-5 of the network's largest: the recomputation fuses and orders
+  # float32 sums differently, by an amount that depends on the CPU (outputs 4.9e-7 to 1.0e-6 and
+  # gradients 1.8e-7 to 8.7e-7 on an AMD EPYC, gradients 4e-8 to 4e-7 on the earlier machines; at
+  # 1e-6 NCSNv2's output failed on the AMD one); a block that recomputes with other dropout masks
+  # or skips a layer is off by percents. Leaves the architecture ignores, such as the attention
+  # key bias, have gradients of rounding size only, so a per-leaf relative measure would compare
+  # noise.
   scale = np.abs(np.asarray(out)).max()
-  assert np.abs(np.asarray(out_r) - np.asarray(out)).max() <= 1e-6 * scale
-  # Gradients to 1e-6 of the network's largest (measured 4e-8 to 4e-7: the recomputation
-  # reorders float32 sums; leaves the architecture ignores, such as the attention key bias, have
-  # gradients of rounding size only, so a per-leaf relative measure would compare noise).
+  assert np.abs(np.asarray(out_r) - np.asarray(out)).max() <= 1e-5 * scale
   leaves, leaves_r = jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_r)
   largest = max(float(np.abs(g).max()) for g in leaves)
   error = max(float(np.abs(np.asarray(g_r) - np.asarray(g)).max()) for g, g_r in zip(leaves,
                                                                                     leaves_r))
-  assert error <= 1e-6 * largest, error / largest
+  assert error <= 1e-5 * largest, error / largest
