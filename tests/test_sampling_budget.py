@@ -83,6 +83,15 @@ def test_a_rows_max_steps_caps_a_larger_budget(monkeypatch):
   assert _resolve(100, "heun").num_steps == 50  # a named sampler spends the budget
 
 
+def test_the_first_rows_tuned_unipc_spends_at_most_seven_steps():
+  """More tuned UniPC steps measured worse (README, "Samplers by budget"): budgets of 8 to 26
+  evaluations take 7 steps, smaller ones all they can."""
+  unipc = _nfe_of("unipc", {})
+  for nfe, steps in ((3, 3), (5, 5), (7, 7), (10, 7), (26, 7)):
+    got = _resolve(nfe)
+    assert got.sampler == "unipc" and got.num_steps == steps and unipc(steps) == steps, nfe
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(nfe=0), "positive integer"), (dict(nfe=2.5), "positive integer"),
     (dict(nfe=True), "positive integer"), (dict(nfe=5, num_steps=3), "not both"),
